@@ -1,0 +1,199 @@
+// Thin OneFlow kernels: turn the op's tensors and attributes into a RopeParams and call the
+// framework-free CPU or CUDA kernel.
+#include <cstring>
+
+#include "oneflow/core/framework/framework.h"
+#include "rope/layout.h"
+#include "rope/rope_params.h"
+#ifdef ONEFLOW_ROPE_WITH_CUDA
+#include "rope/rope_cuda.h"
+#endif
+
+#ifdef ONEFLOW_ROPE_WITH_CUDA
+// The one CudaStream member this file needs, declared instead of including OneFlow's
+// cuda_stream.h (which pulls in its CUDA 11 library headers). liboneflow exports it.
+struct CUstream_st;
+namespace oneflow {
+namespace ep {
+class CudaStream : public Stream {
+ public:
+  CUstream_st* cuda_stream() const;
+};
+}  // namespace ep
+}  // namespace oneflow
+#endif
+
+namespace oneflow {
+
+namespace {
+
+namespace rope = ::oneflow_rope;
+
+rope::DType ToRopeDType(DataType dtype) {
+  switch (dtype) {
+    case DataType::kDouble: return rope::DType::kFloat64;
+    case DataType::kFloat16: return rope::DType::kFloat16;
+    case DataType::kBFloat16: return rope::DType::kBFloat16;
+    default: return rope::DType::kFloat32;
+  }
+}
+
+std::vector<int64_t> ToVector(const ShapeView& shape) {
+  std::vector<int64_t> v(shape.NumAxes());
+  for (int i = 0; i < shape.NumAxes(); ++i) v[i] = shape.At(i);
+  return v;
+}
+
+// Builds the kernel parameters. Inputs arrive contiguous (the op does not declare support for
+// non-contiguous tensors), so the strides follow from the layouts.
+rope::RopeParams MakeParams(user_op::KernelComputeContext* ctx, bool backward) {
+  const user_op::Tensor* in = ctx->Tensor4ArgNameAndIndex(backward ? "dy" : "x", 0);
+  user_op::Tensor* res = ctx->Tensor4ArgNameAndIndex(backward ? "dx" : "out", 0);
+  rope::RopeCall call;
+  call.x_layout = ctx->Attr<std::string>("x_layout");
+  call.output_layout = ctx->Attr<std::string>("output_layout");
+  call.mode = ctx->Attr<std::string>("mode");
+  call.tensor_index = ctx->Attr<int64_t>("tensor_index");
+  call.k_size = ctx->Attr<int64_t>("k_size");
+  call.rotary_size = ctx->Attr<int64_t>("rotary_size");
+  const user_op::Tensor* pos =
+      ctx->has_input("position_ids", 0) ? ctx->Tensor4ArgNameAndIndex("position_ids", 0) : nullptr;
+  call.rotary_dim = pos != nullptr ? static_cast<int32_t>(pos->shape_view().At(1)) : 1;
+
+  const rope::LayoutDesc* x_layout = rope::FindLayout(call.x_layout);
+  const rope::LayoutDesc* out_layout = rope::FindLayout(call.output_layout);
+  rope::RopeCall in_call = call;
+  if (backward) {
+    in_call.x_layout = call.output_layout;
+    in_call.tensor_index = 0;
+  }
+  rope::RopeSizes sizes;
+  const std::string err = rope::InferSizes(ToVector(in->shape_view()), in_call, &sizes);
+  CHECK(err.empty()) << err;  // the op's inference has already checked this
+
+  bool mode_ok = false;
+  rope::RopeParams p;
+  p.dtype = ToRopeDType(in->data_type());
+  p.mode = rope::ParseMode(call.mode, &mode_ok);
+  p.B = sizes.B;
+  p.M = sizes.M;
+  p.H = sizes.H;
+  p.K = sizes.K;
+  p.rotary_size = call.rotary_size > 0 ? call.rotary_size : sizes.K;
+  p.rotary_dim = call.rotary_dim;
+  p.base = ctx->Attr<double>("base");
+  p.inverse = backward;
+
+  const rope::LayoutStrides xs =
+      rope::ContiguousStrides(*x_layout, sizes, rope::SelectedSlot(*x_layout, call.tensor_index));
+  const rope::LayoutStrides os = rope::ContiguousStrides(*out_layout, sizes, 0);
+  const rope::LayoutStrides& in_s = backward ? os : xs;
+  const rope::LayoutStrides& res_s = backward ? xs : os;
+  const size_t elem = GetSizeOfDataType(in->data_type());
+  p.x = static_cast<const char*>(in->raw_dptr()) + in_s.offset * elem;
+  p.out = static_cast<char*>(res->mut_raw_dptr()) + res_s.offset * elem;
+  p.x_stride_b = in_s.b;
+  p.x_stride_m = in_s.m;
+  p.x_stride_h = in_s.h;
+  p.out_stride_b = res_s.b;
+  p.out_stride_m = res_s.m;
+  p.out_stride_h = res_s.h;
+
+  if (ctx->has_input("cos", 0)) {
+    const user_op::Tensor* cos = ctx->Tensor4ArgNameAndIndex("cos", 0);
+    p.cos = cos->raw_dptr();
+    p.sin = ctx->Tensor4ArgNameAndIndex("sin", 0)->raw_dptr();
+    p.table_rows = cos->shape_view().At(0);
+    p.table_row_stride = cos->shape_view().At(1);
+  }
+  if (pos != nullptr) {
+    p.position_ids = pos->raw_dptr();
+    p.pos_type = pos->data_type() == DataType::kInt32 ? rope::PosType::kInt32
+                                                       : rope::PosType::kInt64;
+    p.pos_stride_b = pos->shape_view().At(1) * pos->shape_view().At(2);
+    p.pos_stride_r = pos->shape_view().At(2);
+    p.pos_stride_m = 1;
+  }
+  return p;
+}
+
+// A packed input's gradient has zeros in the slots that were not selected.
+bool GradNeedsZeroFill(user_op::KernelComputeContext* ctx, bool backward) {
+  return backward && rope::FindLayout(ctx->Attr<std::string>("x_layout"))->slots > 1;
+}
+
+template<bool kBackward>
+class RopeCpuKernel final : public user_op::OpKernel {
+ public:
+  RopeCpuKernel() = default;
+  ~RopeCpuKernel() override = default;
+
+ private:
+  void Compute(user_op::KernelComputeContext* ctx) const override {
+    const rope::RopeParams p = MakeParams(ctx, kBackward);
+    if (GradNeedsZeroFill(ctx, kBackward)) {
+      user_op::Tensor* dx = ctx->Tensor4ArgNameAndIndex("dx", 0);
+      std::memset(dx->mut_raw_dptr(), 0,
+                  dx->shape_view().elem_cnt() * GetSizeOfDataType(dx->data_type()));
+    }
+    const char* invalid = rope::ValidateRopeParams(p);
+    CHECK(invalid == nullptr) << "fused_apply_rotary_emb: " << invalid;
+    const int64_t bad_rows = rope::RopeForwardCpu(p);
+    LOG_IF(WARNING, bad_rows > 0)
+        << "fused_apply_rotary_emb: " << bad_rows
+        << " positions fell outside the cos/sin table; their outputs are NaN";
+  }
+  bool AlwaysComputeWhenAllOutputsEmpty() const override { return false; }
+};
+
+#ifdef ONEFLOW_ROPE_WITH_CUDA
+template<bool kBackward>
+class RopeCudaKernel final : public user_op::OpKernel {
+ public:
+  RopeCudaKernel() = default;
+  ~RopeCudaKernel() override = default;
+
+ private:
+  void Compute(user_op::KernelComputeContext* ctx) const override {
+    const rope::RopeParams p = MakeParams(ctx, kBackward);
+    void* stream = ctx->stream()->As<ep::CudaStream>()->cuda_stream();
+    if (GradNeedsZeroFill(ctx, kBackward)) {
+      user_op::Tensor* dx = ctx->Tensor4ArgNameAndIndex("dx", 0);
+      const int status = rope::RopeZeroFillCuda(
+          dx->mut_raw_dptr(), dx->shape_view().elem_cnt() * GetSizeOfDataType(dx->data_type()),
+          stream);
+      CHECK_EQ(status, 0) << "fused_apply_rotary_emb: " << rope::RopeCudaErrorString(status);
+    }
+    const char* invalid = rope::ValidateRopeParams(p);
+    CHECK(invalid == nullptr) << "fused_apply_rotary_emb: " << invalid;
+    const int status = rope::RopeForwardCuda(p, stream);
+    CHECK_EQ(status, 0) << "fused_apply_rotary_emb: " << rope::RopeCudaErrorString(status);
+  }
+  bool AlwaysComputeWhenAllOutputsEmpty() const override { return false; }
+};
+#endif
+
+#define REGISTER_ROPE_KERNELS(device, kernel, dtype)                                          \
+  REGISTER_USER_KERNEL("fused_apply_rotary_emb")                                              \
+      .SetCreateFn<kernel<false>>()                                                           \
+      .SetIsMatchedHob((user_op::HobDeviceType() == device)                                   \
+                       && (user_op::HobDataType("out", 0) == dtype));                         \
+  REGISTER_USER_KERNEL("fused_apply_rotary_emb_grad")                                         \
+      .SetCreateFn<kernel<true>>()                                                            \
+      .SetIsMatchedHob((user_op::HobDeviceType() == device)                                   \
+                       && (user_op::HobDataType("dx", 0) == dtype));
+
+REGISTER_ROPE_KERNELS(DeviceType::kCPU, RopeCpuKernel, DataType::kFloat)
+REGISTER_ROPE_KERNELS(DeviceType::kCPU, RopeCpuKernel, DataType::kDouble)
+REGISTER_ROPE_KERNELS(DeviceType::kCPU, RopeCpuKernel, DataType::kFloat16)
+REGISTER_ROPE_KERNELS(DeviceType::kCPU, RopeCpuKernel, DataType::kBFloat16)
+#ifdef ONEFLOW_ROPE_WITH_CUDA
+REGISTER_ROPE_KERNELS(DeviceType::kCUDA, RopeCudaKernel, DataType::kFloat)
+REGISTER_ROPE_KERNELS(DeviceType::kCUDA, RopeCudaKernel, DataType::kDouble)
+REGISTER_ROPE_KERNELS(DeviceType::kCUDA, RopeCudaKernel, DataType::kFloat16)
+REGISTER_ROPE_KERNELS(DeviceType::kCUDA, RopeCudaKernel, DataType::kBFloat16)
+#endif
+
+}  // namespace
+
+}  // namespace oneflow

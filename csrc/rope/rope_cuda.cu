@@ -1,0 +1,387 @@
+// CUDA kernels of the rotary embedding (Plane = rotate half, Interval = adjacent pairs).
+//
+// Fast path ("vector" kernel): a block handles a few (b, m) rows. It first writes the cos/sin of
+// every rotary dim of its rows into shared memory (one sincos per row and dim, shared by all H
+// heads), then each thread moves 16-byte vectors of x to out. Angles: p * theta in float-float
+// (theta split in a high and a low float on the host), reduced by 2*pi with a three-part
+// constant, then a full-accuracy sincosf on an argument in about [-pi, pi]: accurate at any
+// position at float cost, so the kernel stays memory-bound.
+//
+// Fallback ("generic" kernel): one element per thread, any strides or alignment, angles in double.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "rope/rope_cuda.h"
+
+namespace oneflow_rope {
+
+namespace {
+
+constexpr int kMaxHalf = 256;      // largest A/2 whose frequencies travel in the kernel arguments
+constexpr int kBlockThreads = 256;
+constexpr int kMaxSharedBytes = 40 * 1024;
+
+// Frequencies theta_i = base^(-2i/A) as float hi + lo (hi + lo == theta to ~2^-48 relative).
+struct Theta {
+  float hi[kMaxHalf];
+  float lo[kMaxHalf];
+};
+
+template<typename T>
+struct Compute {
+  using type = float;
+};
+template<>
+struct Compute<double> {
+  using type = double;
+};
+
+__device__ __forceinline__ float ToCompute(float v) { return v; }
+__device__ __forceinline__ double ToCompute(double v) { return v; }
+__device__ __forceinline__ float ToCompute(__half v) { return __half2float(v); }
+__device__ __forceinline__ float ToCompute(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template<typename T>
+__device__ __forceinline__ T FromCompute(float v);
+template<>
+__device__ __forceinline__ float FromCompute<float>(float v) { return v; }
+template<>
+__device__ __forceinline__ __half FromCompute<__half>(float v) { return __float2half_rn(v); }
+template<>
+__device__ __forceinline__ __nv_bfloat16 FromCompute<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+template<typename T, typename C>
+__device__ __forceinline__ T Round(C v) {
+  return FromCompute<T>(v);
+}
+template<>
+__device__ __forceinline__ double Round<double, double>(double v) {
+  return v;
+}
+
+__device__ __forceinline__ int64_t LoadPosition(const RopeParams& p, int64_t b, int64_t r,
+                                                int64_t m) {
+  const int64_t off = b * p.pos_stride_b + r * p.pos_stride_r + m * p.pos_stride_m;
+  if (p.pos_type == PosType::kInt32) return static_cast<const int32_t*>(p.position_ids)[off];
+  if (p.pos_type == PosType::kInt64) return static_cast<const int64_t*>(p.position_ids)[off];
+  return m;
+}
+
+// sin/cos of pos * (hi + lo), accurate to a few float ulps of [-pi, pi] for any int64 position.
+__device__ __forceinline__ void AngleSinCos(int64_t pos, float hi, float lo, float* s, float* c) {
+  const float pf = static_cast<float>(pos);
+  const float pl = static_cast<float>(pos - static_cast<int64_t>(pf));
+  const float prod = pf * hi;
+  const float err = fmaf(pf, hi, -prod);  // exact rounding error of prod
+  const float tail = fmaf(pf, lo, fmaf(pl, hi, err));
+  const float k = rintf(prod * 0.15915494309189535f);
+  // 2*pi = k2PiHi + k2PiMid + k2PiLo
+  float r = fmaf(-k, 6.28318548202514648f, prod);
+  r = fmaf(-k, -1.7484555314695172e-07f, r);
+  r = fmaf(-k, -6.8604980400235275e-15f, r);
+  r += tail;
+  sincosf(r, s, c);
+}
+
+__device__ __forceinline__ void AngleSinCosDouble(int64_t pos, double theta, double* s,
+                                                  double* c) {
+  sincos(static_cast<double>(pos) * theta, s, c);
+}
+
+template<typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+struct VectorArgs {
+  RopeParams p;
+  Theta theta;
+  int rows_per_block;
+  int units_per_head;  // rotary units + pass-through units
+  int rot_units;       // per head
+  int chunks_per_half; // plane: (A/2)/V; interval: A/V (units per rotary part)
+};
+
+// Shared memory per block: cos then sin, rows_per_block * rotary_size values each.
+template<typename T, int V, bool kPlane>
+__global__ void __launch_bounds__(kBlockThreads) RopeVectorKernel(const VectorArgs args) {
+  using C = typename Compute<T>::type;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const RopeParams& p = args.p;
+  const int rotary = static_cast<int>(p.rotary_size);
+  const int part = rotary / p.rotary_dim;
+  const int half = part / 2;
+  C* cos_s = reinterpret_cast<C*>(smem_raw);
+  C* sin_s = cos_s + args.rows_per_block * rotary;
+
+  const int64_t num_rows = p.B * p.M;
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * args.rows_per_block;
+  const int rows_here = static_cast<int>(min(static_cast<int64_t>(args.rows_per_block), num_rows - row0));
+  const T* cos_t = static_cast<const T*>(p.cos);
+  const T* sin_t = static_cast<const T*>(p.sin);
+
+  // Phase 1: cos/sin of each rotary dim of each row.
+  for (int e = threadIdx.x; e < rows_here * rotary; e += blockDim.x) {
+    const int lr = e / rotary;
+    const int k = e - lr * rotary;
+    const int r = k / part;
+    const int j = k - r * part;
+    const int64_t row = row0 + lr;
+    const int64_t b = row / p.M;
+    const int64_t m = row - b * p.M;
+    const int64_t pos = LoadPosition(p, b, r, m);
+    C c, s;
+    if (cos_t != nullptr) {
+      if (pos >= 0 && pos < p.table_rows) {
+        const int64_t t = pos * p.table_row_stride + j * p.table_col_stride;
+        c = static_cast<C>(ToCompute(cos_t[t]));
+        s = static_cast<C>(ToCompute(sin_t[t]));
+      } else {
+        c = s = static_cast<C>(NAN);
+      }
+    } else {
+      const int i = kPlane ? (j % half) : (j / 2);
+      if constexpr (sizeof(C) == 8) {
+        const double theta = pow(p.base, -2.0 * i / part);
+        AngleSinCosDouble(pos, theta, reinterpret_cast<double*>(&s), reinterpret_cast<double*>(&c));
+      } else {
+        AngleSinCos(pos, args.theta.hi[i], args.theta.lo[i], reinterpret_cast<float*>(&s),
+                    reinterpret_cast<float*>(&c));
+      }
+    }
+    cos_s[e] = c;
+    sin_s[e] = p.inverse ? -s : s;
+  }
+  __syncthreads();
+
+  // Phase 2: vectors of V elements.
+  const int units_per_row = static_cast<int>(p.H) * args.units_per_head;
+  for (int u = threadIdx.x; u < rows_here * units_per_row; u += blockDim.x) {
+    const int lr = u / units_per_row;
+    const int w_row = u - lr * units_per_row;
+    const int h = w_row / args.units_per_head;
+    const int w = w_row - h * args.units_per_head;
+    const int64_t row = row0 + lr;
+    const int64_t b = row / p.M;
+    const int64_t m = row - b * p.M;
+    const T* xh = static_cast<const T*>(p.x) + b * p.x_stride_b + m * p.x_stride_m
+                  + static_cast<int64_t>(h) * p.x_stride_h;
+    T* oh = static_cast<T*>(p.out) + b * p.out_stride_b + m * p.out_stride_m
+            + static_cast<int64_t>(h) * p.out_stride_h;
+    const C* cs = cos_s + lr * rotary;
+    const C* sn = sin_s + lr * rotary;
+    using P = Pack<T, V>;
+    if (w < args.rot_units) {
+      if (kPlane) {
+        const int r = w / args.chunks_per_half;
+        const int k0 = r * part + (w - r * args.chunks_per_half) * V;
+        const int k1 = k0 + half;
+        const P a = *reinterpret_cast<const P*>(xh + k0);
+        const P z = *reinterpret_cast<const P*>(xh + k1);
+        P oa, oz;
+#pragma unroll
+        for (int t = 0; t < V; ++t) {
+          const C xa = static_cast<C>(ToCompute(a.v[t]));
+          const C xz = static_cast<C>(ToCompute(z.v[t]));
+          oa.v[t] = Round<T, C>(xa * cs[k0 + t] - xz * sn[k0 + t]);
+          oz.v[t] = Round<T, C>(xz * cs[k1 + t] + xa * sn[k1 + t]);
+        }
+        *reinterpret_cast<P*>(oh + k0) = oa;
+        *reinterpret_cast<P*>(oh + k1) = oz;
+      } else {
+        const int k0 = w * V;
+        const P a = *reinterpret_cast<const P*>(xh + k0);
+        P o;
+#pragma unroll
+        for (int t = 0; t < V; t += 2) {
+          const C x0 = static_cast<C>(ToCompute(a.v[t]));
+          const C x1 = static_cast<C>(ToCompute(a.v[t + 1]));
+          o.v[t] = Round<T, C>(x0 * cs[k0 + t] - x1 * sn[k0 + t]);
+          o.v[t + 1] = Round<T, C>(x1 * cs[k0 + t + 1] + x0 * sn[k0 + t + 1]);
+        }
+        *reinterpret_cast<P*>(oh + k0) = o;
+      }
+    } else {
+      const int k0 = rotary + (w - args.rot_units) * V;
+      *reinterpret_cast<P*>(oh + k0) = *reinterpret_cast<const P*>(xh + k0);
+    }
+  }
+}
+
+// One element per thread; any strides; angles in double. Used when the vector kernel's
+// conditions (alignment, sizes, shared memory) do not hold.
+template<typename T>
+__global__ void __launch_bounds__(kBlockThreads) RopeGenericKernel(const RopeParams p) {
+  using C = typename Compute<T>::type;
+  const int64_t total = p.B * p.M * p.H * p.K;
+  const int64_t part = p.rotary_size / p.rotary_dim;
+  const int64_t half = part / 2;
+  const bool plane = p.mode == Mode::kPlane;
+  const T* cos_t = static_cast<const T*>(p.cos);
+  const T* sin_t = static_cast<const T*>(p.sin);
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t rest = idx;
+    const int64_t k = rest % p.K;
+    rest /= p.K;
+    const int64_t h = rest % p.H;
+    rest /= p.H;
+    const int64_t m = rest % p.M;
+    const int64_t b = rest / p.M;
+    const T* xh = static_cast<const T*>(p.x) + b * p.x_stride_b + m * p.x_stride_m + h * p.x_stride_h;
+    T* oh = static_cast<T*>(p.out) + b * p.out_stride_b + m * p.out_stride_m + h * p.out_stride_h;
+    if (k >= p.rotary_size) {
+      oh[k * p.out_stride_k] = xh[k * p.x_stride_k];
+      continue;
+    }
+    const int64_t r = k / part;
+    const int64_t j = k - r * part;
+    const int64_t pos = LoadPosition(p, b, r, m);
+    C c, s;
+    if (cos_t != nullptr) {
+      if (pos >= 0 && pos < p.table_rows) {
+        const int64_t t = pos * p.table_row_stride + j * p.table_col_stride;
+        c = static_cast<C>(ToCompute(cos_t[t]));
+        s = static_cast<C>(ToCompute(sin_t[t]));
+      } else {
+        c = s = static_cast<C>(NAN);
+      }
+    } else {
+      const int64_t i = plane ? (j % half) : (j / 2);
+      double sd, cd;
+      const double angle = static_cast<double>(pos) * pow(p.base, -2.0 * i / part);
+      sincos(angle, &sd, &cd);
+      c = static_cast<C>(cd);
+      s = static_cast<C>(sd);
+    }
+    if (p.inverse) s = -s;
+    int64_t partner_k;
+    C sign;
+    if (plane) {
+      partner_k = j < half ? k + half : k - half;
+      sign = j < half ? C(-1) : C(1);
+    } else {
+      partner_k = (j % 2 == 0) ? k + 1 : k - 1;
+      sign = (j % 2 == 0) ? C(-1) : C(1);
+    }
+    const C xv = static_cast<C>(ToCompute(xh[k * p.x_stride_k]));
+    const C pv = static_cast<C>(ToCompute(xh[partner_k * p.x_stride_k]));
+    oh[k * p.out_stride_k] = Round<T, C>(xv * c + sign * pv * s);
+  }
+}
+
+bool Aligned(const void* ptr, int bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % static_cast<uintptr_t>(bytes) == 0;
+}
+
+// Elements per 16-byte access if the vector kernel can run `p`, else 0.
+template<typename T>
+int VectorWidth(const RopeParams& p) {
+  constexpr int V = 16 / sizeof(T);
+  const int64_t part = p.rotary_size / p.rotary_dim;
+  const int64_t half = part / 2;
+  if (p.x_stride_k != 1 || p.out_stride_k != 1) return 0;
+  if (!Aligned(p.x, 16) || !Aligned(p.out, 16)) return 0;
+  for (int64_t v : {p.x_stride_b, p.x_stride_m, p.x_stride_h, p.out_stride_b, p.out_stride_m,
+                    p.out_stride_h, p.K, p.rotary_size}) {
+    if (v % V != 0) return 0;
+  }
+  if ((p.mode == Mode::kPlane ? half : part) % V != 0) return 0;
+  if (p.cos == nullptr && half > kMaxHalf) return 0;
+  using C = typename Compute<T>::type;
+  if (static_cast<int64_t>(2 * sizeof(C)) * p.rotary_size > kMaxSharedBytes) return 0;
+  if (p.H * p.K / V > (int64_t{1} << 30)) return 0;
+  return V;
+}
+
+template<typename T>
+cudaError_t Launch(const RopeParams& p, cudaStream_t stream) {
+  const int64_t total = p.B * p.M * p.H * p.K;
+  const int V = VectorWidth<T>(p);
+  if (V == 0) {
+    const int64_t blocks = std::min<int64_t>((total + kBlockThreads - 1) / kBlockThreads, 65535 * 16);
+    RopeGenericKernel<T><<<static_cast<unsigned>(blocks), kBlockThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  }
+  using C = typename Compute<T>::type;
+  constexpr int kV = 16 / sizeof(T);
+  VectorArgs args;
+  args.p = p;
+  const int64_t part = p.rotary_size / p.rotary_dim;
+  const int64_t half = part / 2;
+  if (p.cos == nullptr) {
+    for (int64_t i = 0; i < half; ++i) {
+      const double theta = std::pow(p.base, -2.0 * static_cast<double>(i) / static_cast<double>(part));
+      args.theta.hi[i] = static_cast<float>(theta);
+      args.theta.lo[i] = static_cast<float>(theta - static_cast<double>(args.theta.hi[i]));
+    }
+  }
+  const bool plane = p.mode == Mode::kPlane;
+  args.chunks_per_half = static_cast<int>((plane ? half : part) / kV);
+  args.rot_units = static_cast<int>(p.rotary_dim * args.chunks_per_half);
+  args.units_per_head = args.rot_units + static_cast<int>((p.K - p.rotary_size) / kV);
+  const int64_t units_per_row = p.H * args.units_per_head;
+  int64_t rows = std::max<int64_t>(1, kBlockThreads / std::max<int64_t>(1, units_per_row));
+  const int64_t row_bytes = std::max<int64_t>(1, 2 * sizeof(C) * p.rotary_size);
+  rows = std::min<int64_t>({rows, 64, std::max<int64_t>(1, kMaxSharedBytes / row_bytes)});
+  args.rows_per_block = static_cast<int>(rows);
+  const int64_t blocks = (p.B * p.M + rows - 1) / rows;
+  const size_t smem = static_cast<size_t>(rows * 2 * sizeof(C) * p.rotary_size);
+  if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
+  if (plane) {
+    RopeVectorKernel<T, kV, true><<<static_cast<unsigned>(blocks), kBlockThreads, smem, stream>>>(args);
+  } else {
+    RopeVectorKernel<T, kV, false><<<static_cast<unsigned>(blocks), kBlockThreads, smem, stream>>>(args);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+int RopeForwardCuda(const RopeParams& p, void* stream) {
+  if (p.B * p.M * p.H * p.K == 0) return 0;
+  if (ValidateRopeParams(p) != nullptr) return static_cast<int>(cudaErrorInvalidValue);
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  cudaError_t err = cudaSuccess;
+  switch (p.dtype) {
+    case DType::kFloat32: err = Launch<float>(p, s); break;
+    case DType::kFloat64: err = Launch<double>(p, s); break;
+    case DType::kFloat16: err = Launch<__half>(p, s); break;
+    case DType::kBFloat16: err = Launch<__nv_bfloat16>(p, s); break;
+  }
+  return static_cast<int>(err);
+}
+
+int RopeZeroFillCuda(void* ptr, int64_t bytes, void* stream) {
+  if (bytes <= 0) return 0;
+  return static_cast<int>(cudaMemsetAsync(ptr, 0, static_cast<size_t>(bytes),
+                                          static_cast<cudaStream_t>(stream)));
+}
+
+const char* RopeCudaErrorString(int status) {
+  return cudaGetErrorString(static_cast<cudaError_t>(status));
+}
+
+const char* RopeCudaKernelName(const RopeParams& p) {
+  int v = 0;
+  switch (p.dtype) {
+    case DType::kFloat32: v = VectorWidth<float>(p); break;
+    case DType::kFloat64: v = VectorWidth<double>(p); break;
+    case DType::kFloat16: v = VectorWidth<__half>(p); break;
+    case DType::kBFloat16: v = VectorWidth<__nv_bfloat16>(p); break;
+  }
+  switch (v) {
+    case 2: return "vector<2>";
+    case 4: return "vector<4>";
+    case 8: return "vector<8>";
+    default: return "generic";
+  }
+}
+
+}  // namespace oneflow_rope

@@ -1,0 +1,154 @@
+"""The float64 numpy reference of fused_apply_rotary_emb, written once from SPEC.md.
+
+It shares no code with the package: its own layout handling, its own rotation. Every test (CPU,
+GPU bench, property test) compares against these functions.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+__all__ = ["to_logical", "from_logical", "rope_reference", "rope_reference_backward", "tolerance"]
+
+_SLOTS = {"(HK)": 1, "(H2K)": 2, "(H3K)": 3}
+
+
+def _split(layout: str) -> Tuple[str, int]:
+    """('BM', slots) for fused layouts, (layout, 0) for 4-D ones."""
+    for suffix, slots in _SLOTS.items():
+        if layout.endswith(suffix):
+            return layout[: -len(suffix)], slots
+    return layout, 0
+
+
+def to_logical(x: np.ndarray, layout: str, K: Optional[int] = None, slot: int = 0) -> np.ndarray:
+    """View of x as (B, M, H, K) (for packed layouts, the given slot)."""
+    head, slots = _split(layout)
+    if slots == 0:
+        order = [layout.index(c) for c in "BMHK"]
+        return np.transpose(x, order)
+    a, b, last = x.shape
+    assert last % (slots * K) == 0
+    H = last // (slots * K)
+    y = x.reshape(a, b, H, slots, K)[:, :, :, slot, :]
+    return y if head == "BM" else np.transpose(y, (1, 0, 2, 3))
+
+
+def from_logical(y: np.ndarray, layout: str, slot: int = 0) -> np.ndarray:
+    """A (B, M, H, K) array laid out in `layout`. For packed layouts, the other slots are zero."""
+    head, slots = _split(layout)
+    B, M, H, K = y.shape
+    if slots == 0:
+        return np.ascontiguousarray(np.transpose(y, ["BMHK".index(c) for c in layout]))
+    z = y if head == "BM" else np.transpose(y, (1, 0, 2, 3))
+    a, b = z.shape[:2]
+    packed = np.zeros((a, b, H, slots, K), dtype=y.dtype)
+    packed[:, :, :, slot, :] = z
+    return packed.reshape(a, b, H * slots * K)
+
+
+def _slot_of(layout: str, tensor_index: Optional[int]) -> int:
+    slots = _split(layout)[1]
+    if slots == 2:
+        return (1 if tensor_index is None else tensor_index) - 1
+    if slots == 3:
+        return 0 if tensor_index is None else tensor_index
+    return 0
+
+
+def _default_output(layout: str) -> str:
+    head, slots = _split(layout)
+    return layout if slots <= 1 else head + "(HK)"
+
+
+def _rotate(xl: np.ndarray, positions: np.ndarray, mode: str, rotary_size: int, base: float,
+            cos: Optional[np.ndarray], sin: Optional[np.ndarray], sign: float) -> np.ndarray:
+    """SPEC 'The rotation': xl is (B, M, H, K) float64, positions (B, R, M) int."""
+    out = xl.copy()
+    R = positions.shape[1]
+    A = rotary_size // R
+    j = np.arange(A)
+    i = j % (A // 2) if mode == "plane" else j // 2
+    for r in range(R):
+        xs = xl[..., r * A:(r + 1) * A]
+        if mode == "plane":
+            partner = np.concatenate([-xs[..., A // 2:], xs[..., :A // 2]], axis=-1)
+        else:
+            partner = np.empty_like(xs)
+            partner[..., 0::2] = -xs[..., 1::2]
+            partner[..., 1::2] = xs[..., 0::2]
+        p = positions[:, r, :].astype(np.int64)  # (B, M)
+        if cos is not None:
+            c = cos.astype(np.float64)[p]  # (B, M, A)
+            s = sin.astype(np.float64)[p]
+        else:
+            theta = np.power(np.float64(base), -2.0 * i / A)
+            angle = p[..., None].astype(np.float64) * theta
+            c, s = np.cos(angle), np.sin(angle)
+        out[..., r * A:(r + 1) * A] = xs * c[:, :, None, :] + sign * partner * s[:, :, None, :]
+    return out
+
+
+def _as_float64(a) -> np.ndarray:
+    return np.asarray(a).astype(np.float64)
+
+
+def rope_reference(x, layout: str = "BMHK", *, cos=None, sin=None, position_ids=None,
+                   output_layout: Optional[str] = None, mode: str = "plane",
+                   tensor_index: Optional[int] = None, k_size: Optional[int] = None,
+                   base: float = 10000.0, rotary_size: Optional[int] = None) -> np.ndarray:
+    """fused_apply_rotary_emb in float64 numpy. x, cos, sin: arrays of any float dtype."""
+    x = _as_float64(x)
+    R = 1 if position_ids is None else np.asarray(position_ids).shape[1]
+    K = k_size
+    if K is None and _split(layout)[1] == 0:
+        K = x.shape[3]
+    if K is None:
+        K = np.asarray(cos).shape[1] * R
+    xl = to_logical(x, layout, K, _slot_of(layout, tensor_index))
+    B, M, H, K = xl.shape
+    positions = (np.broadcast_to(np.arange(M), (B, 1, M)) if position_ids is None
+                 else np.asarray(position_ids))
+    rotary = K if rotary_size is None else rotary_size
+    out = _rotate(xl, positions, mode, rotary, base,
+                  None if cos is None else _as_float64(cos), None if sin is None else _as_float64(sin), 1.0)
+    return from_logical(out, output_layout or _default_output(layout))
+
+
+def rope_reference_backward(dy, layout: str = "BMHK", *, cos=None, sin=None, position_ids=None,
+                            output_layout: Optional[str] = None, mode: str = "plane",
+                            tensor_index: Optional[int] = None, k_size: Optional[int] = None,
+                            base: float = 10000.0, rotary_size: Optional[int] = None) -> np.ndarray:
+    """dL/dx for dL/dout = dy: rotation by the negated angle, written back into x's layout
+    (zeros in the slots of a packed input that were not selected)."""
+    dy = _as_float64(dy)
+    out_layout = output_layout or _default_output(layout)
+    R = 1 if position_ids is None else np.asarray(position_ids).shape[1]
+    if _split(out_layout)[1] == 0:
+        K = dy.shape[3]
+    else:
+        K = k_size if k_size is not None else np.asarray(cos).shape[1] * R
+    dyl = to_logical(dy, out_layout, K, 0)
+    B, M, H, K = dyl.shape
+    positions = (np.broadcast_to(np.arange(M), (B, 1, M)) if position_ids is None
+                 else np.asarray(position_ids))
+    rotary = K if rotary_size is None else rotary_size
+    dx = _rotate(dyl, positions, mode, rotary, base,
+                 None if cos is None else _as_float64(cos), None if sin is None else _as_float64(sin), -1.0)
+    return from_logical(dx, layout, slot=_slot_of(layout, tensor_index))
+
+
+# SPEC.md "Precision": bound on |out - reference| for |x| <= 1, by dtype and largest position.
+_TOLERANCE = {
+    "float16": (2e-3, 1e-2),
+    "bfloat16": (1.6e-2, 2e-2),
+    "float32": (1e-3, 1e-2),
+    "float64": (1e-12, 1e-10),
+}
+
+
+def tolerance(dtype_name: str, max_position: int) -> float:
+    short, long = _TOLERANCE[dtype_name]
+    return short if max_position < 4096 else long
