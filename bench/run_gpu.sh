@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Builds the raw (OneFlow-free) binding with the CUDA kernels and runs, in one go, on a GPU machine
+# with PyTorch: the GPU test bench, compute-sanitizer memcheck and racecheck over a subset, and the
+# benchmark. Results go to $OUT (default bench/results). Used through the device tool as
+#   bash bench/run_gpu.sh            (carry .whl for liger-kernel / torchtune wheels, if present)
+# Steps can be chosen: STEPS="check memcheck racecheck bench" (default: all).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results}
+STEPS=${STEPS:-"check memcheck racecheck bench"}
+ARCH=${ARCH:-90}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+status=0
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/build.log"
+{
+  cmake -S . -B build-gpu -DONEFLOW_ROPE_BUILD_ONEFLOW_OPS=OFF -DONEFLOW_ROPE_BUILD_RAW=ON \
+    -DONEFLOW_ROPE_WITH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DPython_EXECUTABLE="$(command -v python3)" \
+    -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" -DCMAKE_BUILD_TYPE=Release &&
+  cmake --build build-gpu -j 16
+} >>"$OUT/build.log" 2>&1 || { tail -n 40 "$OUT/build.log"; exit 1; }
+echo "built: $(ls build-gpu/_rope_raw*.so)"
+
+for step in $STEPS; do
+  case $step in
+    check)
+      python3 bench/gpu_check.py --build build-gpu --json "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.txt" || status=1 ;;
+    memcheck)
+      compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 \
+        python3 bench/gpu_check.py --build build-gpu --subset 37 --no-large >"$OUT/memcheck.txt" 2>&1 || status=1
+      tail -n 12 "$OUT/memcheck.txt" ;;
+    racecheck)
+      compute-sanitizer --tool racecheck --error-exitcode 3 \
+        python3 bench/gpu_check.py --build build-gpu --subset 97 --no-large >"$OUT/racecheck.txt" 2>&1 || status=1
+      tail -n 6 "$OUT/racecheck.txt" ;;
+    bench)
+      python3 bench/bench_gpu.py --build build-gpu ${BENCH_ARGS:-} --json "$OUT/bench.json" --plot "$OUT/bench.png" \
+        2>&1 | tee "$OUT/bench.txt" || status=1 ;;
+  esac
+done
+exit $status

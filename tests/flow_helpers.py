@@ -1,0 +1,33 @@
+"""Small helpers turning the shared case table's numpy arrays into OneFlow calls."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import numpy as np
+import oneflow as flow
+
+import oneflow_rope
+
+
+def to_flow(a: Optional[np.ndarray], dtype: Optional[str] = None, requires_grad: bool = False):
+    """A OneFlow tensor with a's values (exact: the case table rounds them to `dtype` already)."""
+    if a is None:
+        return None
+    t = flow.tensor(a)
+    if dtype is not None:
+        t = t.to(getattr(flow, dtype))
+    if requires_grad:
+        t.requires_grad_(True)
+    return t
+
+
+def to_numpy64(t: flow.Tensor) -> np.ndarray:
+    return t.to(flow.float64).numpy() if t.dtype != flow.float64 else t.numpy()
+
+
+def call_op(arrays: Dict[str, Optional[np.ndarray]], kwargs: dict, dtype: str, x=None) -> flow.Tensor:
+    x = to_flow(arrays["x"], dtype) if x is None else x
+    return oneflow_rope.fused_apply_rotary_emb(
+        x, to_flow(arrays["cos"], dtype), to_flow(arrays["sin"], dtype),
+        to_flow(arrays["position_ids"]), **kwargs)

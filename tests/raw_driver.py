@@ -1,0 +1,164 @@
+"""Drives the framework-free kernels (module _rope_raw) with PyTorch tensors or numpy arrays.
+
+Used where OneFlow cannot run: the GPU test bench and benchmarks on the lent H100/H200 (PyTorch
+CUDA tensors), and the sanitizer build on the CPU (numpy arrays). It resolves the call's defaults
+like ``oneflow_rope.fused_apply_rotary_emb`` does, checks shapes with the op's own C++ inference
+(``_rope_raw.infer_sizes``), and maps the tensors' real strides onto the kernel's (b, m, h, k)
+strides, so views run without a copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+
+def _is_torch(t: Any) -> bool:
+    return type(t).__module__.startswith("torch")
+
+
+def dtype_name(t: Any) -> str:
+    if _is_torch(t):
+        return str(t.dtype).replace("torch.", "")
+    if getattr(t, "dtype", None) == np.uint16:  # bfloat16 bits held in a numpy array
+        return "bfloat16"
+    return str(t.dtype)
+
+
+def _ptr(t: Any) -> int:
+    if t is None:
+        return 0
+    return t.data_ptr() if _is_torch(t) else t.ctypes.data
+
+
+def _elem_size(t: Any) -> int:
+    return t.element_size() if _is_torch(t) else t.itemsize
+
+
+def _strides(t: Any) -> Tuple[int, ...]:
+    return tuple(t.stride()) if _is_torch(t) else tuple(s // t.itemsize for s in t.strides)
+
+
+def _slots(layout: str) -> int:
+    return 3 if "H3K" in layout else (2 if "H2K" in layout else 1)
+
+
+def _unpacked(layout: str) -> str:
+    return layout if _slots(layout) == 1 else layout[:2] + "(HK)"
+
+
+def _logical_strides(t: Any, layout: str, K: int, slot: int) -> Tuple[int, Tuple[int, int, int, int]]:
+    """(element offset, (b, m, h, k) strides) of a tensor in `layout`."""
+    st = _strides(t)
+    if "(" not in layout:
+        return 0, tuple(st[layout.index(c)] for c in "BMHK")
+    b = st[layout.index("B")]
+    m = st[layout.index("M")]
+    k = st[2]
+    return slot * K * k, (b, m, _slots(layout) * K * k, k)
+
+
+def resolve(x_shape, layout: str, output_layout: Optional[str], tensor_index: Optional[int],
+            k_size: Optional[int], rotary_size: Optional[int], cos_shape, pos_shape):
+    """The call's defaults, as the Python API resolves them: (output_layout, tensor_index, K, rotary_size, R)."""
+    R = 1 if pos_shape is None else pos_shape[1]
+    out_layout = output_layout or _unpacked(layout)
+    slots = _slots(layout)
+    index = tensor_index if tensor_index is not None else (1 if slots == 2 else 0)
+    if "(" not in layout:
+        K = x_shape[3]
+    elif k_size is not None:
+        K = k_size
+    elif cos_shape is not None and rotary_size is None:
+        K = cos_shape[1] * R
+    else:
+        raise ValueError("k_size: needed for fused layouts")
+    return out_layout, index, K, (rotary_size or K), R
+
+
+def rope(raw, x, cos=None, sin=None, position_ids=None, *, layout: str = "BMHK",
+         output_layout: Optional[str] = None, mode: str = "plane", tensor_index: Optional[int] = None,
+         k_size: Optional[int] = None, base: float = 10000.0, rotary_size: Optional[int] = None,
+         out=None, stream: Optional[int] = None, plan_only: bool = False):
+    """Forward rotation of x through the raw kernels. Returns the output tensor / array
+    (or the params dict when plan_only). CUDA when x is a CUDA tensor, else the CPU kernel."""
+    cos_shape = None if cos is None else tuple(cos.shape)
+    pos_shape = None if position_ids is None else tuple(position_ids.shape)
+    out_layout, index, K, rot, R = resolve(tuple(x.shape), layout, output_layout, tensor_index,
+                                           k_size, rotary_size, cos_shape, pos_shape)
+    B, M, H, K, out_shape = raw.infer_sizes(list(x.shape), layout, out_layout, mode, index, K, rot, R,
+                                            list(cos_shape or ()), list(pos_shape or ()))
+    if out is None:
+        out = _empty_like(x, tuple(out_shape))
+    slot = raw.selected_slot(layout, index)
+    params = _params(raw, x, out, layout, out_layout, K, slot, 0, B, M, H, mode, rot, R, base,
+                     cos, sin, position_ids, inverse=False)
+    if plan_only:
+        return params
+    _launch(raw, x, params, stream)
+    return out
+
+
+def rope_backward(raw, dy, x_shape, cos=None, sin=None, position_ids=None, *, layout: str = "BMHK",
+                  output_layout: Optional[str] = None, mode: str = "plane",
+                  tensor_index: Optional[int] = None, k_size: Optional[int] = None,
+                  base: float = 10000.0, rotary_size: Optional[int] = None, stream: Optional[int] = None):
+    """dx (x's layout and shape, zeros in unselected packed slots) from dy (the output layout)."""
+    cos_shape = None if cos is None else tuple(cos.shape)
+    pos_shape = None if position_ids is None else tuple(position_ids.shape)
+    out_layout, index, K, rot, R = resolve(tuple(x_shape), layout, output_layout, tensor_index,
+                                           k_size, rotary_size, cos_shape, pos_shape)
+    B, M, H, K, _ = raw.infer_sizes(list(x_shape), layout, out_layout, mode, index, K, rot, R,
+                                    list(cos_shape or ()), list(pos_shape or ()))
+    dx = _zeros_like(dy, tuple(x_shape))
+    slot = raw.selected_slot(layout, index)
+    params = _params(raw, dy, dx, out_layout, layout, K, 0, slot, B, M, H, mode, rot, R, base,
+                     cos, sin, position_ids, inverse=True)
+    _launch(raw, dy, params, stream)
+    return dx
+
+
+def _params(raw, src, dst, src_layout, dst_layout, K, src_slot, dst_slot, B, M, H, mode, rot, R, base,
+            cos, sin, position_ids, inverse):
+    src_off, src_st = _logical_strides(src, src_layout, K, src_slot)
+    dst_off, dst_st = _logical_strides(dst, dst_layout, K, dst_slot)
+    es = _elem_size(src)
+    params = {
+        "dtype": dtype_name(src), "mode": mode,
+        "x": _ptr(src) + src_off * es, "out": _ptr(dst) + dst_off * es,
+        "B": B, "M": M, "H": H, "K": K, "x_strides": src_st, "out_strides": dst_st,
+        "rotary_size": rot, "rotary_dim": R, "base": float(base), "inverse": inverse,
+        "cos": _ptr(cos), "sin": _ptr(sin), "table_rows": 0 if cos is None else cos.shape[0],
+        "table_strides": (0, 1) if cos is None else _strides(cos),
+        "position_ids": _ptr(position_ids), "pos_dtype": "" if position_ids is None else dtype_name(position_ids),
+        "pos_strides": (0, 0, 0) if position_ids is None else _strides(position_ids),
+    }
+    if cos is not None and _strides(sin) != _strides(cos):
+        raise ValueError("sin: must have cos's strides")
+    return params
+
+
+def _launch(raw, x, params, stream):
+    if _is_torch(x) and x.is_cuda:
+        import torch
+
+        raw.forward_cuda(params, stream if stream is not None else torch.cuda.current_stream().cuda_stream)
+    else:
+        raw.forward_cpu(params)
+
+
+def _empty_like(x, shape):
+    if _is_torch(x):
+        import torch
+
+        return torch.empty(shape, dtype=x.dtype, device=x.device)
+    return np.empty(shape, dtype=x.dtype)
+
+
+def _zeros_like(x, shape):
+    if _is_torch(x):
+        import torch
+
+        return torch.zeros(shape, dtype=x.dtype, device=x.device)
+    return np.zeros(shape, dtype=x.dtype)
