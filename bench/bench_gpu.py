@@ -134,12 +134,11 @@ def main() -> int:
     sys.path.insert(0, args.build)
     import _rope_raw as raw
 
-    torch.backends.cuda.matmul.allow_tf32 = True
     timer = Timer(reps=20 if args.quick else 60, b2b_reps=50 if args.quick else 200)
     liger = load_liger()
     torchtune_rope = load_torchtune()
-    import torch._dynamo
-    torch._dynamo.config.cache_size_limit = 512
+    import torch._dynamo as dynamo
+    dynamo.config.cache_size_limit = 512
     compiled = {m: torch.compile(f, dynamic=False) for m, f in (("plane", eager_plane), ("interval", eager_interval))}
     props = torch.cuda.get_device_properties(0)
     header = (f"# device: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}\n"

@@ -83,7 +83,7 @@ def run_case(raw, res, group, case: Case, M=5, K=16, max_pos=4096, backward=True
                            t["position_ids"], **kwargs)
         torch.cuda.synchronize()
         exp_dx = rope_reference_backward(dy, cos=arrays["cos"], sin=arrays["sin"],
-                                         position_ids=arrays["position_ids"], **kwargs)
+                                         position_ids=arrays["position_ids"], x_shape=arrays["x"].shape, **kwargs)
         err = float(np.max(np.abs(to_np64(dx) - exp_dx))) if exp_dx.size else 0.0
         res.check(group + "-backward", case.id, err <= tol, f"err={err:.3g} tol={tol}")
         res.worst(group + "-backward", err / tol)

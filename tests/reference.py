@@ -120,16 +120,22 @@ def rope_reference(x, layout: str = "BMHK", *, cos=None, sin=None, position_ids=
 def rope_reference_backward(dy, layout: str = "BMHK", *, cos=None, sin=None, position_ids=None,
                             output_layout: Optional[str] = None, mode: str = "plane",
                             tensor_index: Optional[int] = None, k_size: Optional[int] = None,
-                            base: float = 10000.0, rotary_size: Optional[int] = None) -> np.ndarray:
+                            base: float = 10000.0, rotary_size: Optional[int] = None,
+                            x_shape: Optional[Tuple[int, ...]] = None) -> np.ndarray:
     """dL/dx for dL/dout = dy: rotation by the negated angle, written back into x's layout
-    (zeros in the slots of a packed input that were not selected)."""
+    (zeros in the slots of a packed input that were not selected). x_shape gives K when neither
+    the output layout, k_size nor a table does (a 4-D x written to a fused output layout)."""
     dy = _as_float64(dy)
     out_layout = output_layout or _default_output(layout)
     R = 1 if position_ids is None else np.asarray(position_ids).shape[1]
     if _split(out_layout)[1] == 0:
         K = dy.shape[3]
+    elif k_size is not None:
+        K = k_size
+    elif _split(layout)[1] == 0 and x_shape is not None:
+        K = x_shape[3]
     else:
-        K = k_size if k_size is not None else np.asarray(cos).shape[1] * R
+        K = np.asarray(cos).shape[1] * R
     dyl = to_logical(dy, out_layout, K, 0)
     B, M, H, K = dyl.shape
     positions = (np.broadcast_to(np.arange(M), (B, 1, M)) if position_ids is None

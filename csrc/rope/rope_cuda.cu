@@ -99,20 +99,79 @@ struct alignas(sizeof(T) * V) Pack {
   T v[V];
 };
 
+// Division of 32-bit unsigned integers by a divisor fixed at launch (Granlund-Montgomery).
+struct FastDiv {
+  uint32_t d = 1, mul = 0, shift = 0;
+  FastDiv() = default;
+  explicit FastDiv(uint32_t divisor) : d(divisor) {
+    if (d <= 1) return;
+    while ((uint64_t{1} << shift) < d) ++shift;
+    mul = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << shift) - d)) / d + 1);
+  }
+  __device__ __forceinline__ uint32_t Div(uint32_t n) const {
+    if (d == 1) return n;
+    const uint32_t t = __umulhi(n, mul);
+    return (t + ((n - t) >> 1)) >> (shift - 1);
+  }
+};
+
+constexpr int kPrefetch = 4;  // units (vector pairs) each thread loads before any math
+constexpr int kMaxRows = 64;
+
 struct VectorArgs {
   RopeParams p;
   Theta theta;
   int rows_per_block;
-  int units_per_head;  // rotary units + pass-through units
-  int rot_units;       // per head
-  int chunks_per_half; // plane: (A/2)/V; interval: A/V (units per rotary part)
+  int units_per_head;   // rotary units + pass-through units
+  int rot_units;        // per head
+  int chunks_per_part;  // rotary units per rotary part: plane (A/2)/V, interval A/V
+  FastDiv div_m;        // by M: row -> (b, m)
+  FastDiv div_row;      // by units per row
+  FastDiv div_head;     // by units per head
+  FastDiv div_chunks;   // by chunks_per_part
 };
 
-// Shared memory per block: cos then sin, rows_per_block * rotary_size values each.
-template<typename T, int V, bool kPlane>
+// Where one unit of V elements (and, for plane rotary units, its partner V elements) lives.
+struct Unit {
+  int lr;         // row within the block
+  int k0;         // first element
+  bool rotary;
+  int64_t x_off;  // element offset of the row's head in x
+};
+
+template<int V, bool kPlane>
+__device__ __forceinline__ Unit DecodeUnit(const VectorArgs& a, uint32_t u, int64_t row0) {
+  const RopeParams& p = a.p;
+  Unit unit;
+  const uint32_t lr = a.div_row.Div(u);
+  const uint32_t w_row = u - lr * static_cast<uint32_t>(p.H) * a.units_per_head;
+  const uint32_t h = a.div_head.Div(w_row);
+  const uint32_t w = w_row - h * a.units_per_head;
+  const uint32_t row = static_cast<uint32_t>(row0) + lr;
+  const uint32_t b = a.div_m.Div(row);
+  const uint32_t m = row - b * static_cast<uint32_t>(p.M);
+  unit.lr = static_cast<int>(lr);
+  unit.x_off = b * p.x_stride_b + m * p.x_stride_m + h * p.x_stride_h;
+  unit.rotary = w < static_cast<uint32_t>(a.rot_units);
+  if (unit.rotary) {
+    const uint32_t r = a.div_chunks.Div(w);
+    const int part = static_cast<int>(p.rotary_size / p.rotary_dim);
+    unit.k0 = static_cast<int>(r) * part + static_cast<int>(w - r * a.chunks_per_part) * V;
+  } else {
+    unit.k0 = static_cast<int>(p.rotary_size) + static_cast<int>(w - a.rot_units) * V;
+  }
+  return unit;
+}
+
+// A block handles rows_per_block consecutive (b, m) rows. Each thread first loads up to
+// kPrefetch units, then the block computes the rows' cos/sin into shared memory (one sincos per
+// distinct angle, shared by all heads), then threads rotate and store what they loaded.
+template<typename T, int V, bool kPlane, bool kTable>
 __global__ void __launch_bounds__(kBlockThreads) RopeVectorKernel(const VectorArgs args) {
   using C = typename Compute<T>::type;
+  using P = Pack<T, V>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ int64_t out_row_off[kMaxRows];
   const RopeParams& p = args.p;
   const int rotary = static_cast<int>(p.rotary_size);
   const int part = rotary / p.rotary_dim;
@@ -123,96 +182,117 @@ __global__ void __launch_bounds__(kBlockThreads) RopeVectorKernel(const VectorAr
   const int64_t num_rows = p.B * p.M;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * args.rows_per_block;
   const int rows_here = static_cast<int>(min(static_cast<int64_t>(args.rows_per_block), num_rows - row0));
-  const T* cos_t = static_cast<const T*>(p.cos);
-  const T* sin_t = static_cast<const T*>(p.sin);
+  const uint32_t units_total = static_cast<uint32_t>(rows_here) * static_cast<uint32_t>(p.H) * args.units_per_head;
+  const T* x = static_cast<const T*>(p.x);
+  T* out = static_cast<T*>(p.out);
 
-  // Phase 1: cos/sin of each rotary dim of each row.
-  for (int e = threadIdx.x; e < rows_here * rotary; e += blockDim.x) {
-    const int lr = e / rotary;
-    const int k = e - lr * rotary;
-    const int r = k / part;
-    const int j = k - r * part;
-    const int64_t row = row0 + lr;
-    const int64_t b = row / p.M;
-    const int64_t m = row - b * p.M;
-    const int64_t pos = LoadPosition(p, b, r, m);
-    C c, s;
-    if (cos_t != nullptr) {
-      if (pos >= 0 && pos < p.table_rows) {
-        const int64_t t = pos * p.table_row_stride + j * p.table_col_stride;
-        c = static_cast<C>(ToCompute(cos_t[t]));
-        s = static_cast<C>(ToCompute(sin_t[t]));
-      } else {
-        c = s = static_cast<C>(NAN);
-      }
-    } else {
-      const int i = kPlane ? (j % half) : (j / 2);
-      if constexpr (sizeof(C) == 8) {
-        const double theta = pow(p.base, -2.0 * i / part);
-        AngleSinCosDouble(pos, theta, reinterpret_cast<double*>(&s), reinterpret_cast<double*>(&c));
-      } else {
-        AngleSinCos(pos, args.theta.hi[i], args.theta.lo[i], reinterpret_cast<float*>(&s),
-                    reinterpret_cast<float*>(&c));
+  for (uint32_t base = 0; base < units_total; base += kBlockThreads * kPrefetch) {
+    P lo[kPrefetch], hi[kPrefetch];
+#pragma unroll
+    for (int q = 0; q < kPrefetch; ++q) {
+      const uint32_t u = base + q * kBlockThreads + threadIdx.x;
+      if (u < units_total) {
+        const Unit unit = DecodeUnit<V, kPlane>(args, u, row0);
+        const T* xh = x + unit.x_off;
+        lo[q] = *reinterpret_cast<const P*>(xh + unit.k0);
+        if (kPlane && unit.rotary) hi[q] = *reinterpret_cast<const P*>(xh + unit.k0 + half);
       }
     }
-    cos_s[e] = c;
-    sin_s[e] = p.inverse ? -s : s;
-  }
-  __syncthreads();
-
-  // Phase 2: vectors of V elements.
-  const int units_per_row = static_cast<int>(p.H) * args.units_per_head;
-  for (int u = threadIdx.x; u < rows_here * units_per_row; u += blockDim.x) {
-    const int lr = u / units_per_row;
-    const int w_row = u - lr * units_per_row;
-    const int h = w_row / args.units_per_head;
-    const int w = w_row - h * args.units_per_head;
-    const int64_t row = row0 + lr;
-    const int64_t b = row / p.M;
-    const int64_t m = row - b * p.M;
-    const T* xh = static_cast<const T*>(p.x) + b * p.x_stride_b + m * p.x_stride_m
-                  + static_cast<int64_t>(h) * p.x_stride_h;
-    T* oh = static_cast<T*>(p.out) + b * p.out_stride_b + m * p.out_stride_m
-            + static_cast<int64_t>(h) * p.out_stride_h;
-    const C* cs = cos_s + lr * rotary;
-    const C* sn = sin_s + lr * rotary;
-    using P = Pack<T, V>;
-    if (w < args.rot_units) {
+    if (base == 0) {
+      // cos/sin of every rotary dim of the block's rows, and the rows' output offsets.
+      const int entries = kTable ? rotary : rotary / 2;
+      for (int e = threadIdx.x; e < rows_here * entries; e += kBlockThreads) {
+        const int lr = e / entries;
+        const int idx = e - lr * entries;
+        const int64_t row = row0 + lr;
+        const int64_t b = row / p.M;
+        const int64_t m = row - b * p.M;
+        C c, s;
+        int k, k_twin;  // the dims that use this value (equal for tables: one value per dim)
+        if (kTable) {
+          k = k_twin = idx;
+          const int r = k / part;
+          const int j = k - r * part;
+          const int64_t pos = LoadPosition(p, b, r, m);
+          if (pos >= 0 && pos < p.table_rows) {
+            const int64_t t = pos * p.table_row_stride + j * p.table_col_stride;
+            c = static_cast<C>(ToCompute(static_cast<const T*>(p.cos)[t]));
+            s = static_cast<C>(ToCompute(static_cast<const T*>(p.sin)[t]));
+          } else {
+            c = s = static_cast<C>(NAN);
+          }
+        } else {
+          const int r = idx / half;
+          const int i = idx - r * half;
+          k = r * part + (kPlane ? i : 2 * i);
+          k_twin = kPlane ? k + half : k + 1;
+          const int64_t pos = LoadPosition(p, b, r, m);
+          if constexpr (sizeof(C) == 8) {
+            AngleSinCosDouble(pos, pow(p.base, -2.0 * i / part), reinterpret_cast<double*>(&s),
+                              reinterpret_cast<double*>(&c));
+          } else {
+            AngleSinCos(pos, args.theta.hi[i], args.theta.lo[i], reinterpret_cast<float*>(&s),
+                        reinterpret_cast<float*>(&c));
+          }
+        }
+        if (p.inverse) s = -s;
+        C* cs = cos_s + lr * rotary;
+        C* sn = sin_s + lr * rotary;
+        cs[k] = c;
+        sn[k] = s;
+        cs[k_twin] = c;
+        sn[k_twin] = s;
+      }
+      for (int lr = threadIdx.x; lr < rows_here; lr += kBlockThreads) {
+        const int64_t row = row0 + lr;
+        const int64_t b = row / p.M;
+        out_row_off[lr] = b * p.out_stride_b + (row - b * p.M) * p.out_stride_m;
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int q = 0; q < kPrefetch; ++q) {
+      const uint32_t u = base + q * kBlockThreads + threadIdx.x;
+      if (u >= units_total) continue;
+      const Unit unit = DecodeUnit<V, kPlane>(args, u, row0);
+      const uint32_t lr = static_cast<uint32_t>(unit.lr);
+      const uint32_t w_row = u - lr * static_cast<uint32_t>(p.H) * args.units_per_head;
+      const uint32_t h = args.div_head.Div(w_row);
+      T* oh = out + out_row_off[unit.lr] + static_cast<int64_t>(h) * p.out_stride_h;
+      const int k0 = unit.k0;
+      if (!unit.rotary) {
+        *reinterpret_cast<P*>(oh + k0) = lo[q];
+        continue;
+      }
+      const C* cs = cos_s + unit.lr * rotary;
+      const C* sn = sin_s + unit.lr * rotary;
       if (kPlane) {
-        const int r = w / args.chunks_per_half;
-        const int k0 = r * part + (w - r * args.chunks_per_half) * V;
         const int k1 = k0 + half;
-        const P a = *reinterpret_cast<const P*>(xh + k0);
-        const P z = *reinterpret_cast<const P*>(xh + k1);
         P oa, oz;
 #pragma unroll
         for (int t = 0; t < V; ++t) {
-          const C xa = static_cast<C>(ToCompute(a.v[t]));
-          const C xz = static_cast<C>(ToCompute(z.v[t]));
+          const C xa = static_cast<C>(ToCompute(lo[q].v[t]));
+          const C xz = static_cast<C>(ToCompute(hi[q].v[t]));
           oa.v[t] = Round<T, C>(xa * cs[k0 + t] - xz * sn[k0 + t]);
           oz.v[t] = Round<T, C>(xz * cs[k1 + t] + xa * sn[k1 + t]);
         }
         *reinterpret_cast<P*>(oh + k0) = oa;
         *reinterpret_cast<P*>(oh + k1) = oz;
       } else {
-        const int k0 = w * V;
-        const P a = *reinterpret_cast<const P*>(xh + k0);
         P o;
 #pragma unroll
         for (int t = 0; t < V; t += 2) {
-          const C x0 = static_cast<C>(ToCompute(a.v[t]));
-          const C x1 = static_cast<C>(ToCompute(a.v[t + 1]));
+          const C x0 = static_cast<C>(ToCompute(lo[q].v[t]));
+          const C x1 = static_cast<C>(ToCompute(lo[q].v[t + 1]));
           o.v[t] = Round<T, C>(x0 * cs[k0 + t] - x1 * sn[k0 + t]);
           o.v[t + 1] = Round<T, C>(x1 * cs[k0 + t + 1] + x0 * sn[k0 + t + 1]);
         }
         *reinterpret_cast<P*>(oh + k0) = o;
       }
-    } else {
-      const int k0 = rotary + (w - args.rot_units) * V;
-      *reinterpret_cast<P*>(oh + k0) = *reinterpret_cast<const P*>(xh + k0);
     }
   }
 }
+
 
 // One element per thread; any strides; angles in double. Used when the vector kernel's
 // conditions (alignment, sizes, shared memory) do not hold.
@@ -276,6 +356,18 @@ __global__ void __launch_bounds__(kBlockThreads) RopeGenericKernel(const RopePar
   }
 }
 
+int MultiprocessorCount() {
+  static const int count = [] {
+    int device = 0, sms = 0;
+    if (cudaGetDevice(&device) != cudaSuccess
+        || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      return 80;
+    }
+    return sms;
+  }();
+  return count;
+}
+
 bool Aligned(const void* ptr, int bytes) {
   return reinterpret_cast<uintptr_t>(ptr) % static_cast<uintptr_t>(bytes) == 0;
 }
@@ -296,7 +388,8 @@ int VectorWidth(const RopeParams& p) {
   if (p.cos == nullptr && half > kMaxHalf) return 0;
   using C = typename Compute<T>::type;
   if (static_cast<int64_t>(2 * sizeof(C)) * p.rotary_size > kMaxSharedBytes) return 0;
-  if (p.H * p.K / V > (int64_t{1} << 30)) return 0;
+  // 32-bit unit and row arithmetic inside the kernel
+  if (p.H * p.K / V > (int64_t{1} << 24) || p.B * p.M >= (int64_t{1} << 31) || p.M >= (int64_t{1} << 31)) return 0;
   return V;
 }
 
@@ -323,21 +416,35 @@ cudaError_t Launch(const RopeParams& p, cudaStream_t stream) {
     }
   }
   const bool plane = p.mode == Mode::kPlane;
-  args.chunks_per_half = static_cast<int>((plane ? half : part) / kV);
-  args.rot_units = static_cast<int>(p.rotary_dim * args.chunks_per_half);
+  args.chunks_per_part = static_cast<int>((plane ? half : part) / kV);
+  args.rot_units = static_cast<int>(p.rotary_dim * args.chunks_per_part);
   args.units_per_head = args.rot_units + static_cast<int>((p.K - p.rotary_size) / kV);
   const int64_t units_per_row = p.H * args.units_per_head;
-  int64_t rows = std::max<int64_t>(1, kBlockThreads / std::max<int64_t>(1, units_per_row));
+  const int64_t num_rows = p.B * p.M;
+  // Rows per block: enough units for every thread to prefetch kPrefetch of them, but keep at
+  // least two blocks per multiprocessor when there are few rows.
+  int64_t rows = std::max<int64_t>(1, kBlockThreads * kPrefetch / std::max<int64_t>(1, units_per_row));
   const int64_t row_bytes = std::max<int64_t>(1, 2 * sizeof(C) * p.rotary_size);
-  rows = std::min<int64_t>({rows, 64, std::max<int64_t>(1, kMaxSharedBytes / row_bytes)});
+  rows = std::min<int64_t>({rows, kMaxRows, std::max<int64_t>(1, kMaxSharedBytes / row_bytes),
+                            std::max<int64_t>(1, num_rows / (2 * MultiprocessorCount()))});
   args.rows_per_block = static_cast<int>(rows);
-  const int64_t blocks = (p.B * p.M + rows - 1) / rows;
+  args.div_m = FastDiv(static_cast<uint32_t>(p.M));
+  args.div_row = FastDiv(static_cast<uint32_t>(units_per_row));
+  args.div_head = FastDiv(static_cast<uint32_t>(args.units_per_head));
+  args.div_chunks = FastDiv(static_cast<uint32_t>(std::max(1, args.chunks_per_part)));
+  const int64_t blocks = (num_rows + rows - 1) / rows;
   const size_t smem = static_cast<size_t>(rows * 2 * sizeof(C) * p.rotary_size);
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  if (plane) {
-    RopeVectorKernel<T, kV, true><<<static_cast<unsigned>(blocks), kBlockThreads, smem, stream>>>(args);
+  const bool table = p.cos != nullptr;
+  const dim3 grid(static_cast<unsigned>(blocks));
+  if (plane && table) {
+    RopeVectorKernel<T, kV, true, true><<<grid, kBlockThreads, smem, stream>>>(args);
+  } else if (plane) {
+    RopeVectorKernel<T, kV, true, false><<<grid, kBlockThreads, smem, stream>>>(args);
+  } else if (table) {
+    RopeVectorKernel<T, kV, false, true><<<grid, kBlockThreads, smem, stream>>>(args);
   } else {
-    RopeVectorKernel<T, kV, false><<<static_cast<unsigned>(blocks), kBlockThreads, smem, stream>>>(args);
+    RopeVectorKernel<T, kV, false, false><<<grid, kBlockThreads, smem, stream>>>(args);
   }
   return cudaGetLastError();
 }
