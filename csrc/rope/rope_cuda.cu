@@ -43,7 +43,9 @@ struct Compute<double> {
 __device__ __forceinline__ float ToCompute(float v) { return v; }
 __device__ __forceinline__ double ToCompute(double v) { return v; }
 __device__ __forceinline__ float ToCompute(__half v) { return __half2float(v); }
-__device__ __forceinline__ float ToCompute(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float ToCompute(__nv_bfloat16 v) {
+  return __uint_as_float(static_cast<uint32_t>(__bfloat16_as_ushort(v)) << 16);
+}
 
 template<typename T>
 __device__ __forceinline__ T FromCompute(float v);
@@ -115,7 +117,8 @@ struct FastDiv {
   }
 };
 
-constexpr int kPrefetch = 4;  // units (vector pairs) each thread loads before any math
+constexpr int kPrefetch = 2;  // units (vector pairs) each thread loads before any math
+constexpr int kMaxVectorThreads = 512;
 constexpr int kMaxRows = 64;
 
 struct VectorArgs {
@@ -167,7 +170,7 @@ __device__ __forceinline__ Unit DecodeUnit(const VectorArgs& a, uint32_t u, int6
 // kPrefetch units, then the block computes the rows' cos/sin into shared memory (one sincos per
 // distinct angle, shared by all heads), then threads rotate and store what they loaded.
 template<typename T, int V, bool kPlane, bool kTable>
-__global__ void __launch_bounds__(kBlockThreads) RopeVectorKernel(const VectorArgs args) {
+__global__ void __launch_bounds__(kMaxVectorThreads) RopeVectorKernel(const VectorArgs args) {
   using C = typename Compute<T>::type;
   using P = Pack<T, V>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -186,11 +189,12 @@ __global__ void __launch_bounds__(kBlockThreads) RopeVectorKernel(const VectorAr
   const T* x = static_cast<const T*>(p.x);
   T* out = static_cast<T*>(p.out);
 
-  for (uint32_t base = 0; base < units_total; base += kBlockThreads * kPrefetch) {
+  const uint32_t threads = blockDim.x;
+  for (uint32_t base = 0; base < units_total; base += threads * kPrefetch) {
     P lo[kPrefetch], hi[kPrefetch];
 #pragma unroll
     for (int q = 0; q < kPrefetch; ++q) {
-      const uint32_t u = base + q * kBlockThreads + threadIdx.x;
+      const uint32_t u = base + q * threads + threadIdx.x;
       if (u < units_total) {
         const Unit unit = DecodeUnit<V, kPlane>(args, u, row0);
         const T* xh = x + unit.x_off;
@@ -201,7 +205,7 @@ __global__ void __launch_bounds__(kBlockThreads) RopeVectorKernel(const VectorAr
     if (base == 0) {
       // cos/sin of every rotary dim of the block's rows, and the rows' output offsets.
       const int entries = kTable ? rotary : rotary / 2;
-      for (int e = threadIdx.x; e < rows_here * entries; e += kBlockThreads) {
+      for (int e = threadIdx.x; e < rows_here * entries; e += threads) {
         const int lr = e / entries;
         const int idx = e - lr * entries;
         const int64_t row = row0 + lr;
@@ -243,7 +247,7 @@ __global__ void __launch_bounds__(kBlockThreads) RopeVectorKernel(const VectorAr
         cs[k_twin] = c;
         sn[k_twin] = s;
       }
-      for (int lr = threadIdx.x; lr < rows_here; lr += kBlockThreads) {
+      for (int lr = threadIdx.x; lr < rows_here; lr += threads) {
         const int64_t row = row0 + lr;
         const int64_t b = row / p.M;
         out_row_off[lr] = b * p.out_stride_b + (row - b * p.M) * p.out_stride_m;
@@ -252,7 +256,7 @@ __global__ void __launch_bounds__(kBlockThreads) RopeVectorKernel(const VectorAr
     }
 #pragma unroll
     for (int q = 0; q < kPrefetch; ++q) {
-      const uint32_t u = base + q * kBlockThreads + threadIdx.x;
+      const uint32_t u = base + q * threads + threadIdx.x;
       if (u >= units_total) continue;
       const Unit unit = DecodeUnit<V, kPlane>(args, u, row0);
       const uint32_t lr = static_cast<uint32_t>(unit.lr);
@@ -421,9 +425,9 @@ cudaError_t Launch(const RopeParams& p, cudaStream_t stream) {
   args.units_per_head = args.rot_units + static_cast<int>((p.K - p.rotary_size) / kV);
   const int64_t units_per_row = p.H * args.units_per_head;
   const int64_t num_rows = p.B * p.M;
-  // Rows per block: enough units for every thread to prefetch kPrefetch of them, but keep at
-  // least two blocks per multiprocessor when there are few rows.
-  int64_t rows = std::max<int64_t>(1, kBlockThreads * kPrefetch / std::max<int64_t>(1, units_per_row));
+  // Rows per block: about 256 threads' worth of kPrefetch units each, but at least two blocks per
+  // multiprocessor when there are few rows. Threads: just enough for one pass over the units.
+  int64_t rows = std::max<int64_t>(1, 256 * kPrefetch / std::max<int64_t>(1, units_per_row));
   const int64_t row_bytes = std::max<int64_t>(1, 2 * sizeof(C) * p.rotary_size);
   rows = std::min<int64_t>({rows, kMaxRows, std::max<int64_t>(1, kMaxSharedBytes / row_bytes),
                             std::max<int64_t>(1, num_rows / (2 * MultiprocessorCount()))});
@@ -437,14 +441,17 @@ cudaError_t Launch(const RopeParams& p, cudaStream_t stream) {
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   const bool table = p.cos != nullptr;
   const dim3 grid(static_cast<unsigned>(blocks));
+  const int64_t units_per_block = rows * units_per_row;
+  const int64_t wanted = units_per_block <= 512 ? units_per_block : (units_per_block + kPrefetch - 1) / kPrefetch;
+  const int threads = static_cast<int>(std::min<int64_t>(kMaxVectorThreads, (wanted + 31) / 32 * 32));
   if (plane && table) {
-    RopeVectorKernel<T, kV, true, true><<<grid, kBlockThreads, smem, stream>>>(args);
+    RopeVectorKernel<T, kV, true, true><<<grid, threads, smem, stream>>>(args);
   } else if (plane) {
-    RopeVectorKernel<T, kV, true, false><<<grid, kBlockThreads, smem, stream>>>(args);
+    RopeVectorKernel<T, kV, true, false><<<grid, threads, smem, stream>>>(args);
   } else if (table) {
-    RopeVectorKernel<T, kV, false, true><<<grid, kBlockThreads, smem, stream>>>(args);
+    RopeVectorKernel<T, kV, false, true><<<grid, threads, smem, stream>>>(args);
   } else {
-    RopeVectorKernel<T, kV, false, false><<<grid, kBlockThreads, smem, stream>>>(args);
+    RopeVectorKernel<T, kV, false, false><<<grid, threads, smem, stream>>>(args);
   }
   return cudaGetLastError();
 }
