@@ -14,6 +14,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 
 #include "rope/rope_cuda.h"
 
@@ -117,7 +119,6 @@ struct FastDiv {
   }
 };
 
-constexpr int kPrefetch = 2;  // units (vector pairs) each thread loads before any math
 constexpr int kMaxVectorThreads = 512;
 constexpr int kMaxRows = 64;
 
@@ -169,7 +170,7 @@ __device__ __forceinline__ Unit DecodeUnit(const VectorArgs& a, uint32_t u, int6
 // A block handles rows_per_block consecutive (b, m) rows. Each thread first loads up to
 // kPrefetch units, then the block computes the rows' cos/sin into shared memory (one sincos per
 // distinct angle, shared by all heads), then threads rotate and store what they loaded.
-template<typename T, int V, bool kPlane, bool kTable>
+template<typename T, int V, bool kPlane, bool kTable, int kPrefetch>
 __global__ void __launch_bounds__(kMaxVectorThreads) RopeVectorKernel(const VectorArgs args) {
   using C = typename Compute<T>::type;
   using P = Pack<T, V>;
@@ -208,9 +209,9 @@ __global__ void __launch_bounds__(kMaxVectorThreads) RopeVectorKernel(const Vect
       for (int e = threadIdx.x; e < rows_here * entries; e += threads) {
         const int lr = e / entries;
         const int idx = e - lr * entries;
-        const int64_t row = row0 + lr;
-        const int64_t b = row / p.M;
-        const int64_t m = row - b * p.M;
+        const uint32_t row = static_cast<uint32_t>(row0) + lr;
+        const uint32_t b = args.div_m.Div(row);
+        const uint32_t m = row - b * static_cast<uint32_t>(p.M);
         C c, s;
         int k, k_twin;  // the dims that use this value (equal for tables: one value per dim)
         if (kTable) {
@@ -248,9 +249,9 @@ __global__ void __launch_bounds__(kMaxVectorThreads) RopeVectorKernel(const Vect
         sn[k_twin] = s;
       }
       for (int lr = threadIdx.x; lr < rows_here; lr += threads) {
-        const int64_t row = row0 + lr;
-        const int64_t b = row / p.M;
-        out_row_off[lr] = b * p.out_stride_b + (row - b * p.M) * p.out_stride_m;
+        const uint32_t row = static_cast<uint32_t>(row0) + lr;
+        const uint32_t b = args.div_m.Div(row);
+        out_row_off[lr] = b * p.out_stride_b + (row - b * static_cast<uint32_t>(p.M)) * p.out_stride_m;
       }
       __syncthreads();
     }
@@ -425,12 +426,20 @@ cudaError_t Launch(const RopeParams& p, cudaStream_t stream) {
   args.units_per_head = args.rot_units + static_cast<int>((p.K - p.rotary_size) / kV);
   const int64_t units_per_row = p.H * args.units_per_head;
   const int64_t num_rows = p.B * p.M;
-  // Rows per block: about 256 threads' worth of kPrefetch units each, but at least two blocks per
-  // multiprocessor when there are few rows. Threads: just enough for one pass over the units.
-  int64_t rows = std::max<int64_t>(1, 256 * kPrefetch / std::max<int64_t>(1, units_per_row));
+  // Launch shape (tunable through ONEFLOW_ROPE_TUNE="prefetch,units_per_block,min_blocks_per_sm"
+  // for benchmarking): each thread loads `prefetch` units before the sin/cos phase.
+  static const int* tune = [] {
+    static int t[3] = {2, 256, 2};
+    if (const char* env = std::getenv("ONEFLOW_ROPE_TUNE")) {
+      std::sscanf(env, "%d,%d,%d", &t[0], &t[1], &t[2]);
+    }
+    return t;
+  }();
+  const int prefetch = tune[0] >= 4 ? 4 : (tune[0] >= 2 ? 2 : 1);
+  int64_t rows = std::max<int64_t>(1, tune[1] / std::max<int64_t>(1, units_per_row));
   const int64_t row_bytes = std::max<int64_t>(1, 2 * sizeof(C) * p.rotary_size);
   rows = std::min<int64_t>({rows, kMaxRows, std::max<int64_t>(1, kMaxSharedBytes / row_bytes),
-                            std::max<int64_t>(1, num_rows / (2 * MultiprocessorCount()))});
+                            std::max<int64_t>(1, num_rows / (std::max(1, tune[2]) * MultiprocessorCount()))});
   args.rows_per_block = static_cast<int>(rows);
   args.div_m = FastDiv(static_cast<uint32_t>(p.M));
   args.div_row = FastDiv(static_cast<uint32_t>(units_per_row));
@@ -442,17 +451,26 @@ cudaError_t Launch(const RopeParams& p, cudaStream_t stream) {
   const bool table = p.cos != nullptr;
   const dim3 grid(static_cast<unsigned>(blocks));
   const int64_t units_per_block = rows * units_per_row;
-  const int64_t wanted = units_per_block <= 512 ? units_per_block : (units_per_block + kPrefetch - 1) / kPrefetch;
+  const int64_t wanted = (units_per_block + prefetch - 1) / prefetch;
   const int threads = static_cast<int>(std::min<int64_t>(kMaxVectorThreads, (wanted + 31) / 32 * 32));
-  if (plane && table) {
-    RopeVectorKernel<T, kV, true, true><<<grid, threads, smem, stream>>>(args);
-  } else if (plane) {
-    RopeVectorKernel<T, kV, true, false><<<grid, threads, smem, stream>>>(args);
-  } else if (table) {
-    RopeVectorKernel<T, kV, false, true><<<grid, threads, smem, stream>>>(args);
-  } else {
-    RopeVectorKernel<T, kV, false, false><<<grid, threads, smem, stream>>>(args);
+#define ROPE_LAUNCH(PF)                                                                         \
+  if (plane && table) {                                                                         \
+    RopeVectorKernel<T, kV, true, true, PF><<<grid, threads, smem, stream>>>(args);             \
+  } else if (plane) {                                                                           \
+    RopeVectorKernel<T, kV, true, false, PF><<<grid, threads, smem, stream>>>(args);            \
+  } else if (table) {                                                                           \
+    RopeVectorKernel<T, kV, false, true, PF><<<grid, threads, smem, stream>>>(args);            \
+  } else {                                                                                      \
+    RopeVectorKernel<T, kV, false, false, PF><<<grid, threads, smem, stream>>>(args);           \
   }
+  if (prefetch == 4) {
+    ROPE_LAUNCH(4)
+  } else if (prefetch == 2) {
+    ROPE_LAUNCH(2)
+  } else {
+    ROPE_LAUNCH(1)
+  }
+#undef ROPE_LAUNCH
   return cudaGetLastError();
 }
 
