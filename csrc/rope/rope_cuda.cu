@@ -426,8 +426,10 @@ cudaError_t Launch(const RopeParams& p, cudaStream_t stream) {
   args.units_per_head = args.rot_units + static_cast<int>((p.K - p.rotary_size) / kV);
   const int64_t units_per_row = p.H * args.units_per_head;
   const int64_t num_rows = p.B * p.M;
-  // Launch shape (tunable through ONEFLOW_ROPE_TUNE="prefetch,units_per_block,min_blocks_per_sm"
-  // for benchmarking): each thread loads `prefetch` units before the sin/cos phase.
+  // Launch shape: each thread loads `prefetch` units before the sin/cos phase (an interval unit is
+  // one vector, a plane rotary unit two: interval prefetches twice as many, for the same bytes in
+  // flight); blocks cover about 256 units. Chosen with bench/sweep_launch.py on an H100, which
+  // overrides them through ONEFLOW_ROPE_TUNE="plane_prefetch,units_per_block,min_blocks_per_sm".
   static const int* tune = [] {
     static int t[3] = {2, 256, 2};
     if (const char* env = std::getenv("ONEFLOW_ROPE_TUNE")) {
@@ -435,7 +437,8 @@ cudaError_t Launch(const RopeParams& p, cudaStream_t stream) {
     }
     return t;
   }();
-  const int prefetch = tune[0] >= 4 ? 4 : (tune[0] >= 2 ? 2 : 1);
+  const int plane_prefetch = tune[0] >= 4 ? 4 : (tune[0] >= 2 ? 2 : 1);
+  const int prefetch = plane ? plane_prefetch : std::min(4, 2 * plane_prefetch);
   int64_t rows = std::max<int64_t>(1, tune[1] / std::max<int64_t>(1, units_per_row));
   const int64_t row_bytes = std::max<int64_t>(1, 2 * sizeof(C) * p.rotary_size);
   rows = std::min<int64_t>({rows, kMaxRows, std::max<int64_t>(1, kMaxSharedBytes / row_bytes),
