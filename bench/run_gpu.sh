@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Builds the raw (OneFlow-free) binding with the CUDA kernels and runs, in one go, on a GPU machine
 # with PyTorch: the GPU test bench, compute-sanitizer memcheck and racecheck over a subset, and the
-# benchmark. Results go to $OUT (default bench/results). Used through the device tool as
+# benchmark. Results go to $OUT (default bench/results/latest). Used through the device tool as
 #   bash bench/run_gpu.sh            (carry .whl for liger-kernel / torchtune wheels, if present)
 # Steps can be chosen: STEPS="check memcheck racecheck bench" (default: all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/results}
+OUT=${OUT:-bench/results/latest}
 STEPS=${STEPS:-"check memcheck racecheck bench"}
 ARCH=${ARCH:-90}
 mkdir -p "$OUT"

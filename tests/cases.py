@@ -106,7 +106,11 @@ def make_inputs(case: Case, B: int = 2, M: int = 5, H: int = 3, K: int = 16,
         kwargs["output_layout"] = case.output_layout
     rows = M + 4
     if case.table:
-        angle = rng.uniform(-np.pi, np.pi, (rows, part))
+        # a real RoPE table: the two dims of a rotated pair share one angle (so the rotation is
+        # orthogonal and its gradient is the rotation by the negated angle)
+        j = np.arange(part)
+        pair = j % (part // 2) if case.mode == "plane" else j // 2
+        angle = rng.uniform(-np.pi, np.pi, (rows, part // 2))[:, pair]
         arrays["cos"] = round_to_dtype(np.cos(angle), case.dtype)
         arrays["sin"] = round_to_dtype(np.sin(angle), case.dtype)
     if case.positions != "none":
