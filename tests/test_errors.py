@@ -1,0 +1,141 @@
+"""One test per rule of SPEC.md that a call can break: the exception type, and a message that names
+the argument (and the value given). Then the same rules as the op's own inference enforces them
+for calls that bypass the Python layer."""
+
+from __future__ import annotations
+
+import numpy as np
+import oneflow as flow
+import pytest
+
+import oneflow_rope
+from oneflow_rope import _C
+from oneflow_rope.ops import _op_expr
+
+rope = oneflow_rope.fused_apply_rotary_emb
+
+
+def x4(*shape, dtype=flow.float32):
+    return flow.zeros(*(shape or (2, 5, 3, 16)), dtype=dtype)
+
+
+def table(rows=5, width=16, dtype=flow.float32):
+    return flow.zeros(rows, width, dtype=dtype), flow.zeros(rows, width, dtype=dtype)
+
+
+ERROR_CASES = [
+    # (id, call, exception, words the message must contain)
+    ("x-not-tensor", lambda: rope(np.zeros((2, 5, 3, 16))), TypeError, ["x", "ndarray"]),
+    ("x-int-dtype", lambda: rope(x4(dtype=flow.int32)), TypeError, ["x", "int32"]),
+    ("layout-unknown", lambda: rope(x4(), layout="BXHK"), ValueError, ["layout", "BXHK"]),
+    ("layout-not-str", lambda: rope(x4(), layout=3), TypeError, ["layout", "3"]),
+    ("layout-alias-conflict", lambda: rope(x4(), layout="BMHK", x_layout="BHMK"), ValueError,
+     ["layout", "BHMK"]),
+    ("x-ndim", lambda: rope(flow.zeros(2, 5, 48), layout="BMHK"), ValueError, ["x", "BMHK", "4-D"]),
+    ("output-layout-unknown", lambda: rope(x4(), output_layout="HKMB"), ValueError,
+     ["output_layout", "HKMB"]),
+    ("output-layout-packed", lambda: rope(x4(), output_layout="BM(H3K)"), ValueError,
+     ["output_layout", "BM(H3K)"]),
+    ("mode", lambda: rope(x4(), mode="rotate"), ValueError, ["mode", "rotate"]),
+    ("tensor-index-zero-h2k", lambda: rope(flow.zeros(2, 5, 3 * 2 * 16), layout="BM(H2K)", k_size=16,
+                                          tensor_index=0), ValueError, ["tensor_index", "0"]),
+    ("tensor-index-h3k", lambda: rope(flow.zeros(2, 5, 3 * 3 * 16), layout="BM(H3K)", k_size=16,
+                                      tensor_index=3), ValueError, ["tensor_index", "3"]),
+    ("tensor-index-unpacked", lambda: rope(x4(), tensor_index=1), ValueError, ["tensor_index", "1"]),
+    ("k-size-missing", lambda: rope(flow.zeros(2, 5, 48), layout="BM(HK)"), ValueError, ["k_size"]),
+    ("k-size-missing-with-rotary-size", lambda: rope(flow.zeros(2, 5, 48), *table(width=8), layout="BM(HK)",
+                                                     rotary_size=8), ValueError, ["k_size"]),
+    ("k-size-not-dividing", lambda: rope(flow.zeros(2, 5, 48), layout="BM(HK)", k_size=10), ValueError,
+     ["k_size", "10", "48"]),
+    ("k-size-mismatch-4d", lambda: rope(x4(), k_size=8), ValueError, ["k_size", "8", "16"]),
+    ("k-size-not-int", lambda: rope(flow.zeros(2, 5, 48), layout="BM(HK)", k_size=16.0), TypeError,
+     ["k_size", "16.0"]),
+    ("rotary-size-too-big", lambda: rope(x4(), rotary_size=32), ValueError, ["rotary_size", "32", "16"]),
+    ("rotary-size-odd", lambda: rope(x4(), rotary_size=7), ValueError, ["rotary_size", "7"]),
+    ("rotary-size-2d-odd-part", lambda: rope(x4(), position_ids=flow.zeros(2, 2, 5, dtype=flow.int64),
+                                             rotary_size=6), ValueError, ["rotary_size", "6"]),
+    ("rotary-size-zero", lambda: rope(x4(), rotary_size=0), ValueError, ["rotary_size", "0"]),
+    ("cos-without-sin", lambda: rope(x4(), table()[0]), ValueError, ["cos", "sin"]),
+    ("cos-dtype", lambda: rope(x4(), *table(dtype=flow.float64)), TypeError, ["cos", "float64"]),
+    ("cos-width", lambda: rope(x4(), *table(width=12)), ValueError, ["cos", "12", "16"]),
+    ("cos-ndim", lambda: rope(x4(), flow.zeros(5, 16, 1), flow.zeros(5, 16, 1)), ValueError, ["cos", "2-D"]),
+    ("sin-shape", lambda: rope(x4(), flow.zeros(5, 16), flow.zeros(6, 16)), ValueError, ["sin", "(6, 16)"]),
+    ("table-too-short", lambda: rope(x4(), *table(rows=4)), ValueError, ["cos", "4", "M=5"]),
+    ("position-ids-dtype", lambda: rope(x4(), position_ids=flow.zeros(2, 1, 5)), TypeError,
+     ["position_ids", "float32"]),
+    ("position-ids-shape", lambda: rope(x4(), position_ids=flow.zeros(2, 1, 4, dtype=flow.int64)), ValueError,
+     ["position_ids", "(2, 1, 4)"]),
+    ("position-ids-rotary-dim-3", lambda: rope(x4(), position_ids=flow.zeros(2, 3, 5, dtype=flow.int64)),
+     ValueError, ["position_ids", "(2, 3, 5)"]),
+    ("position-outside-table", lambda: rope(x4(), *table(rows=8),
+                                            position_ids=flow.tensor(np.full((2, 1, 5), 8), dtype=flow.int64)),
+     ValueError, ["position_ids", "8", "[0, 8)"]),
+    ("position-negative", lambda: rope(x4(), *table(rows=8),
+                                       position_ids=flow.tensor(np.full((2, 1, 5), -1), dtype=flow.int32)),
+     ValueError, ["position_ids", "-1"]),
+    ("base-zero", lambda: rope(x4(), base=0.0), ValueError, ["base", "0.0"]),
+    ("base-nan", lambda: rope(x4(), base=float("nan")), ValueError, ["base", "nan"]),
+    ("placement-mismatch", lambda: rope(x4(), *[t.to_global(placement=flow.placement("cpu", ranks=[0]),
+                                                          sbp=flow.sbp.broadcast) for t in table()]),
+     ValueError, ["cos"]),
+]
+
+
+@pytest.mark.parametrize("call,exc,words", [c[1:] for c in ERROR_CASES], ids=[c[0] for c in ERROR_CASES])
+def test_python_layer_rejects(call, exc, words):
+    with pytest.raises(exc) as info:
+        call()
+    message = str(info.value)
+    for word in words:
+        assert word in message, f"{word!r} not in {message!r}"
+
+
+def direct(inputs, x_layout="BMHK", output_layout="BMHK", mode="plane", tensor_index=0, k_size=16,
+           rotary_size=16, base=10000.0):
+    """Calls the op without the Python layer's checks."""
+    has_table = len(inputs) >= 3
+    has_pos = len(inputs) in (2, 4)
+    return _C.apply(_op_expr("fused_apply_rotary_emb", "x", "out", has_table, has_pos), inputs, x_layout,
+                    output_layout, mode, tensor_index, k_size, rotary_size, base)
+
+
+DIRECT_CASES = [
+    ("layout", lambda: direct([x4()], x_layout="BXHK"), ["layout", "BXHK"]),
+    ("output-layout", lambda: direct([x4()], output_layout="BM(H3K)"), ["output_layout"]),
+    ("mode", lambda: direct([x4()], mode="spiral"), ["mode", "spiral"]),
+    ("rotary-size", lambda: direct([x4()], rotary_size=18), ["rotary_size", "18"]),
+    ("k-size", lambda: direct([x4()], k_size=8), ["k_size", "8"]),
+    ("tensor-index", lambda: direct([flow.zeros(2, 5, 96)], x_layout="BM(H2K)", output_layout="BM(HK)",
+                                    tensor_index=0), ["tensor_index", "0"]),
+    ("table-width", lambda: direct([x4(), *table(width=8)]), ["cos", "(5, 8)"]),
+    ("table-rows", lambda: direct([x4(), *table(rows=3)]), ["cos", "3"]),
+    ("table-dtype", lambda: direct([x4(), *table(dtype=flow.float64)]), ["cos", "kDouble"]),
+    ("position-shape", lambda: direct([x4(), flow.zeros(2, 1, 4, dtype=flow.int64)]), ["position_ids"]),
+    ("position-dtype", lambda: direct([x4(), flow.zeros(2, 1, 5)]), ["position_ids", "kFloat"]),
+    ("x-dtype", lambda: direct([x4(dtype=flow.int64)]), ["x", "kInt64"]),
+]
+
+
+@pytest.mark.parametrize("call,words", [c[1:] for c in DIRECT_CASES], ids=[c[0] for c in DIRECT_CASES])
+def test_op_inference_rejects_direct_calls(call, words):
+    with pytest.raises(RuntimeError) as info:
+        call()
+    message = str(info.value)
+    for word in words:
+        assert word in message, f"{word!r} not in {message[:500]!r}"
+
+
+def test_positions_outside_table_in_graph_give_nan_not_a_crash():
+    """Inside nn.Graph positions are not known when the graph is built: the kernel reads nothing
+    outside the table and writes NaN for those rows (eager calls raise, see above)."""
+    x = flow.ones(1, 3, 2, 8)
+    cos, sin = flow.ones(4, 8), flow.zeros(4, 8)
+    pos = flow.tensor(np.array([[[0, 4, -7]]]), dtype=flow.int64)
+
+    class G(flow.nn.Graph):
+        def build(self, x, cos, sin, pos):
+            return rope(x, cos, sin, pos)
+
+    out = G()(x, cos, sin, pos).numpy()
+    assert np.all(out[0, 0] == 1)
+    assert np.all(np.isnan(out[0, 1])) and np.all(np.isnan(out[0, 2]))

@@ -1,0 +1,40 @@
+"""Global tensors on 2 CPU ranks: x split on B or on H, eager and nn.Graph, keeps the split and
+matches the single-rank reference (tests/global_worker.py does the checks on each rank)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_split_on_batch_and_heads():
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2",
+                   RANK=str(rank), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "global_worker.py")], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        outputs.append(out)
+    report = "\n".join(line for line in outputs[0].splitlines() if line[:4] in ("ok  ", "FAIL"))
+    print(report)
+    assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-2000:]
+    assert report.count("ok  ") == 3 * 7 and "FAIL" not in report
