@@ -1,5 +1,5 @@
 """Sweeps the vector kernel's launch shape (ONEFLOW_ROPE_TUNE="prefetch,units_per_block,
-min_blocks_per_sm") over a few representative calls; one process per setting.
+min_blocks_per_sm,direct_max_rows") over a few representative calls; one process per setting.
 
     python bench/sweep_launch.py --build build-gpu
 """
@@ -7,7 +7,6 @@ min_blocks_per_sm") over a few representative calls; one process per setting.
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import statistics
 import subprocess
@@ -24,6 +23,10 @@ CONFIGS = [  # (shape, dtype, layout, mode, variant)
     ((1, 1, 32, 128), "float16", "BMHK", "plane", "base"),
     ((8, 1, 32, 128), "float16", "BMHK", "plane", "table"),
 ]
+
+
+SETTINGS = ["2,256,2,0", "2,256,2,64", "1,256,2,64", "4,256,2,64", "2,512,2,64", "2,128,2,64", "2,256,1,64",
+            "2,256,4,64", "2,256,2,4096", "2,256,2,1000000"]
 
 
 def worker(build: str) -> None:
@@ -81,8 +84,7 @@ def main() -> int:
     print("# rows: ONEFLOW_ROPE_TUNE; columns: each config's GPU us (fraction of copy)")
     for i, c in enumerate(CONFIGS):
         print(f"# c{i}: {c}")
-    for pf, units, minb in itertools.product((1, 2, 4), (256, 512, 1024, 2048), (2,)):
-        tune = f"{pf},{units},{minb}"
+    for tune in SETTINGS:
         res = subprocess.run([sys.executable, __file__, "--worker", "--build", args.build],
                              env=dict(os.environ, ONEFLOW_ROPE_TUNE=tune), capture_output=True, text=True)
         if res.returncode != 0:

@@ -127,20 +127,25 @@ struct VectorArgs {
   Theta theta;
   int rows_per_block;
   int units_per_head;   // rotary units + pass-through units
-  int rot_units;        // per head
-  int chunks_per_part;  // rotary units per rotary part: plane (A/2)/V, interval A/V
+  int rot_units;        // rotary units per head
+  int units_per_part;   // rotary units per rotary part
+  int chunks_per_part;  // vectors of V elements per rotary part
+  int pass_chunks;      // vectors of V elements after rotary_size
   FastDiv div_m;        // by M: row -> (b, m)
   FastDiv div_row;      // by units per row
   FastDiv div_head;     // by units per head
-  FastDiv div_chunks;   // by chunks_per_part
+  FastDiv div_part;     // by units_per_part
 };
 
-// Where one unit of V elements (and, for plane rotary units, its partner V elements) lives.
+// A unit is two vectors of V elements (the second may be absent at the end of a region), so every
+// thread moves the same bytes: plane rotary units hold a vector of the part's first half and its
+// partner vector A/2 further; interval rotary and pass-through units hold two neighbouring vectors.
 struct Unit {
-  int lr;         // row within the block
-  int k0;         // first element
+  int lr;          // row within the block
+  int k0, k1;      // first element of each vector; k1 < 0 when there is no second vector
   bool rotary;
-  int64_t x_off;  // element offset of the row's head in x
+  int64_t x_off;   // element offset of the row's head in x
+  uint32_t b, m;   // the row's batch and sequence index
 };
 
 template<int V, bool kPlane>
@@ -155,22 +160,66 @@ __device__ __forceinline__ Unit DecodeUnit(const VectorArgs& a, uint32_t u, int6
   const uint32_t b = a.div_m.Div(row);
   const uint32_t m = row - b * static_cast<uint32_t>(p.M);
   unit.lr = static_cast<int>(lr);
+  unit.b = b;
+  unit.m = m;
   unit.x_off = b * p.x_stride_b + m * p.x_stride_m + h * p.x_stride_h;
   unit.rotary = w < static_cast<uint32_t>(a.rot_units);
   if (unit.rotary) {
-    const uint32_t r = a.div_chunks.Div(w);
+    const uint32_t r = a.div_part.Div(w);
     const int part = static_cast<int>(p.rotary_size / p.rotary_dim);
-    unit.k0 = static_cast<int>(r) * part + static_cast<int>(w - r * a.chunks_per_part) * V;
+    const int c = static_cast<int>(w - r * a.units_per_part);
+    if (kPlane) {
+      unit.k0 = static_cast<int>(r) * part + c * V;
+      unit.k1 = unit.k0 + part / 2;
+    } else {
+      unit.k0 = static_cast<int>(r) * part + 2 * c * V;
+      unit.k1 = 2 * c + 1 < a.chunks_per_part ? unit.k0 + V : -1;
+    }
   } else {
-    unit.k0 = static_cast<int>(p.rotary_size) + static_cast<int>(w - a.rot_units) * V;
+    const int c = static_cast<int>(w - a.rot_units);
+    unit.k0 = static_cast<int>(p.rotary_size) + 2 * c * V;
+    unit.k1 = 2 * c + 1 < a.pass_chunks ? unit.k0 + V : -1;
   }
   return unit;
 }
 
+// cos and sin (sin negated for the backward) of rotary dim k of row (b, m).
+template<typename T, typename C, bool kPlane, bool kTable>
+__device__ __forceinline__ void SinCosAt(const VectorArgs& args, uint32_t b, uint32_t m, int k, C* c, C* s) {
+  const RopeParams& p = args.p;
+  const int part = static_cast<int>(p.rotary_size / p.rotary_dim);
+  const int r = k / part;
+  const int j = k - r * part;
+  const int64_t pos = LoadPosition(p, b, r, m);
+  if (kTable) {
+    if (pos >= 0 && pos < p.table_rows) {
+      const int64_t t = pos * p.table_row_stride + j * p.table_col_stride;
+      *c = static_cast<C>(ToCompute(static_cast<const T*>(p.cos)[t]));
+      *s = static_cast<C>(ToCompute(static_cast<const T*>(p.sin)[t]));
+    } else {
+      *c = *s = static_cast<C>(NAN);
+    }
+  } else {
+    const int i = kPlane ? (j % (part / 2)) : (j / 2);
+    if constexpr (sizeof(C) == 8) {
+      AngleSinCosDouble(pos, pow(p.base, -2.0 * i / part), reinterpret_cast<double*>(s),
+                        reinterpret_cast<double*>(c));
+    } else {
+      AngleSinCos(pos, args.theta.hi[i], args.theta.lo[i], reinterpret_cast<float*>(s),
+                  reinterpret_cast<float*>(c));
+    }
+  }
+  if (p.inverse) *s = -*s;
+}
+
 // A block handles rows_per_block consecutive (b, m) rows. Each thread first loads up to
-// kPrefetch units, then the block computes the rows' cos/sin into shared memory (one sincos per
-// distinct angle, shared by all heads), then threads rotate and store what they loaded.
-template<typename T, int V, bool kPlane, bool kTable, int kPrefetch>
+// kPrefetch units. Then, unless kDirect, the block computes the rows' cos/sin into shared memory
+// (one sincos per distinct angle, shared by all heads) and threads rotate and store what they
+// loaded. With kDirect (few rows: latency matters more than arithmetic) each thread computes the
+// cos/sin of its own units and no barrier stands between the loads and the stores.
+// With computed angles, a plane dim and its partner share one value, and so do the two dims of an
+// interval pair: only the first of each is computed, stored and read.
+template<typename T, int V, bool kPlane, bool kTable, int kPrefetch, bool kDirect>
 __global__ void __launch_bounds__(kMaxVectorThreads) RopeVectorKernel(const VectorArgs args) {
   using C = typename Compute<T>::type;
   using P = Pack<T, V>;
@@ -200,11 +249,12 @@ __global__ void __launch_bounds__(kMaxVectorThreads) RopeVectorKernel(const Vect
         const Unit unit = DecodeUnit<V, kPlane>(args, u, row0);
         const T* xh = x + unit.x_off;
         lo[q] = *reinterpret_cast<const P*>(xh + unit.k0);
-        if (kPlane && unit.rotary) hi[q] = *reinterpret_cast<const P*>(xh + unit.k0 + half);
+        if (unit.k1 >= 0) hi[q] = *reinterpret_cast<const P*>(xh + unit.k1);
       }
     }
-    if (base == 0) {
-      // cos/sin of every rotary dim of the block's rows, and the rows' output offsets.
+    if (!kDirect && base == 0) {
+      // cos/sin of the block's rows (computed angles: the first dim of each pair only) and the
+      // rows' output offsets.
       const int entries = kTable ? rotary : rotary / 2;
       for (int e = threadIdx.x; e < rows_here * entries; e += threads) {
         const int lr = e / entries;
@@ -212,41 +262,13 @@ __global__ void __launch_bounds__(kMaxVectorThreads) RopeVectorKernel(const Vect
         const uint32_t row = static_cast<uint32_t>(row0) + lr;
         const uint32_t b = args.div_m.Div(row);
         const uint32_t m = row - b * static_cast<uint32_t>(p.M);
-        C c, s;
-        int k, k_twin;  // the dims that use this value (equal for tables: one value per dim)
-        if (kTable) {
-          k = k_twin = idx;
-          const int r = k / part;
-          const int j = k - r * part;
-          const int64_t pos = LoadPosition(p, b, r, m);
-          if (pos >= 0 && pos < p.table_rows) {
-            const int64_t t = pos * p.table_row_stride + j * p.table_col_stride;
-            c = static_cast<C>(ToCompute(static_cast<const T*>(p.cos)[t]));
-            s = static_cast<C>(ToCompute(static_cast<const T*>(p.sin)[t]));
-          } else {
-            c = s = static_cast<C>(NAN);
-          }
-        } else {
+        int k = idx;
+        if (!kTable) {
           const int r = idx / half;
           const int i = idx - r * half;
           k = r * part + (kPlane ? i : 2 * i);
-          k_twin = kPlane ? k + half : k + 1;
-          const int64_t pos = LoadPosition(p, b, r, m);
-          if constexpr (sizeof(C) == 8) {
-            AngleSinCosDouble(pos, pow(p.base, -2.0 * i / part), reinterpret_cast<double*>(&s),
-                              reinterpret_cast<double*>(&c));
-          } else {
-            AngleSinCos(pos, args.theta.hi[i], args.theta.lo[i], reinterpret_cast<float*>(&s),
-                        reinterpret_cast<float*>(&c));
-          }
         }
-        if (p.inverse) s = -s;
-        C* cs = cos_s + lr * rotary;
-        C* sn = sin_s + lr * rotary;
-        cs[k] = c;
-        sn[k] = s;
-        cs[k_twin] = c;
-        sn[k_twin] = s;
+        SinCosAt<T, C, kPlane, kTable>(args, b, m, k, cos_s + lr * rotary + k, sin_s + lr * rotary + k);
       }
       for (int lr = threadIdx.x; lr < rows_here; lr += threads) {
         const uint32_t row = static_cast<uint32_t>(row0) + lr;
@@ -263,41 +285,75 @@ __global__ void __launch_bounds__(kMaxVectorThreads) RopeVectorKernel(const Vect
       const uint32_t lr = static_cast<uint32_t>(unit.lr);
       const uint32_t w_row = u - lr * static_cast<uint32_t>(p.H) * args.units_per_head;
       const uint32_t h = args.div_head.Div(w_row);
-      T* oh = out + out_row_off[unit.lr] + static_cast<int64_t>(h) * p.out_stride_h;
+      int64_t row_off;
+      if (kDirect) {
+        row_off = unit.b * p.out_stride_b + unit.m * p.out_stride_m;
+      } else {
+        row_off = out_row_off[unit.lr];
+      }
+      T* oh = out + row_off + static_cast<int64_t>(h) * p.out_stride_h;
       const int k0 = unit.k0;
+      const int k1 = unit.k1;
       if (!unit.rotary) {
         *reinterpret_cast<P*>(oh + k0) = lo[q];
+        if (k1 >= 0) *reinterpret_cast<P*>(oh + k1) = hi[q];
         continue;
       }
-      const C* cs = cos_s + unit.lr * rotary;
-      const C* sn = sin_s + unit.lr * rotary;
+      auto sincos_at = [&](int k, C* c, C* s) {
+        if (kDirect) {
+          SinCosAt<T, C, kPlane, kTable>(args, unit.b, unit.m, k, c, s);
+        } else {
+          *c = cos_s[unit.lr * rotary + k];
+          *s = sin_s[unit.lr * rotary + k];
+        }
+      };
       if (kPlane) {
-        const int k1 = k0 + half;
         P oa, oz;
 #pragma unroll
         for (int t = 0; t < V; ++t) {
+          C ca, sa, cz, sz;
+          sincos_at(k0 + t, &ca, &sa);
+          if (kTable) {
+            sincos_at(k1 + t, &cz, &sz);
+          } else {
+            cz = ca;
+            sz = sa;
+          }
           const C xa = static_cast<C>(ToCompute(lo[q].v[t]));
           const C xz = static_cast<C>(ToCompute(hi[q].v[t]));
-          oa.v[t] = Round<T, C>(xa * cs[k0 + t] - xz * sn[k0 + t]);
-          oz.v[t] = Round<T, C>(xz * cs[k1 + t] + xa * sn[k1 + t]);
+          oa.v[t] = Round<T, C>(xa * ca - xz * sa);
+          oz.v[t] = Round<T, C>(xz * cz + xa * sz);
         }
         *reinterpret_cast<P*>(oh + k0) = oa;
         *reinterpret_cast<P*>(oh + k1) = oz;
       } else {
-        P o;
 #pragma unroll
-        for (int t = 0; t < V; t += 2) {
-          const C x0 = static_cast<C>(ToCompute(lo[q].v[t]));
-          const C x1 = static_cast<C>(ToCompute(lo[q].v[t + 1]));
-          o.v[t] = Round<T, C>(x0 * cs[k0 + t] - x1 * sn[k0 + t]);
-          o.v[t + 1] = Round<T, C>(x1 * cs[k0 + t + 1] + x0 * sn[k0 + t + 1]);
+        for (int vec = 0; vec < 2; ++vec) {
+          const int k = vec == 0 ? k0 : k1;
+          if (k < 0) break;
+          const P& in = vec == 0 ? lo[q] : hi[q];
+          P o;
+#pragma unroll
+          for (int t = 0; t < V; t += 2) {
+            C c0, s0, c1, s1;
+            sincos_at(k + t, &c0, &s0);
+            if (kTable) {
+              sincos_at(k + t + 1, &c1, &s1);
+            } else {
+              c1 = c0;
+              s1 = s0;
+            }
+            const C x0 = static_cast<C>(ToCompute(in.v[t]));
+            const C x1 = static_cast<C>(ToCompute(in.v[t + 1]));
+            o.v[t] = Round<T, C>(x0 * c0 - x1 * s0);
+            o.v[t + 1] = Round<T, C>(x1 * c1 + x0 * s1);
+          }
+          *reinterpret_cast<P*>(oh + k) = o;
         }
-        *reinterpret_cast<P*>(oh + k0) = o;
       }
     }
   }
 }
-
 
 // One element per thread; any strides; angles in double. Used when the vector kernel's
 // conditions (alignment, sizes, shared memory) do not hold.
@@ -421,24 +477,24 @@ cudaError_t Launch(const RopeParams& p, cudaStream_t stream) {
     }
   }
   const bool plane = p.mode == Mode::kPlane;
-  args.chunks_per_part = static_cast<int>((plane ? half : part) / kV);
-  args.rot_units = static_cast<int>(p.rotary_dim * args.chunks_per_part);
-  args.units_per_head = args.rot_units + static_cast<int>((p.K - p.rotary_size) / kV);
+  args.chunks_per_part = static_cast<int>(part / kV);
+  args.units_per_part = plane ? static_cast<int>(half / kV) : (args.chunks_per_part + 1) / 2;
+  args.rot_units = static_cast<int>(p.rotary_dim) * args.units_per_part;
+  args.pass_chunks = static_cast<int>((p.K - p.rotary_size) / kV);
+  args.units_per_head = args.rot_units + (args.pass_chunks + 1) / 2;
   const int64_t units_per_row = p.H * args.units_per_head;
   const int64_t num_rows = p.B * p.M;
-  // Launch shape: each thread loads `prefetch` units before the sin/cos phase (an interval unit is
-  // one vector, a plane rotary unit two: interval prefetches twice as many, for the same bytes in
-  // flight); blocks cover about 256 units. Chosen with bench/sweep_launch.py on an H100, which
-  // overrides them through ONEFLOW_ROPE_TUNE="plane_prefetch,units_per_block,min_blocks_per_sm".
+  // Launch shape: each thread loads `prefetch` units (two vectors each) before the sin/cos phase;
+  // blocks cover about 256 units. Chosen with bench/sweep_launch.py on an H100, which overrides it
+  // through ONEFLOW_ROPE_TUNE="prefetch,units_per_block,min_blocks_per_sm,direct_max_rows".
   static const int* tune = [] {
-    static int t[3] = {2, 256, 2};
+    static int t[4] = {2, 256, 2, 64};
     if (const char* env = std::getenv("ONEFLOW_ROPE_TUNE")) {
-      std::sscanf(env, "%d,%d,%d", &t[0], &t[1], &t[2]);
+      std::sscanf(env, "%d,%d,%d,%d", &t[0], &t[1], &t[2], &t[3]);
     }
     return t;
   }();
-  const int plane_prefetch = tune[0] >= 4 ? 4 : (tune[0] >= 2 ? 2 : 1);
-  const int prefetch = plane ? plane_prefetch : std::min(4, 2 * plane_prefetch);
+  const int prefetch = tune[0] >= 4 ? 4 : (tune[0] >= 2 ? 2 : 1);
   int64_t rows = std::max<int64_t>(1, tune[1] / std::max<int64_t>(1, units_per_row));
   const int64_t row_bytes = std::max<int64_t>(1, 2 * sizeof(C) * p.rotary_size);
   rows = std::min<int64_t>({rows, kMaxRows, std::max<int64_t>(1, kMaxSharedBytes / row_bytes),
@@ -447,31 +503,35 @@ cudaError_t Launch(const RopeParams& p, cudaStream_t stream) {
   args.div_m = FastDiv(static_cast<uint32_t>(p.M));
   args.div_row = FastDiv(static_cast<uint32_t>(units_per_row));
   args.div_head = FastDiv(static_cast<uint32_t>(args.units_per_head));
-  args.div_chunks = FastDiv(static_cast<uint32_t>(std::max(1, args.chunks_per_part)));
+  args.div_part = FastDiv(static_cast<uint32_t>(std::max(1, args.units_per_part)));
   const int64_t blocks = (num_rows + rows - 1) / rows;
-  const size_t smem = static_cast<size_t>(rows * 2 * sizeof(C) * p.rotary_size);
+  // Few rows: each thread computes its own cos/sin (no barrier between loads and stores).
+  const bool direct = num_rows <= tune[3];
+  const size_t smem = direct ? 0 : static_cast<size_t>(rows * 2 * sizeof(C) * p.rotary_size);
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   const bool table = p.cos != nullptr;
   const dim3 grid(static_cast<unsigned>(blocks));
   const int64_t units_per_block = rows * units_per_row;
   const int64_t wanted = (units_per_block + prefetch - 1) / prefetch;
   const int threads = static_cast<int>(std::min<int64_t>(kMaxVectorThreads, (wanted + 31) / 32 * 32));
-#define ROPE_LAUNCH(PF)                                                                         \
-  if (plane && table) {                                                                         \
-    RopeVectorKernel<T, kV, true, true, PF><<<grid, threads, smem, stream>>>(args);             \
-  } else if (plane) {                                                                           \
-    RopeVectorKernel<T, kV, true, false, PF><<<grid, threads, smem, stream>>>(args);            \
-  } else if (table) {                                                                           \
-    RopeVectorKernel<T, kV, false, true, PF><<<grid, threads, smem, stream>>>(args);            \
-  } else {                                                                                      \
-    RopeVectorKernel<T, kV, false, false, PF><<<grid, threads, smem, stream>>>(args);           \
+#define ROPE_LAUNCH(PF, DIRECT)                                                                  \
+  if (plane && table) {                                                                          \
+    RopeVectorKernel<T, kV, true, true, PF, DIRECT><<<grid, threads, smem, stream>>>(args);      \
+  } else if (plane) {                                                                            \
+    RopeVectorKernel<T, kV, true, false, PF, DIRECT><<<grid, threads, smem, stream>>>(args);     \
+  } else if (table) {                                                                            \
+    RopeVectorKernel<T, kV, false, true, PF, DIRECT><<<grid, threads, smem, stream>>>(args);     \
+  } else {                                                                                       \
+    RopeVectorKernel<T, kV, false, false, PF, DIRECT><<<grid, threads, smem, stream>>>(args);    \
   }
-  if (prefetch == 4) {
-    ROPE_LAUNCH(4)
+  if (direct) {
+    ROPE_LAUNCH(1, true)
+  } else if (prefetch == 4) {
+    ROPE_LAUNCH(4, false)
   } else if (prefetch == 2) {
-    ROPE_LAUNCH(2)
+    ROPE_LAUNCH(2, false)
   } else {
-    ROPE_LAUNCH(1)
+    ROPE_LAUNCH(1, false)
   }
 #undef ROPE_LAUNCH
   return cudaGetLastError();
