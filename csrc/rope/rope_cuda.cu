@@ -138,14 +138,14 @@ struct VectorArgs {
 };
 
 // A unit is two vectors of V elements (the second may be absent at the end of a region), so every
-// thread moves the same bytes: plane rotary units hold a vector of the part's first half and its
-// partner vector A/2 further; interval rotary and pass-through units hold two neighbouring vectors.
+// thread moves the same bytes: a vector of the first half of a rotary part and the vector A/2
+// further (plane partners; for interval, whole pairs in each), or two vectors of the pass-through
+// dims half that region apart. Neighbouring threads then read neighbouring vectors.
 struct Unit {
   int lr;          // row within the block
   int k0, k1;      // first element of each vector; k1 < 0 when there is no second vector
   bool rotary;
   int64_t x_off;   // element offset of the row's head in x
-  uint32_t b, m;   // the row's batch and sequence index
 };
 
 template<int V, bool kPlane>
@@ -160,15 +160,15 @@ __device__ __forceinline__ Unit DecodeUnit(const VectorArgs& a, uint32_t u, int6
   const uint32_t b = a.div_m.Div(row);
   const uint32_t m = row - b * static_cast<uint32_t>(p.M);
   unit.lr = static_cast<int>(lr);
-  unit.b = b;
-  unit.m = m;
   unit.x_off = b * p.x_stride_b + m * p.x_stride_m + h * p.x_stride_h;
   unit.rotary = w < static_cast<uint32_t>(a.rot_units);
   if (unit.rotary) {
     const uint32_t r = a.div_part.Div(w);
     const int part = static_cast<int>(p.rotary_size / p.rotary_dim);
     const int c = static_cast<int>(w - r * a.units_per_part);
-    if (kPlane) {
+    if (kPlane || a.chunks_per_part % 2 == 0) {
+      // plane: a vector and its partner A/2 further; interval: the same addressing (each vector
+      // holds whole pairs), so a warp's loads stay contiguous
       unit.k0 = static_cast<int>(r) * part + c * V;
       unit.k1 = unit.k0 + part / 2;
     } else {
@@ -177,8 +177,9 @@ __device__ __forceinline__ Unit DecodeUnit(const VectorArgs& a, uint32_t u, int6
     }
   } else {
     const int c = static_cast<int>(w - a.rot_units);
-    unit.k0 = static_cast<int>(p.rotary_size) + 2 * c * V;
-    unit.k1 = 2 * c + 1 < a.pass_chunks ? unit.k0 + V : -1;
+    const int pass_units = (a.pass_chunks + 1) / 2;
+    unit.k0 = static_cast<int>(p.rotary_size) + c * V;
+    unit.k1 = c + pass_units < a.pass_chunks ? unit.k0 + pass_units * V : -1;
   }
   return unit;
 }
@@ -213,13 +214,11 @@ __device__ __forceinline__ void SinCosAt(const VectorArgs& args, uint32_t b, uin
 }
 
 // A block handles rows_per_block consecutive (b, m) rows. Each thread first loads up to
-// kPrefetch units. Then, unless kDirect, the block computes the rows' cos/sin into shared memory
-// (one sincos per distinct angle, shared by all heads) and threads rotate and store what they
-// loaded. With kDirect (few rows: latency matters more than arithmetic) each thread computes the
-// cos/sin of its own units and no barrier stands between the loads and the stores.
+// kPrefetch units; then the block computes the rows' cos/sin into shared memory (one sincos per
+// distinct angle, shared by all heads); then threads rotate and store what they loaded.
 // With computed angles, a plane dim and its partner share one value, and so do the two dims of an
 // interval pair: only the first of each is computed, stored and read.
-template<typename T, int V, bool kPlane, bool kTable, int kPrefetch, bool kDirect>
+template<typename T, int V, bool kPlane, bool kTable, int kPrefetch>
 __global__ void __launch_bounds__(kMaxVectorThreads) RopeVectorKernel(const VectorArgs args) {
   using C = typename Compute<T>::type;
   using P = Pack<T, V>;
@@ -252,7 +251,7 @@ __global__ void __launch_bounds__(kMaxVectorThreads) RopeVectorKernel(const Vect
         if (unit.k1 >= 0) hi[q] = *reinterpret_cast<const P*>(xh + unit.k1);
       }
     }
-    if (!kDirect && base == 0) {
+    if (base == 0) {
       // cos/sin of the block's rows (computed angles: the first dim of each pair only) and the
       // rows' output offsets.
       const int entries = kTable ? rotary : rotary / 2;
@@ -285,13 +284,7 @@ __global__ void __launch_bounds__(kMaxVectorThreads) RopeVectorKernel(const Vect
       const uint32_t lr = static_cast<uint32_t>(unit.lr);
       const uint32_t w_row = u - lr * static_cast<uint32_t>(p.H) * args.units_per_head;
       const uint32_t h = args.div_head.Div(w_row);
-      int64_t row_off;
-      if (kDirect) {
-        row_off = unit.b * p.out_stride_b + unit.m * p.out_stride_m;
-      } else {
-        row_off = out_row_off[unit.lr];
-      }
-      T* oh = out + row_off + static_cast<int64_t>(h) * p.out_stride_h;
+      T* oh = out + out_row_off[unit.lr] + static_cast<int64_t>(h) * p.out_stride_h;
       const int k0 = unit.k0;
       const int k1 = unit.k1;
       if (!unit.rotary) {
@@ -300,12 +293,8 @@ __global__ void __launch_bounds__(kMaxVectorThreads) RopeVectorKernel(const Vect
         continue;
       }
       auto sincos_at = [&](int k, C* c, C* s) {
-        if (kDirect) {
-          SinCosAt<T, C, kPlane, kTable>(args, unit.b, unit.m, k, c, s);
-        } else {
-          *c = cos_s[unit.lr * rotary + k];
-          *s = sin_s[unit.lr * rotary + k];
-        }
+        *c = cos_s[unit.lr * rotary + k];
+        *s = sin_s[unit.lr * rotary + k];
       };
       if (kPlane) {
         P oa, oz;
@@ -478,7 +467,7 @@ cudaError_t Launch(const RopeParams& p, cudaStream_t stream) {
   }
   const bool plane = p.mode == Mode::kPlane;
   args.chunks_per_part = static_cast<int>(part / kV);
-  args.units_per_part = plane ? static_cast<int>(half / kV) : (args.chunks_per_part + 1) / 2;
+  args.units_per_part = (args.chunks_per_part + 1) / 2;  // plane: (A/2)/V
   args.rot_units = static_cast<int>(p.rotary_dim) * args.units_per_part;
   args.pass_chunks = static_cast<int>((p.K - p.rotary_size) / kV);
   args.units_per_head = args.rot_units + (args.pass_chunks + 1) / 2;
@@ -486,11 +475,11 @@ cudaError_t Launch(const RopeParams& p, cudaStream_t stream) {
   const int64_t num_rows = p.B * p.M;
   // Launch shape: each thread loads `prefetch` units (two vectors each) before the sin/cos phase;
   // blocks cover about 256 units. Chosen with bench/sweep_launch.py on an H100, which overrides it
-  // through ONEFLOW_ROPE_TUNE="prefetch,units_per_block,min_blocks_per_sm,direct_max_rows".
+  // through ONEFLOW_ROPE_TUNE="prefetch,units_per_block,min_blocks_per_sm".
   static const int* tune = [] {
-    static int t[4] = {2, 256, 2, 64};
+    static int t[3] = {2, 256, 2};
     if (const char* env = std::getenv("ONEFLOW_ROPE_TUNE")) {
-      std::sscanf(env, "%d,%d,%d,%d", &t[0], &t[1], &t[2], &t[3]);
+      std::sscanf(env, "%d,%d,%d", &t[0], &t[1], &t[2]);
     }
     return t;
   }();
@@ -505,33 +494,31 @@ cudaError_t Launch(const RopeParams& p, cudaStream_t stream) {
   args.div_head = FastDiv(static_cast<uint32_t>(args.units_per_head));
   args.div_part = FastDiv(static_cast<uint32_t>(std::max(1, args.units_per_part)));
   const int64_t blocks = (num_rows + rows - 1) / rows;
-  // Few rows: each thread computes its own cos/sin (no barrier between loads and stores).
-  const bool direct = num_rows <= tune[3];
-  const size_t smem = direct ? 0 : static_cast<size_t>(rows * 2 * sizeof(C) * p.rotary_size);
+  const size_t smem = static_cast<size_t>(rows * 2 * sizeof(C) * p.rotary_size);
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   const bool table = p.cos != nullptr;
   const dim3 grid(static_cast<unsigned>(blocks));
   const int64_t units_per_block = rows * units_per_row;
-  const int64_t wanted = (units_per_block + prefetch - 1) / prefetch;
+  // enough threads for one pass over the units, and for one sincos (or table read) each
+  const int64_t entries = rows * (table ? p.rotary_size : p.rotary_size / 2);
+  const int64_t wanted = std::max((units_per_block + prefetch - 1) / prefetch, entries);
   const int threads = static_cast<int>(std::min<int64_t>(kMaxVectorThreads, (wanted + 31) / 32 * 32));
-#define ROPE_LAUNCH(PF, DIRECT)                                                                  \
-  if (plane && table) {                                                                          \
-    RopeVectorKernel<T, kV, true, true, PF, DIRECT><<<grid, threads, smem, stream>>>(args);      \
-  } else if (plane) {                                                                            \
-    RopeVectorKernel<T, kV, true, false, PF, DIRECT><<<grid, threads, smem, stream>>>(args);     \
-  } else if (table) {                                                                            \
-    RopeVectorKernel<T, kV, false, true, PF, DIRECT><<<grid, threads, smem, stream>>>(args);     \
-  } else {                                                                                       \
-    RopeVectorKernel<T, kV, false, false, PF, DIRECT><<<grid, threads, smem, stream>>>(args);    \
+#define ROPE_LAUNCH(PF)                                                                         \
+  if (plane && table) {                                                                         \
+    RopeVectorKernel<T, kV, true, true, PF><<<grid, threads, smem, stream>>>(args);             \
+  } else if (plane) {                                                                           \
+    RopeVectorKernel<T, kV, true, false, PF><<<grid, threads, smem, stream>>>(args);            \
+  } else if (table) {                                                                           \
+    RopeVectorKernel<T, kV, false, true, PF><<<grid, threads, smem, stream>>>(args);            \
+  } else {                                                                                      \
+    RopeVectorKernel<T, kV, false, false, PF><<<grid, threads, smem, stream>>>(args);           \
   }
-  if (direct) {
-    ROPE_LAUNCH(1, true)
-  } else if (prefetch == 4) {
-    ROPE_LAUNCH(4, false)
+  if (prefetch == 4) {
+    ROPE_LAUNCH(4)
   } else if (prefetch == 2) {
-    ROPE_LAUNCH(2, false)
+    ROPE_LAUNCH(2)
   } else {
-    ROPE_LAUNCH(1, false)
+    ROPE_LAUNCH(1)
   }
 #undef ROPE_LAUNCH
   return cudaGetLastError();
