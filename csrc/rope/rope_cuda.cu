@@ -474,16 +474,20 @@ cudaError_t Launch(const RopeParams& p, cudaStream_t stream) {
   const int64_t units_per_row = p.H * args.units_per_head;
   const int64_t num_rows = p.B * p.M;
   // Launch shape: each thread loads `prefetch` units (two vectors each) before the sin/cos phase;
-  // blocks cover about 256 units. Chosen with bench/sweep_launch.py on an H100, which overrides it
-  // through ONEFLOW_ROPE_TUNE="prefetch,units_per_block,min_blocks_per_sm".
+  // blocks cover about 256 units. Chosen with bench/sweep_launch.py on an H100
+  // (bench/results/h100_2026-11-27/sweep_launch.txt): one unit per thread is best except for large
+  // calls with cos/sin tables, where two are. ONEFLOW_ROPE_TUNE="prefetch,units_per_block,
+  // min_blocks_per_sm" overrides it (prefetch 0: this rule).
   static const int* tune = [] {
-    static int t[3] = {2, 256, 2};
+    static int t[3] = {0, 256, 2};
     if (const char* env = std::getenv("ONEFLOW_ROPE_TUNE")) {
       std::sscanf(env, "%d,%d,%d", &t[0], &t[1], &t[2]);
     }
     return t;
   }();
-  const int prefetch = tune[0] >= 4 ? 4 : (tune[0] >= 2 ? 2 : 1);
+  const bool table = p.cos != nullptr;
+  const int wanted_prefetch = tune[0] > 0 ? tune[0] : (table && num_rows >= 1024 ? 2 : 1);
+  const int prefetch = wanted_prefetch >= 4 ? 4 : (wanted_prefetch >= 2 ? 2 : 1);
   int64_t rows = std::max<int64_t>(1, tune[1] / std::max<int64_t>(1, units_per_row));
   const int64_t row_bytes = std::max<int64_t>(1, 2 * sizeof(C) * p.rotary_size);
   rows = std::min<int64_t>({rows, kMaxRows, std::max<int64_t>(1, kMaxSharedBytes / row_bytes),
@@ -496,7 +500,6 @@ cudaError_t Launch(const RopeParams& p, cudaStream_t stream) {
   const int64_t blocks = (num_rows + rows - 1) / rows;
   const size_t smem = static_cast<size_t>(rows * 2 * sizeof(C) * p.rotary_size);
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
-  const bool table = p.cos != nullptr;
   const dim3 grid(static_cast<unsigned>(blocks));
   const int64_t units_per_block = rows * units_per_row;
   // enough threads for one pass over the units, and for one sincos (or table read) each
