@@ -155,7 +155,6 @@ struct Unit {
   int k0, k1;      // first element of each vector; k1 < 0 when there is no second vector
   bool rotary;
   int64_t x_off;   // element offset of the row's head in x
-  uint32_t b, m;   // the row's batch and sequence index
 };
 
 template<int V, bool kPlane>
@@ -170,8 +169,6 @@ __device__ __forceinline__ Unit DecodeUnit(const VectorArgs& a, uint32_t u, int6
   const uint32_t b = a.div_m.Div(row);
   const uint32_t m = row - b * static_cast<uint32_t>(p.M);
   unit.lr = static_cast<int>(lr);
-  unit.b = b;
-  unit.m = m;
   unit.x_off = b * p.x_stride_b + m * p.x_stride_m + h * p.x_stride_h;
   unit.rotary = w < static_cast<uint32_t>(a.rot_units);
   if (unit.rotary) {
@@ -226,9 +223,8 @@ __device__ __forceinline__ void SinCosAt(const VectorArgs& args, uint32_t b, uin
 }
 
 // A block handles rows_per_block consecutive (b, m) rows. Each thread first loads up to
-// kPrefetch units. With computed angles the block then computes the rows' cos/sin into shared
-// memory (one sincos per distinct angle, shared by all heads); with tables each thread loads the
-// cos/sin vectors of its units together with them (no barrier). Then threads rotate and store.
+// kPrefetch units; then the block computes the rows' cos/sin into shared memory (one sincos per
+// distinct angle, shared by all heads); then threads rotate and store what they loaded.
 // With computed angles, a plane dim and its partner share one value, and so do the two dims of an
 // interval pair: only the first of each is computed, stored and read.
 template<typename T, int V, bool kPlane, bool kTable, int kPrefetch>
@@ -254,8 +250,6 @@ __global__ void __launch_bounds__(kMaxVectorThreads) RopeVectorKernel(const Vect
   const uint32_t threads = blockDim.x;
   for (uint32_t base = 0; base < units_total; base += threads * kPrefetch) {
     P lo[kPrefetch], hi[kPrefetch];
-    // table mode: the cos/sin vectors of each unit's two vectors, loaded with them
-    P cos_v[kTable ? kPrefetch : 1][2], sin_v[kTable ? kPrefetch : 1][2];
 #pragma unroll
     for (int q = 0; q < kPrefetch; ++q) {
       const uint32_t u = base + q * threads + threadIdx.x;
@@ -264,40 +258,25 @@ __global__ void __launch_bounds__(kMaxVectorThreads) RopeVectorKernel(const Vect
         const T* xh = x + unit.x_off;
         lo[q] = *reinterpret_cast<const P*>(xh + unit.k0);
         if (unit.k1 >= 0) hi[q] = *reinterpret_cast<const P*>(xh + unit.k1);
-        if constexpr (kTable) {
-          if (unit.rotary) {
-#pragma unroll
-            for (int vec = 0; vec < 2; ++vec) {
-              const int k = vec == 0 ? unit.k0 : unit.k1;
-              if (k < 0) continue;
-              const int r = k / part;
-              const int64_t pos = LoadPosition(p, unit.b, r, unit.m);
-              if (pos >= 0 && pos < p.table_rows) {
-                const int64_t t = pos * p.table_row_stride + (k - r * part);
-                cos_v[q][vec] = *reinterpret_cast<const P*>(static_cast<const T*>(p.cos) + t);
-                sin_v[q][vec] = *reinterpret_cast<const P*>(static_cast<const T*>(p.sin) + t);
-              } else {
-#pragma unroll
-                for (int e = 0; e < V; ++e) cos_v[q][vec].v[e] = sin_v[q][vec].v[e] = Round<T, C>(static_cast<C>(NAN));
-              }
-            }
-          }
-        }
       }
     }
-    if (!kTable && base == 0) {
-      // cos/sin of the block's rows (the first dim of each pair only) and the rows' output offsets.
-      const int entries = rotary / 2;
+    if (base == 0) {
+      // cos/sin of the block's rows (computed angles: the first dim of each pair only) and the
+      // rows' output offsets.
+      const int entries = kTable ? rotary : rotary / 2;
       for (int e = threadIdx.x; e < rows_here * entries; e += threads) {
         const int lr = e / entries;
         const int idx = e - lr * entries;
         const uint32_t row = static_cast<uint32_t>(row0) + lr;
         const uint32_t b = args.div_m.Div(row);
         const uint32_t m = row - b * static_cast<uint32_t>(p.M);
-        const int r = idx / half;
-        const int i = idx - r * half;
-        const int k = r * part + (kPlane ? i : 2 * i);
-        SinCosAt<T, C, kPlane, false>(args, b, m, k, cos_s + lr * rotary + k, sin_s + lr * rotary + k);
+        int k = idx;
+        if (!kTable) {
+          const int r = idx / half;
+          const int i = idx - r * half;
+          k = r * part + (kPlane ? i : 2 * i);
+        }
+        SinCosAt<T, C, kPlane, kTable>(args, b, m, k, cos_s + lr * rotary + k, sin_s + lr * rotary + k);
       }
       for (int lr = threadIdx.x; lr < rows_here; lr += threads) {
         const uint32_t row = static_cast<uint32_t>(row0) + lr;
@@ -314,8 +293,7 @@ __global__ void __launch_bounds__(kMaxVectorThreads) RopeVectorKernel(const Vect
       const uint32_t lr = static_cast<uint32_t>(unit.lr);
       const uint32_t w_row = u - lr * static_cast<uint32_t>(p.H) * args.units_per_head;
       const uint32_t h = args.div_head.Div(w_row);
-      const int64_t row_off = kTable ? unit.b * p.out_stride_b + unit.m * p.out_stride_m : out_row_off[unit.lr];
-      T* oh = out + row_off + static_cast<int64_t>(h) * p.out_stride_h;
+      T* oh = out + out_row_off[unit.lr] + static_cast<int64_t>(h) * p.out_stride_h;
       const int k0 = unit.k0;
       const int k1 = unit.k1;
       if (!unit.rotary) {
@@ -323,27 +301,19 @@ __global__ void __launch_bounds__(kMaxVectorThreads) RopeVectorKernel(const Vect
         if (k1 >= 0) *reinterpret_cast<P*>(oh + k1) = hi[q];
         continue;
       }
-      // cos/sin of element t of vector vec (0: at k0, 1: at k1)
-      auto sincos_at = [&](int vec, int t, C* c, C* s) {
-        if constexpr (kTable) {
-          *c = static_cast<C>(ToCompute(cos_v[q][vec].v[t]));
-          const C sv = static_cast<C>(ToCompute(sin_v[q][vec].v[t]));
-          *s = p.inverse ? -sv : sv;
-        } else {
-          const int k = (vec == 0 ? k0 : k1) + t;
-          *c = cos_s[unit.lr * rotary + k];
-          *s = sin_s[unit.lr * rotary + k];
-        }
+      auto sincos_at = [&](int k, C* c, C* s) {
+        *c = cos_s[unit.lr * rotary + k];
+        *s = sin_s[unit.lr * rotary + k];
       };
       if (kPlane) {
         P oa, oz;
 #pragma unroll
         for (int t = 0; t < V; ++t) {
           C ca, sa, cz, sz;
-          sincos_at(0, t, &ca, &sa);
+          sincos_at(k0 + t, &ca, &sa);
           if (kTable) {
-            sincos_at(1, t, &cz, &sz);
-          } else {  // computed angles: a dim and its partner share one value
+            sincos_at(k1 + t, &cz, &sz);
+          } else {
             cz = ca;
             sz = sa;
           }
@@ -364,10 +334,10 @@ __global__ void __launch_bounds__(kMaxVectorThreads) RopeVectorKernel(const Vect
 #pragma unroll
           for (int t = 0; t < V; t += 2) {
             C c0, s0, c1, s1;
-            sincos_at(vec, t, &c0, &s0);
+            sincos_at(k + t, &c0, &s0);
             if (kTable) {
-              sincos_at(vec, t + 1, &c1, &s1);
-            } else {  // computed angles: the two dims of a pair share one value
+              sincos_at(k + t + 1, &c1, &s1);
+            } else {
               c1 = c0;
               s1 = s0;
             }
@@ -475,10 +445,6 @@ int VectorWidth(const RopeParams& p) {
   }
   if ((p.mode == Mode::kPlane ? half : part) % V != 0) return 0;
   if (p.cos == nullptr && half > kMaxHalf) return 0;
-  if (p.cos != nullptr && (p.table_col_stride != 1 || p.table_row_stride % V != 0 || !Aligned(p.cos, 16)
-                           || !Aligned(p.sin, 16))) {
-    return 0;
-  }
   using C = typename Compute<T>::type;
   if (static_cast<int64_t>(2 * sizeof(C)) * p.rotary_size > kMaxSharedBytes) return 0;
   // 32-bit unit and row arithmetic inside the kernel
@@ -518,8 +484,9 @@ cudaError_t Launch(const RopeParams& p, cudaStream_t stream) {
   const int64_t num_rows = p.B * p.M;
   // Launch shape: each thread loads `prefetch` units (two vectors each) before the sin/cos phase;
   // blocks cover about 256 units. Chosen with bench/sweep_launch.py on an H100
-  // (bench/results/h100_2026-11-27/sweep_launch.txt): one unit per thread.
-  // ONEFLOW_ROPE_TUNE="prefetch,units_per_block,min_blocks_per_sm" overrides it (prefetch 0: 1).
+  // (bench/results/h100_2026-11-27/sweep_launch.txt): one unit per thread is best except for large
+  // calls with cos/sin tables, where two are. ONEFLOW_ROPE_TUNE="prefetch,units_per_block,
+  // min_blocks_per_sm" overrides it (prefetch 0: this rule).
   static const int* tune = [] {
     static int t[3] = {0, 256, 2};
     if (const char* env = std::getenv("ONEFLOW_ROPE_TUNE")) {
@@ -528,7 +495,7 @@ cudaError_t Launch(const RopeParams& p, cudaStream_t stream) {
     return t;
   }();
   const bool table = p.cos != nullptr;
-  const int wanted_prefetch = tune[0] > 0 ? tune[0] : 1;
+  const int wanted_prefetch = tune[0] > 0 ? tune[0] : (table && num_rows >= 1024 ? 2 : 1);
   const int prefetch = wanted_prefetch >= 4 ? 4 : (wanted_prefetch >= 2 ? 2 : 1);
   int64_t rows = std::max<int64_t>(1, tune[1] / std::max<int64_t>(1, units_per_row));
   const int64_t row_bytes = std::max<int64_t>(1, 2 * sizeof(C) * p.rotary_size);
@@ -540,12 +507,12 @@ cudaError_t Launch(const RopeParams& p, cudaStream_t stream) {
   args.div_head = FastDiv(static_cast<uint32_t>(args.units_per_head));
   args.div_part = FastDiv(static_cast<uint32_t>(std::max(1, args.units_per_part)));
   const int64_t blocks = (num_rows + rows - 1) / rows;
-  const size_t smem = table ? 0 : static_cast<size_t>(rows * 2 * sizeof(C) * p.rotary_size);
+  const size_t smem = static_cast<size_t>(rows * 2 * sizeof(C) * p.rotary_size);
   if (blocks > 0x7fffffffLL) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(blocks));
   const int64_t units_per_block = rows * units_per_row;
   // enough threads for one pass over the units, and for one sincos (or table read) each
-  const int64_t entries = table ? 0 : rows * p.rotary_size / 2;
+  const int64_t entries = rows * (table ? p.rotary_size : p.rotary_size / 2);
   const int64_t wanted = std::max((units_per_block + prefetch - 1) / prefetch, entries);
   const int threads = static_cast<int>(std::min<int64_t>(kMaxVectorThreads, (wanted + 31) / 32 * 32));
 #define ROPE_LAUNCH(PF)                                                                         \
