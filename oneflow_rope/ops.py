@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 import oneflow as flow
+from oneflow.framework.graph_build_util import lazy_mode
 
 from . import _C
 from .layout import RopeShapes, infer_shapes
@@ -85,8 +86,8 @@ def _placement_of(t: flow.Tensor):
 def _check_position_range(position_ids: flow.Tensor, rows: int) -> None:
     """Positions outside the cos/sin table are a user error (eager tensors only: inside nn.Graph
     values are unknown when the graph is built, and the kernels write NaN for such rows)."""
-    if position_ids.is_lazy or position_ids.numel() == 0:
-        return
+    if position_ids.is_lazy or lazy_mode.is_enabled() or position_ids.numel() == 0:
+        return  # building an nn.Graph (the tensor may be an eager one the graph captures)
     low = int(position_ids.min().numpy())
     high = int(position_ids.max().numpy())
     if low < 0 or high >= rows:

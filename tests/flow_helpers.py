@@ -31,3 +31,16 @@ def call_op(arrays: Dict[str, Optional[np.ndarray]], kwargs: dict, dtype: str, x
     return oneflow_rope.fused_apply_rotary_emb(
         x, to_flow(arrays["cos"], dtype), to_flow(arrays["sin"], dtype),
         to_flow(arrays["position_ids"]), **kwargs)
+
+
+# OneFlow 0.9.0 can crash (SIGSEGV in vm::LazyJobStreamPolicy::DequeueNNGraph, on an actor
+# thread) when an nn.Graph is destroyed right after it ran: its __del__ races the job's completion
+# callback. Seen in about 1 run of 5 of the test suite before this; the core dump showed only
+# OneFlow frames. Tests keep their graphs alive; at interpreter shutdown Graph.__del__ returns early.
+_LIVE_GRAPHS: list = []
+
+
+def keep_alive(graph: flow.nn.Graph) -> flow.nn.Graph:
+    """Returns `graph`, kept referenced until the end of the process (see above)."""
+    _LIVE_GRAPHS.append(graph)
+    return graph

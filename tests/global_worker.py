@@ -17,6 +17,7 @@ import oneflow_rope  # noqa: E402  (before oneflow)
 import numpy as np  # noqa: E402
 import oneflow as flow  # noqa: E402
 
+from flow_helpers import keep_alive  # noqa: E402
 from reference import rope_reference, rope_reference_backward  # noqa: E402
 
 B, M, H, K = 4, 6, 4, 16
@@ -59,7 +60,7 @@ def main() -> int:
                 return oneflow_rope.fused_apply_rotary_emb(x, position_ids=pos, **kw)
 
         for mode_name, run in (("eager", lambda: oneflow_rope.fused_apply_rotary_emb(x, position_ids=pos, **kw)),
-                               ("graph", lambda: RopeGraph()(x, pos))):
+                               ("graph", lambda: keep_alive(RopeGraph())(x, pos))):
             out = run()
             sbp_ok = out.sbp == (flow.sbp.split(out_axis),)
             full = out.to_global(sbp=flow.sbp.broadcast).to_local().numpy()

@@ -9,12 +9,13 @@ import pytest
 
 import oneflow_rope
 from cases import Case, forward_cases, layout_shape, make_inputs, max_position, output_layout_cases
-from flow_helpers import call_op, to_flow, to_numpy64
+from flow_helpers import call_op, keep_alive, to_flow, to_numpy64
 from reference import rope_reference, tolerance
 
 FORWARD_CASES = forward_cases()
 OUTPUT_CASES = output_layout_cases()
-# Every 15th case of the table inside nn.Graph: it covers each layout, mode and dtype.
+# Every 15th case of the table inside nn.Graph (one graph holding them all): it covers each
+# layout, mode and dtype.
 GRAPH_CASES = FORWARD_CASES[::15] + OUTPUT_CASES[::7]
 
 
@@ -48,17 +49,35 @@ def test_output_layouts(case: Case):
     check_case(case, call_op(arrays, kwargs, case.dtype), arrays, kwargs)
 
 
-@pytest.mark.parametrize("case", GRAPH_CASES, ids=lambda c: c.id)
-def test_forward_graph(case: Case):
-    arrays, kwargs = make_inputs(case)
-    tensors = [to_flow(arrays[n], case.dtype if n != "position_ids" else None)
-               for n in ("x", "cos", "sin", "position_ids")]
+def test_forward_graph():
+    """Every GRAPH_CASES call inside one nn.Graph (one graph for all: OneFlow 0.9.0 can crash
+    when many graphs run one after the other, see flow_helpers.keep_alive)."""
+    prepared, flat = [], []
+    for case in GRAPH_CASES:
+        arrays, kwargs = make_inputs(case)
+        names = [n for n in ("x", "cos", "sin", "position_ids") if arrays[n] is not None]
+        slots = list(range(len(flat), len(flat) + len(names)))
+        flat += [to_flow(arrays[n], case.dtype if n != "position_ids" else None) for n in names]
+        prepared.append((case, arrays, kwargs, names, slots))
 
-    class RopeGraph(flow.nn.Graph):
-        def build(self, x, cos, sin, position_ids):
-            return oneflow_rope.fused_apply_rotary_emb(x, cos, sin, position_ids, **kwargs)
+    class AllCasesGraph(flow.nn.Graph):
+        def build(self, *tensors):
+            outs = []
+            for _, _, kwargs, names, slots in prepared:
+                t = {n: tensors[i] for n, i in zip(names, slots)}
+                outs.append(oneflow_rope.fused_apply_rotary_emb(
+                    t["x"], t.get("cos"), t.get("sin"), t.get("position_ids"), **kwargs))
+            return tuple(outs)
 
-    check_case(case, RopeGraph()(*tensors), arrays, kwargs)
+    outs = keep_alive(AllCasesGraph())(*flat)
+    assert len(outs) == len(prepared)
+    failures = []
+    for (case, arrays, kwargs, _, _), out in zip(prepared, outs):
+        try:
+            check_case(case, out, arrays, kwargs)
+        except AssertionError as e:
+            failures.append(f"{case.id}: {e}")
+    assert not failures, "\n".join(failures)
 
 
 @pytest.mark.parametrize("layout", oneflow_rope.INPUT_LAYOUTS)

@@ -184,19 +184,23 @@ Maybe<void> GetRopeSbp(user_op::SbpContext* ctx, bool backward) {
 
 }  // namespace
 
+// The attributes of both ops: the forward call's, so the gradient op can rebuild its layouts.
+#define ROPE_OP_ATTRS                          \
+  Attr<std::string>("x_layout", "BMHK")        \
+      .Attr<std::string>("output_layout", "BMHK") \
+      .Attr<std::string>("mode", "plane")      \
+      .Attr<int64_t>("tensor_index", 0)        \
+      .Attr<int64_t>("k_size", 0)              \
+      .Attr<int64_t>("rotary_size", 0)         \
+      .Attr<double>("base", 10000.0)
+
 REGISTER_USER_OP("fused_apply_rotary_emb")
     .Input("x")
     .OptionalInput("cos")
     .OptionalInput("sin")
     .OptionalInput("position_ids")
     .Output("out")
-    .Attr<std::string>("x_layout", "BMHK")
-    .Attr<std::string>("output_layout", "BMHK")
-    .Attr<std::string>("mode", "plane")
-    .Attr<int64_t>("tensor_index", 0)
-    .Attr<int64_t>("k_size", 0)
-    .Attr<int64_t>("rotary_size", 0)
-    .Attr<double>("base", 10000.0)
+    .ROPE_OP_ATTRS
     .SetLogicalTensorDescInferFn(InferForwardShape)
     .SetPhysicalTensorDescInferFn(InferForwardShape)
     .SetDataTypeInferFn(InferForwardDataType)
@@ -208,13 +212,7 @@ REGISTER_USER_OP("fused_apply_rotary_emb_grad")
     .OptionalInput("sin")
     .OptionalInput("position_ids")
     .Output("dx")
-    .Attr<std::string>("x_layout", "BMHK")
-    .Attr<std::string>("output_layout", "BMHK")
-    .Attr<std::string>("mode", "plane")
-    .Attr<int64_t>("tensor_index", 0)
-    .Attr<int64_t>("k_size", 0)
-    .Attr<int64_t>("rotary_size", 0)
-    .Attr<double>("base", 10000.0)
+    .ROPE_OP_ATTRS
     .SetLogicalTensorDescInferFn(InferBackwardShape)
     .SetPhysicalTensorDescInferFn(InferBackwardShape)
     .SetDataTypeInferFn(InferBackwardDataType)
