@@ -11,13 +11,12 @@ import oneflow as flow
 from oneflow.framework.graph_build_util import lazy_mode
 
 from . import _C
-from .layout import RopeShapes, infer_shapes
+from .layout import infer_shapes
 
 __all__ = ["fused_apply_rotary_emb", "cos_sin_table"]
 
 _FLOAT_DTYPES = (flow.float32, flow.float64, flow.float16, flow.bfloat16)
 _INDEX_DTYPES = (flow.int32, flow.int64)
-_OPTIONAL_INPUTS = ("cos", "sin", "position_ids")
 
 
 @functools.lru_cache(maxsize=None)
