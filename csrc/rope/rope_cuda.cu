@@ -14,6 +14,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <vector>
 #include <cstdio>
 #include <cstdlib>
 
@@ -23,15 +27,42 @@ namespace oneflow_rope {
 
 namespace {
 
-constexpr int kMaxHalf = 256;      // largest A/2 whose frequencies travel in the kernel arguments
+constexpr int kMaxHalf = 4096;     // largest A/2 served by the vector kernel with computed angles
 constexpr int kBlockThreads = 256;
 constexpr int kMaxSharedBytes = 40 * 1024;
 
-// Frequencies theta_i = base^(-2i/A) as float hi + lo (hi + lo == theta to ~2^-48 relative).
-struct Theta {
-  float hi[kMaxHalf];
-  float lo[kMaxHalf];
-};
+// Frequencies theta_i = base^(-2i/A) as float (hi, lo) pairs (hi + lo == theta to ~2^-48
+// relative), computed once per (device, base, A) on the host and kept in device memory: kernel
+// arguments stay small (a 2 KiB table in them cost launch latency).
+const float2* CachedTheta(double base, int64_t part, cudaError_t* status) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, double, int64_t>, float2*> cache;
+  int device = 0;
+  *status = cudaGetDevice(&device);
+  if (*status != cudaSuccess) return nullptr;
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(device, base, part);
+  const auto found = cache.find(key);
+  if (found != cache.end()) return found->second;
+  const int64_t half = part / 2;
+  std::vector<float2> host(static_cast<size_t>(half));
+  for (int64_t i = 0; i < half; ++i) {
+    const double theta = std::pow(base, -2.0 * static_cast<double>(i) / static_cast<double>(part));
+    host[i].x = static_cast<float>(theta);
+    host[i].y = static_cast<float>(theta - static_cast<double>(host[i].x));
+  }
+  float2* table = nullptr;
+  *status = cudaMalloc(&table, host.size() * sizeof(float2));
+  if (*status != cudaSuccess) return nullptr;
+  // synchronous: the table is complete before any stream can use it
+  *status = cudaMemcpy(table, host.data(), host.size() * sizeof(float2), cudaMemcpyHostToDevice);
+  if (*status != cudaSuccess) {
+    cudaFree(table);
+    return nullptr;
+  }
+  cache.emplace(key, table);
+  return table;
+}
 
 template<typename T>
 struct Compute {
@@ -133,7 +164,7 @@ constexpr int kMaxRows = 64;
 
 struct VectorArgs {
   RopeParams p;
-  Theta theta;
+  const float2* theta;  // (hi, lo) of theta_i, i < A/2; null with cos/sin tables
   int rows_per_block;
   int units_per_head;   // rotary units + pass-through units
   int rot_units;        // rotary units per head
@@ -215,7 +246,8 @@ __device__ __forceinline__ void SinCosAt(const VectorArgs& args, uint32_t b, uin
       AngleSinCosDouble(pos, pow(p.base, -2.0 * i / part), reinterpret_cast<double*>(s),
                         reinterpret_cast<double*>(c));
     } else {
-      AngleSinCos<sizeof(T) == 2>(pos, args.theta.hi[i], args.theta.lo[i], reinterpret_cast<float*>(s),
+      const float2 theta = __ldg(args.theta + i);
+      AngleSinCos<sizeof(T) == 2>(pos, theta.x, theta.y, reinterpret_cast<float*>(s),
                   reinterpret_cast<float*>(c));
     }
   }
@@ -466,13 +498,11 @@ cudaError_t Launch(const RopeParams& p, cudaStream_t stream) {
   VectorArgs args;
   args.p = p;
   const int64_t part = p.rotary_size / p.rotary_dim;
-  const int64_t half = part / 2;
-  if (p.cos == nullptr) {
-    for (int64_t i = 0; i < half; ++i) {
-      const double theta = std::pow(p.base, -2.0 * static_cast<double>(i) / static_cast<double>(part));
-      args.theta.hi[i] = static_cast<float>(theta);
-      args.theta.lo[i] = static_cast<float>(theta - static_cast<double>(args.theta.hi[i]));
-    }
+  args.theta = nullptr;
+  if (p.cos == nullptr && sizeof(C) == 4) {
+    cudaError_t status = cudaSuccess;
+    args.theta = CachedTheta(p.base, part, &status);
+    if (status != cudaSuccess) return status;
   }
   const bool plane = p.mode == Mode::kPlane;
   args.chunks_per_part = static_cast<int>(part / kV);
