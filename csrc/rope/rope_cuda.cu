@@ -1,11 +1,12 @@
 // CUDA kernels of the rotary embedding (Plane = rotate half, Interval = adjacent pairs).
 //
-// Fast path ("vector" kernel): a block handles a few (b, m) rows. It first writes the cos/sin of
-// every rotary dim of its rows into shared memory (one sincos per row and dim, shared by all H
-// heads), then each thread moves 16-byte vectors of x to out. Angles: p * theta in float-float
-// (theta split in a high and a low float on the host), reduced by 2*pi with a three-part
-// constant, then a full-accuracy sincosf on an argument in about [-pi, pi]: accurate at any
-// position at float cost, so the kernel stays memory-bound.
+// Fast path ("vector" kernel): a block handles a few (b, m) rows. Each thread loads its units
+// (pairs of 16-byte vectors) first; the block writes the cos/sin of its rows into shared memory
+// (one sincos per row and distinct angle, shared by all H heads, or the table's values); then
+// threads rotate and store. Angles: p * theta in float-float (theta split in a high and a low
+// float on the host, kept in a small device table), reduced by 2*pi with a three-part constant,
+// then sincos on an argument in about [-pi, pi]: accurate at any position at float cost, so the
+// kernel stays memory-bound.
 //
 // Fallback ("generic" kernel): one element per thread, any strides or alignment, angles in double.
 #include <cuda_bf16.h>
@@ -14,12 +15,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <tuple>
 #include <vector>
-#include <cstdio>
-#include <cstdlib>
 
 #include "rope/rope_cuda.h"
 
