@@ -17,6 +17,7 @@ import oneflow_rope  # noqa: E402  (before oneflow)
 import numpy as np  # noqa: E402
 import oneflow as flow  # noqa: E402
 
+from cases import layout_shape  # noqa: E402
 from flow_helpers import keep_alive  # noqa: E402
 from reference import rope_reference, rope_reference_backward  # noqa: E402
 
@@ -33,21 +34,13 @@ CHECKS = [
 ]
 
 
-def shape_of(layout: str):
-    sizes = {"B": B, "M": M, "H": H, "K": K}
-    if "(" not in layout:
-        return tuple(sizes[c] for c in layout)
-    slots = 3 if "3" in layout else (2 if "2" in layout else 1)
-    return (sizes[layout[0]], sizes[layout[1]], H * slots * K)
-
-
 def main() -> int:
     rank = flow.env.get_rank()
     placement = flow.placement("cpu", ranks=[0, 1])
     failures = 0
     rng = np.random.default_rng(0)  # same data on both ranks
     for layout, axis, kind, out_axis, kwargs in CHECKS:
-        x_np = rng.uniform(-1, 1, shape_of(layout)).astype(np.float32)
+        x_np = rng.uniform(-1, 1, layout_shape(layout, B, M, H, K)).astype(np.float32)
         pos_np = rng.integers(0, 5000, (B, 1, M)).astype(np.int64)
         pos_sbp = flow.sbp.split(0) if kind == "B" else flow.sbp.broadcast
         x = flow.tensor(x_np, placement=placement, sbp=flow.sbp.broadcast).to_global(sbp=flow.sbp.split(axis))

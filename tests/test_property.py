@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import oneflow_rope
-from cases import INPUT_LAYOUTS, OUTPUT_LAYOUTS, layout_shape, round_to_dtype
+from cases import INPUT_LAYOUTS, OUTPUT_LAYOUTS, layout_shape, random_rope_table, round_to_dtype
 from flow_helpers import keep_alive, to_flow, to_numpy64
 from reference import rope_reference, tolerance
 
@@ -51,10 +51,7 @@ def rope_calls(draw) -> Dict[str, object]:
     arrays: Dict[str, Optional[np.ndarray]] = {"cos": None, "sin": None, "position_ids": None}
     rows = M + draw(st.integers(0, 3))
     if table:
-        pair = np.arange(part) % (part // 2) if mode == "plane" else np.arange(part) // 2
-        angle = rng.uniform(-np.pi, np.pi, (rows, part // 2))[:, pair]
-        arrays["cos"] = round_to_dtype(np.cos(angle), dtype)
-        arrays["sin"] = round_to_dtype(np.sin(angle), dtype)
+        arrays["cos"], arrays["sin"] = random_rope_table(rng, rows, part, mode, dtype)
     else:
         kwargs["base"] = draw(st.sampled_from([10000.0, 500000.0, 10.0, 1.5]))
     if positions != "none":
