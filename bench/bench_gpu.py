@@ -1,44 +1,49 @@
-"""GPU benchmark of the CUDA kernels against what a user would otherwise run.
+"""GPU benchmark of the CUDA kernels against what a user would otherwise run, with bounds.
 
-For each shape (B, M, H, K), dtype, mode and layout it times, in the same process on the same GPU:
-  ours-base     our kernel, sin/cos computed from `base`
-  ours-table    our kernel with cos/sin tables
-  ours-partial  our kernel rotating half of each head (rotary_size = K/2), computed sin/cos
-  copy          a device-to-device copy of the same bytes (the bandwidth limit)
-  eager         PyTorch eager rotate-half (plane) / rotate-pairs (interval) with tables
-  compile       the same function under torch.compile
-  liger         Liger-Kernel's Triton RoPE (plane, BHMK input, in place on q and k: time / 2)
-  torchtune     torchtune's RotaryPositionalEmbeddings (interval, BMHK)
-GPU time: L2 flushed (256 MiB zeroed) before each call, one CUDA event pair per call, median.
-Back-to-back: wall time per call of many calls in a row, no flush (shows host overhead).
-GB/s counts bytes of x read (the selected slot for packed QKV) plus out written; `of copy` is the
-copy's GPU time over ours for the same bytes.
+Regimes (each configuration is timed for our kernel and set against a bound):
+  base       angles from base, large tensors (x >= 16 MiB)             bound 1.03 x min(copy, compile)
+  table      cos/sin tables, without and with int32/int64 position_ids  bound 1.03 x min(copy, compile)
+  partial    rotary_size = K/2, angles from base and from tables       bound 1.03 x min(copy, compile)
+  rotary2    2-D RoPE (position_ids (B, 2, M)), base and tables         bound 1.03 x min(copy, compile)
+  backward   the _grad op (dy -> dx in x's layout; zero slots of packed x) bound 1.03 x min(copy, compile)
+  decode     M = 1, B in 1..64                                         bound 1.15 x copy; b2b <= copy b2b + 1 us
+  packed-qk  q and k of one BM(H3K)/MB(H3K) tensor in one launch        bound 1.05 x copy of the two slices
+  llm        decode step q+k one launch (vs two calls), float32 tables with bf16 x, inv_freq
+  varlen     64 packed sequences of random lengths (cu_seqlens), 128K tokens  bound 1.03 x copy
+`copy` is torch's device-to-device copy of the same bytes (read + written); `compile` is
+torch.compile of the same function reading the same tables (peers: eager PyTorch, torch.compile,
+Liger-Kernel and torchtune where installed). GPU time: L2 flushed (256 MiB zeroed) before each
+call, one CUDA event pair per call, median. b2b: wall time per call of many calls in a row, no
+flush (host dispatch included; ours through a prepared raw.Plan).
 
     python bench/bench_gpu.py --build build-gpu [--quick] [--json out.json] [--plot out.png]
+           [--regimes base,table,...] [--compile-layouts BMHK,BM(H3K)] [--no-compile]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-from raw_driver import rope  # noqa: E402
+from raw_driver import extended_params, rope, tensor_entry  # noqa: E402
 
-SHAPES = [(1, 1, 32, 128), (8, 1, 32, 128), (1, 4096, 32, 128), (8, 2048, 32, 128), (4, 4096, 32, 128),
-          (2, 8192, 8, 128)]
+LARGE_SHAPES = [(1, 4096, 32, 128), (4, 4096, 32, 128), (2, 8192, 8, 128), (16, 4096, 4, 128)]
+DECODE_BATCHES = (1, 4, 16, 64)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-LAYOUTS = ("BMHK", "BHMK", "BM(H3K)")
+LAYOUTS = ("BMHK", "BHMK", "MBHK", "BM(HK)", "MB(HK)", "BM(H3K)", "MB(H3K)")
 MODES = ("plane", "interval")
+REGIMES = ("base", "table", "partial", "rotary2", "backward", "decode", "packed-qk", "llm", "varlen")
+BOUND = {"base": 1.03, "table": 1.03, "partial": 1.03, "rotary2": 1.03, "backward": 1.03, "decode": 1.15,
+         "packed-qk": 1.05, "llm": 1.03, "varlen": 1.03}
 
 
 class Timer:
@@ -50,7 +55,7 @@ class Timer:
         self.ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
 
     def gpu_us(self, fn: Callable[[], object]) -> float:
-        for _ in range(3):
+        for _ in range(2):
             fn()
         for i in range(self.reps):
             self.flush.zero_()
@@ -83,216 +88,379 @@ def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
 
 
-def eager_plane(x, cos, sin):
-    return x * cos + rotate_half(x) * sin
+def make_peer(mode: str, kind: str, head_axis: int, rot: int):
+    """The function a user would write (and torch.compile): x is the logical 4-D view in the
+    layout's own axis order with the head axis at `head_axis`; tables are (P, A)."""
+    rotate = rotate_half if mode == "plane" else rotate_pairs
+
+    def gather(table, pos):  # pos: index tensor shaped like x without the head and K axes
+        return table[pos].unsqueeze(head_axis)
+
+    if kind == "table":   # tables indexed by m, pre-broadcast by the caller
+        def f(x, c, s):
+            return x * c + rotate(x) * s
+    elif kind == "pos":
+        def f(x, cos, sin, pos):
+            return x * gather(cos, pos) + rotate(x) * gather(sin, pos)
+    elif kind == "partial":
+        def f(x, c, s):
+            xr = x[..., :rot]
+            return torch.cat((xr * c + rotate(xr) * s, x[..., rot:]), dim=-1)
+    elif kind == "rotary2":
+        def f(x, cos, sin, pos0, pos1):
+            a = rot // 2
+            x0, x1 = x[..., :a], x[..., a:rot]
+            r0 = x0 * gather(cos, pos0) + rotate(x0) * gather(sin, pos0)
+            r1 = x1 * gather(cos, pos1) + rotate(x1) * gather(sin, pos1)
+            return torch.cat((r0, r1, x[..., rot:]), dim=-1)
+    else:
+        raise ValueError(kind)
+    return f
 
 
-def eager_interval(x, cos, sin):
-    return x * cos + rotate_pairs(x) * sin
-
-
-def load_liger():
-    try:
-        from liger_kernel.ops.rope import LigerRopeFunction
-        return LigerRopeFunction
-    except Exception as e:  # noqa: BLE001
-        print(f"# liger-kernel unavailable: {type(e).__name__}: {e}")
-        return None
-
-
-def load_torchtune():
-    try:
-        spec = importlib.util.find_spec("torchtune")
-        if spec is None:
-            raise ImportError("torchtune not installed")
-        path = os.path.join(os.path.dirname(spec.origin), "modules", "position_embeddings.py")
-        mod_spec = importlib.util.spec_from_file_location("tt_position_embeddings", path)
-        mod = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(mod)
-        return mod.RotaryPositionalEmbeddings
-    except Exception as e:  # noqa: BLE001
-        print(f"# torchtune unavailable: {type(e).__name__}: {e}")
-        return None
-
-
-def tables(M: int, K: int, mode: str, dtype, base: float = 10000.0):
-    j = torch.arange(K, device="cuda")
-    i = (j % (K // 2)) if mode == "plane" else (j // 2)
-    theta = base ** (-2.0 * i.double() / K)
-    angle = torch.arange(M, device="cuda").double()[:, None] * theta[None, :]
+def rope_tables(P: int, A: int, mode: str, dtype, base: float = 10000.0):
+    j = torch.arange(A, device="cuda")
+    i = (j % (A // 2)) if mode == "plane" else (j // 2)
+    theta = base ** (-2.0 * i.double() / A)
+    angle = torch.arange(P, device="cuda").double()[:, None] * theta[None, :]
     return angle.cos().to(dtype), angle.sin().to(dtype)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--build", default="build-gpu")
-    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile)")
-    ap.add_argument("--json")
-    ap.add_argument("--plot")
-    args = ap.parse_args()
-    sys.path.insert(0, args.build)
-    import _rope_raw as raw
+# ---- layouts -----------------------------------------------------------------------------------
 
-    timer = Timer(reps=20 if args.quick else 60, b2b_reps=50 if args.quick else 200)
-    liger = load_liger()
-    torchtune_rope = load_torchtune()
-    import torch._dynamo as dynamo
-    dynamo.config.cache_size_limit = 512
-    compiled = {m: torch.compile(f, dynamic=False) for m, f in (("plane", eager_plane), ("interval", eager_interval))}
-    props = torch.cuda.get_device_properties(0)
-    header = (f"# device: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}\n"
-              f"# command: python {' '.join(sys.argv)}\n"
-              f"# GPU time: median of {timer.reps} calls, L2 flushed before each; b2b: {timer.b2b_reps} calls back to back")
-    print(header)
-    rows: List[Dict] = []
-    stream = torch.cuda.current_stream().cuda_stream
+def slots_of(layout: str) -> int:
+    return 3 if "H3K" in layout else (2 if "H2K" in layout else 1)
 
-    def record(shape, dtype, mode, layout, impl, nbytes, gpu, b2b, copy_gpu, note=""):
-        row = dict(shape=list(shape), dtype=dtype, mode=mode, layout=layout, impl=impl, gpu_us=gpu,
-                   b2b_us=b2b, gbps=nbytes / gpu / 1e3 if gpu else None,
-                   of_copy=copy_gpu / gpu if gpu else None, note=note)
-        rows.append(row)
-        print(f"{str(tuple(shape)):20s} {dtype:9s} {mode:8s} {layout:8s} {impl:13s} {gpu:9.2f} {b2b:9.2f} "
-              f"{row['gbps']:8.0f} {row['of_copy']:7.3f} {note}", flush=True)
 
-    print(f"{'shape':20s} {'dtype':9s} {'mode':8s} {'layout':8s} {'impl':13s} {'gpu_us':>9s} {'b2b_us':>9s} "
-          f"{'GB/s':>8s} {'of_copy':>7s}")
-    for shape in SHAPES:
-        B, M, H, K = shape
-        for dname, dtype in DTYPES.items():
-            n = B * M * H * K
-            nbytes = 2 * n * torch.tensor([], dtype=dtype).element_size()
+def unpacked(layout: str) -> str:
+    return layout if slots_of(layout) == 1 else layout[:2] + "(HK)"
+
+
+def alloc(layout: str, B: int, M: int, H: int, K: int, dtype) -> torch.Tensor:
+    sizes = {"B": B, "M": M, "H": H, "K": K}
+    if "(" in layout:
+        shape = (sizes[layout[0]], sizes[layout[1]], H * slots_of(layout) * K)
+    else:
+        shape = tuple(sizes[c] for c in layout)
+    return torch.empty(shape, dtype=dtype, device="cuda").uniform_(-1, 1)
+
+
+def logical_view(x: torch.Tensor, layout: str, K: int, slot: int = 0) -> Tuple[torch.Tensor, int, bool]:
+    """(4-D view in the layout's axis order, head axis, seq-first) for the peers."""
+    if "(" not in layout:
+        return x, layout.index("H"), layout[0] == "M"
+    a, b, last = x.shape
+    n = slots_of(layout)
+    v = x.view(a, b, last // (n * K), n, K)[:, :, :, slot]
+    return v, 2, layout[0] == "M"
+
+
+# ---- the benchmark -----------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args, raw):
+        self.args = args
+        self.raw = raw
+        self.timer = Timer(reps=12 if args.quick else 30, b2b_reps=50 if args.quick else 200)
+        self.stream = torch.cuda.current_stream().cuda_stream
+        self.rows: List[Dict] = []
+        self.copy_cache: Dict[Tuple[int, str], Tuple[float, float]] = {}
+        self.compiled: Dict = {}
+        self.compile_layouts = set() if args.no_compile else set(args.compile_layouts.split(","))
+
+    def copy_us(self, nbytes: int, dtype) -> Tuple[float, float]:
+        """(GPU, b2b) time of torch's copy of nbytes / 2 bytes (so nbytes are read + written)."""
+        key = (nbytes, str(dtype))
+        if key not in self.copy_cache:
+            esize = torch.tensor([], dtype=dtype).element_size()
+            n = nbytes // 2 // esize
             src = torch.empty(n, dtype=dtype, device="cuda").uniform_(-1, 1)
             dst = torch.empty_like(src)
-            copy_gpu = timer.gpu_us(lambda: dst.copy_(src))
-            copy_b2b = timer.b2b_us(lambda: dst.copy_(src))
-            record(shape, dname, "-", "-", "copy", nbytes, copy_gpu, copy_b2b, copy_gpu)
-            for layout in LAYOUTS:
-                if layout == "BMHK":
-                    x = torch.empty(B, M, H, K, dtype=dtype, device="cuda").uniform_(-1, 1)
-                    xv = x
-                    kw = {}
-                elif layout == "BHMK":
-                    x = torch.empty(B, H, M, K, dtype=dtype, device="cuda").uniform_(-1, 1)
-                    xv = x
-                    kw = {}
-                else:
-                    x = torch.empty(B, M, H * 3 * K, dtype=dtype, device="cuda").uniform_(-1, 1)
-                    xv = x.view(B, M, H, 3, K)[:, :, :, 0]  # q slice, as a peer would take it
-                    kw = {"k_size": K, "tensor_index": 0}
+            self.copy_cache[key] = (self.timer.gpu_us(lambda: dst.copy_(src)), self.timer.b2b_us(lambda: dst.copy_(src)))
+            del src, dst
+        return self.copy_cache[key]
+
+    def ours(self, params: dict):
+        plan = self.raw.Plan(params)
+        stream = self.stream
+        return (lambda: plan.run_cuda(stream)), self.raw.kernel_name(params)
+
+    def peer(self, key, fn_args, mode, kind, head_axis, rot) -> Optional[float]:
+        """GPU time of torch.compile of the peer (static shapes), timed once per key."""
+        if key not in self.compiled:
+            fn = torch.compile(make_peer(mode, kind, head_axis, rot), dynamic=False)
+            t0 = time.time()
+            try:
+                fn(*fn_args)
+                torch.cuda.synchronize()
+                secs = time.time() - t0
+                us = self.timer.gpu_us(lambda: fn(*fn_args))
+            except Exception as e:  # noqa: BLE001
+                print(f"# compile failed for {key}: {type(e).__name__}: {e}")
+                secs, us = time.time() - t0, None
+            self.compiled[key] = (us, secs)
+        return self.compiled[key][0]
+
+    def record(self, regime, shape, dtype, mode, layout, variant, nbytes, ours_us, ours_b2b, copy, compile_us=None,
+               note="", bound_kind="min"):
+        copy_us, copy_b2b = copy
+        ref = copy_us if compile_us is None else min(copy_us, compile_us)
+        bound = BOUND[regime] * (ref if bound_kind == "min" else copy_us)
+        ratio = ours_us / bound
+        b2b_ok = None
+        if regime == "decode":
+            b2b_ok = ours_b2b <= copy_b2b + 1.0
+        row = dict(regime=regime, shape=list(shape), dtype=dtype, mode=mode, layout=layout, variant=variant,
+                   bytes=nbytes, ours_us=ours_us, ours_b2b_us=ours_b2b, copy_us=copy_us, copy_b2b_us=copy_b2b,
+                   compile_us=compile_us, of_copy=copy_us / ours_us, bound_us=bound, ratio_to_bound=ratio,
+                   b2b_ok=b2b_ok, note=note)
+        self.rows.append(row)
+        comp = f"{compile_us:8.2f}" if compile_us is not None else "       -"
+        flag = "" if ratio <= 1.0 and b2b_ok is not False else "  <-- over bound"
+        print(f"{regime:9s} {str(tuple(shape)):19s} {dtype:8s} {mode:8s} {layout:8s} {variant:14s} "
+              f"{ours_us:8.2f} {ours_b2b:7.2f} {copy_us:8.2f} {copy_b2b:7.2f} {comp} {copy_us / ours_us:6.3f} "
+              f"{ratio:6.3f} {note}{flag}", flush=True)
+
+    # -- large tensors: base, table, partial, rotary2, backward ------------------------------------
+    def large(self, regimes):
+        for shape in LARGE_SHAPES:
+            B, M, H, K = shape
+            for dname, dtype in DTYPES.items():
+                esize = torch.tensor([], dtype=dtype).element_size()
+                nbytes = 2 * B * M * H * K * esize
+                copy = self.copy_us(nbytes, dtype)
+                P = M
+                cos_full, sin_full = {}, {}
                 for mode in MODES:
-                    cos, sin = tables(M, K, mode, dtype)
-                    variants = {
-                        "ours-base": dict(layout=layout, mode=mode, **kw),
-                        "ours-table": dict(layout=layout, mode=mode, cos_sin=True, **kw),
-                        "ours-partial": dict(layout=layout, mode=mode, rotary_size=K // 2, **kw),
-                    }
-                    for impl, v in variants.items():
-                        use_table = v.pop("cos_sin", False)
-                        out = torch.empty((B, M, H, K) if layout != "BHMK" else (B, H, M, K), dtype=dtype, device="cuda")
-                        if layout == "BM(H3K)":
-                            out = torch.empty(B, M, H * K, dtype=dtype, device="cuda")
-                        params = rope(raw, x, cos if use_table else None, sin if use_table else None,
-                                      layout=v.pop("layout"), out=out, plan_only=True, **v)
-                        kname = raw.kernel_name(params)
-                        fn = lambda params=params: raw.forward_cuda(params, stream)  # noqa: E731
-                        record(shape, dname, mode, layout, impl, nbytes, timer.gpu_us(fn), timer.b2b_us(fn),
-                               copy_gpu, kname)
-                    # peers (tables broadcast over the layout)
-                    if layout == "BHMK":
-                        c4, s4 = cos[None, None], sin[None, None]
-                    else:
-                        c4, s4 = cos[None, :, None], sin[None, :, None]
-                    eager = eager_plane if mode == "plane" else eager_interval
-                    record(shape, dname, mode, layout, "eager", nbytes, timer.gpu_us(lambda: eager(xv, c4, s4)),
-                           timer.b2b_us(lambda: eager(xv, c4, s4)), copy_gpu)
-                    if not args.no_compile and layout != "BHMK":
-                        cfn = compiled[mode]
-                        t0 = time.time()
-                        cfn(xv, c4, s4)
-                        torch.cuda.synchronize()
-                        note = f"compiled in {time.time() - t0:.1f}s"
-                        record(shape, dname, mode, layout, "compile", nbytes, timer.gpu_us(lambda: cfn(xv, c4, s4)),
-                               timer.b2b_us(lambda: cfn(xv, c4, s4)), copy_gpu, note)
-                    if liger is not None and mode == "plane" and layout == "BHMK":
-                        q = x.clone()
-                        k = x.clone()
-                        lc, ls = cos[None], sin[None]
-                        try:
-                            g = timer.gpu_us(lambda: liger.apply(q, k, lc, ls)) / 2
-                            w = timer.b2b_us(lambda: liger.apply(q, k, lc, ls)) / 2
-                            record(shape, dname, mode, layout, "liger", nbytes, g, w, copy_gpu,
-                                   "in place on q and k; time / 2")
-                        except Exception as e:  # noqa: BLE001
-                            print(f"# liger failed: {e}")
-                        del q, k
-                    if torchtune_rope is not None and mode == "interval" and layout == "BMHK":
-                        try:
-                            tt = torchtune_rope(dim=K, max_seq_len=max(M, 4096)).cuda()
-                            record(shape, dname, mode, layout, "torchtune", nbytes, timer.gpu_us(lambda: tt(x)),
-                                   timer.b2b_us(lambda: tt(x)), copy_gpu)
-                        except Exception as e:  # noqa: BLE001
-                            print(f"# torchtune failed: {e}")
-                del x, xv
-            # packed QKV: q and k of one tensor, vs reading and writing those two slices once
-            x = torch.empty(B, M, H * 3 * K, dtype=dtype, device="cuda").uniform_(-1, 1)
-            outs = [torch.empty(B, M, H * K, dtype=dtype, device="cuda") for _ in range(2)]
-            plist = [rope(raw, x, layout="BM(H3K)", k_size=K, tensor_index=i, out=outs[i], plan_only=True)
-                     for i in range(2)]
-            src2 = torch.empty(2 * n, dtype=dtype, device="cuda")
-            dst2 = torch.empty_like(src2)
-            copy2 = timer.gpu_us(lambda: dst2.copy_(src2))
+                    cos_full[mode] = rope_tables(P, K, mode, dtype)
+                for layout in LAYOUTS:
+                    x = alloc(layout, B, M, H, K, dtype)
+                    out_layout = unpacked(layout)
+                    out = alloc(out_layout, B, M, H, K, dtype)
+                    xv, head_axis, seq_first = logical_view(x, layout, K)
+                    kw = {"k_size": K, "tensor_index": 0} if slots_of(layout) > 1 else ({"k_size": K} if "(" in layout else {})
+                    ar = torch.arange(M, device="cuda")
+                    pos64 = ar.expand(B, 1, M).contiguous()
+                    pos32 = pos64.int()
+                    pos2 = torch.stack((ar, ar // 2)).expand(B, 2, M).contiguous()
+                    # index tensors for the peers, shaped like x without head and K axes
+                    pidx = pos64[:, 0].t() if seq_first else pos64[:, 0]
+                    pidx32 = pos32[:, 0].t() if seq_first else pos32[:, 0]
+                    p2 = [pos2[:, r].t() if seq_first else pos2[:, r] for r in range(2)]
+                    for mode in MODES:
+                        cos, sin = cos_full[mode]
+                        cosh, sinh = rope_tables(P, K // 2, mode, dtype)
+                        # tables by m broadcast over the layout (peer "table" / "partial")
+                        def bc(t):
+                            if seq_first:
+                                return t[:, None, None]
+                            if layout == "BHMK":
+                                return t[None, None]
+                            return t[None, :, None]
+                        variants = []
+                        if "base" in regimes:
+                            variants.append(("base", "base", {}, ("table", (xv, bc(cos), bc(sin)), K)))
+                        if "table" in regimes:
+                            variants.append(("table", "table", dict(cos=cos, sin=sin), ("table", (xv, bc(cos), bc(sin)), K)))
+                            variants.append(("table", "table+pos32", dict(cos=cos, sin=sin, position_ids=pos32),
+                                             ("pos", (xv, cos, sin, pidx32), K)))
+                            variants.append(("table", "table+pos64", dict(cos=cos, sin=sin, position_ids=pos64),
+                                             ("pos", (xv, cos, sin, pidx), K)))
+                        if "partial" in regimes:
+                            variants.append(("partial", "base", dict(rotary_size=K // 2),
+                                             ("partial", (xv, bc(cosh), bc(sinh)), K // 2)))
+                            variants.append(("partial", "table+pos64", dict(rotary_size=K // 2, cos=cosh, sin=sinh,
+                                                                             position_ids=pos64),
+                                             ("partial", (xv, bc(cosh), bc(sinh)), K // 2)))
+                        if "rotary2" in regimes:
+                            variants.append(("rotary2", "base+pos64", dict(position_ids=pos2),
+                                             ("rotary2", (xv, cosh, sinh, p2[0], p2[1]), K)))
+                            variants.append(("rotary2", "table+pos32", dict(position_ids=pos2.int(), cos=cosh, sin=sinh),
+                                             ("rotary2", (xv, cosh, sinh, p2[0].int(), p2[1].int()), K)))
+                        for regime, variant, call, (kind, fn_args, rot) in variants:
+                            params = rope(self.raw, x, call.get("cos"), call.get("sin"), call.get("position_ids"),
+                                          layout=layout, out=out, mode=mode, plan_only=True,
+                                          rotary_size=call.get("rotary_size"), **kw)
+                            fn, kname = self.ours(params)
+                            ours_us = self.timer.gpu_us(fn)
+                            compile_us, note = None, kname
+                            if layout in self.compile_layouts:
+                                key = (shape, dname, mode, layout, kind, variant.endswith("pos32"))
+                                compile_us = self.peer(key, fn_args, mode, kind, head_axis, rot)
+                            self.record(regime, shape, dname, mode, layout, variant, nbytes, ours_us, 0.0, copy,
+                                        compile_us, note)
+                        if "backward" in regimes:
+                            self.backward(shape, dname, dtype, mode, layout, x, out, kw, cos, sin, pos64)
+                    del x, out
+                torch.cuda.empty_cache()
 
-            def both():
-                raw.forward_cuda(plist[0], stream)
-                raw.forward_cuda(plist[1], stream)
+    def backward(self, shape, dname, dtype, mode, layout, x, dy, kw, cos, sin, pos64):
+        """dx (x's layout; the other slots of a packed x get zeros) from dy (the output layout)."""
+        B, M, H, K = shape
+        esize = torch.tensor([], dtype=dtype).element_size()
+        n = B * M * H * K
+        nbytes = (n + n * slots_of(layout)) * esize  # dy read + dx written (all slots)
+        copy = self.copy_us(nbytes, dtype)
+        out_layout = unpacked(layout)
+        index = kw.get("tensor_index", 0)
+        slot = index
+        for variant, tables in (("base", {}), ("table+pos64", dict(cos=cos, sin=sin, position_ids=pos64))):
+            params = rope(self.raw, dy, tables.get("cos"), tables.get("sin"), tables.get("position_ids"),
+                          layout=out_layout, out=x, mode=mode, plan_only=True, k_size=K)
+            # re-point the output at x's selected slot, in x's layout, with zeros in the others
+            entry = tensor_entry(dy, x, out_layout, layout, K, H, 0, slot)
+            params.update(entry)
+            params["inverse"] = True
+            if slots_of(layout) > 1:
+                params["zero_slots"] = [(s - slot) * K for s in range(slots_of(layout)) if s != slot]
+            fn, kname = self.ours(params)
+            self.record("backward", shape, dname, mode, layout, variant, nbytes, self.timer.gpu_us(fn), 0.0, copy,
+                        None, kname)
 
-            record(shape, dname, "plane", "BM(H3K)", "ours-q+k", 2 * nbytes, timer.gpu_us(both), timer.b2b_us(both),
-                   copy2, "q and k of one packed tensor vs copy of 2 slices")
-            del x, outs, src2, dst2, src, dst
+    # -- decode ----------------------------------------------------------------------------------
+    def decode(self):
+        H, K = 32, 128
+        for B in DECODE_BATCHES:
+            shape = (B, 1, H, K)
+            for dname, dtype in DTYPES.items():
+                esize = torch.tensor([], dtype=dtype).element_size()
+                nbytes = 2 * B * H * K * esize
+                copy = self.copy_us(nbytes, dtype)
+                for layout in ("BMHK", "BM(H3K)"):
+                    x = alloc(layout, B, 1, H, K, dtype)
+                    out = alloc(unpacked(layout), B, 1, H, K, dtype)
+                    kw = {"k_size": K, "tensor_index": 1} if slots_of(layout) > 1 else {}
+                    P = 8192
+                    for mode in MODES:
+                        cos, sin = rope_tables(P, K, mode, dtype)
+                        lens = torch.randint(0, P, (B,), device="cuda")
+                        pos = lens.view(B, 1, 1)
+                        for variant, call in (("base+offsets", dict(offsets=lens)),
+                                              ("table+pos64", dict(cos=cos, sin=sin, position_ids=pos))):
+                            params = rope(self.raw, x, call.get("cos"), call.get("sin"), call.get("position_ids"),
+                                          layout=layout, out=out, mode=mode, plan_only=True, **kw)
+                            if "offsets" in call:
+                                params.update(seqlen_offsets=call["offsets"].data_ptr(), offsets_dtype="int64")
+                            fn, kname = self.ours(params)
+                            self.record("decode", shape, dname, mode, layout, variant, nbytes, self.timer.gpu_us(fn),
+                                        self.timer.b2b_us(fn), copy, None, kname, bound_kind="copy")
+                    del x, out
+
+    # -- packed q and k in one launch ------------------------------------------------------------
+    def packed_qk(self):
+        for shape in LARGE_SHAPES + [(1, 1, 32, 128), (64, 1, 32, 128)]:
+            B, M, H, K = shape
+            for dname, dtype in DTYPES.items():
+                esize = torch.tensor([], dtype=dtype).element_size()
+                nbytes = 2 * 2 * B * M * H * K * esize
+                copy = self.copy_us(nbytes, dtype)
+                for layout in ("BM(H3K)", "MB(H3K)"):
+                    x = alloc(layout, B, M, H, K, dtype)
+                    outs = [alloc(unpacked(layout), B, M, H, K, dtype) for _ in range(2)]
+                    tensors = [tensor_entry(x, outs[s], layout, unpacked(layout), K, H, src_slot=s) for s in range(2)]
+                    for mode in MODES:
+                        params = extended_params(self.raw, tensors, dtype=dname, B=B, M=M, K=K, mode=mode)
+                        fn, kname = self.ours(params)
+                        self.record("packed-qk", shape, dname, mode, layout, "q+k", nbytes, self.timer.gpu_us(fn),
+                                    self.timer.b2b_us(fn), copy, None, kname, bound_kind="copy")
+                    del x, outs
             torch.cuda.empty_cache()
 
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"header": header, "rows": rows}, fh, indent=1)
-    summarize(rows)
-    if args.plot:
-        plot(rows, args.plot)
-    return 0
+    # -- LLM-stack inputs ------------------------------------------------------------------------
+    def llm(self):
+        # decode step: q (B,1,32,128) and k (B,1,8,128) in one launch vs two calls, offsets = cache lengths
+        for B in DECODE_BATCHES:
+            for dname in ("bfloat16",):
+                dtype = DTYPES[dname]
+                esize = torch.tensor([], dtype=dtype).element_size()
+                K = 128
+                q = alloc("BMHK", B, 1, 32, K, dtype)
+                k = alloc("BMHK", B, 1, 8, K, dtype)
+                oq, ok_ = torch.empty_like(q), torch.empty_like(k)
+                lens = torch.randint(0, 8192, (B,), device="cuda")
+                nbytes = 2 * (q.numel() + k.numel()) * esize
+                copy = self.copy_us(nbytes, dtype)
+                both = extended_params(self.raw, [tensor_entry(q, oq, "BMHK", "BMHK", K, 32),
+                                                  tensor_entry(k, ok_, "BMHK", "BMHK", K, 8)],
+                                       dtype=dname, B=B, M=1, K=K, seqlen_offsets=lens)
+                fn, kname = self.ours(both)
+                one = self.timer.gpu_us(fn), self.timer.b2b_us(fn)
+                plans = [self.raw.Plan(extended_params(self.raw, [e], dtype=dname, B=B, M=1, K=K, seqlen_offsets=lens))
+                         for e in (tensor_entry(q, oq, "BMHK", "BMHK", K, 32), tensor_entry(k, ok_, "BMHK", "BMHK", K, 8))]
+
+                def two():
+                    plans[0].run_cuda(self.stream)
+                    plans[1].run_cuda(self.stream)
+
+                two_t = self.timer.gpu_us(two), self.timer.b2b_us(two)
+                self.record("decode", (B, 1, 40, K), dname, "plane", "BMHK", "q+k 1 launch", nbytes, one[0], one[1],
+                            copy, None, f"{kname}; two calls: {two_t[0]:.2f} us gpu, {two_t[1]:.2f} us b2b",
+                            bound_kind="copy")
+        # float32 tables with bf16 x, inv_freq vs base: large shapes, BMHK
+        for shape in LARGE_SHAPES[1:3]:
+            B, M, H, K = shape
+            dname = "bfloat16"
+            dtype = DTYPES[dname]
+            nbytes = 2 * B * M * H * K * 2
+            copy = self.copy_us(nbytes, dtype)
+            x = alloc("BMHK", B, M, H, K, dtype)
+            out = torch.empty_like(x)
+            pos = torch.arange(M, device="cuda").expand(B, 1, M).contiguous()
+            for mode in MODES:
+                c32, s32 = rope_tables(M, K, mode, torch.float32)
+                inv = (1.0 / (10000.0 ** (torch.arange(0, K, 2, device="cuda", dtype=torch.float64) / K))).float()
+                entries = [tensor_entry(x, out, "BMHK", "BMHK", K, H)]
+                for variant, params in (
+                        ("f32 table+pos", extended_params(self.raw, entries, dtype=dname, B=B, M=M, K=K, mode=mode,
+                                                          cos=c32, sin=s32, position_ids=pos)),
+                        ("inv_freq", extended_params(self.raw, entries, dtype=dname, B=B, M=M, K=K, mode=mode,
+                                                     inv_freq=inv, attention_scaling=1.1)),
+                        ("base", extended_params(self.raw, entries, dtype=dname, B=B, M=M, K=K, mode=mode))):
+                    fn, kname = self.ours(params)
+                    self.record("llm", shape, dname, mode, "BMHK", variant, nbytes, self.timer.gpu_us(fn), 0.0, copy,
+                                None, kname, bound_kind="copy")
+            del x, out
+
+    # -- packed variable-length sequences --------------------------------------------------------
+    def varlen(self):
+        H, K, S, T = 32, 128, 64, 128 * 1024
+        gen = torch.Generator().manual_seed(0)
+        cuts = torch.sort(torch.randperm(T - 1, generator=gen)[: S - 1] + 1).values
+        cu = torch.cat((torch.tensor([0]), cuts, torch.tensor([T]))).cuda()
+        for dname in ("bfloat16", "float16"):
+            dtype = DTYPES[dname]
+            nbytes = 2 * T * H * K * 2
+            copy = self.copy_us(nbytes, dtype)
+            x = alloc("BMHK", 1, T, H, K, dtype)  # (T, H, K) as B = 1, M = T
+            out = torch.empty_like(x)
+            entries = [tensor_entry(x, out, "BMHK", "BMHK", K, H)]
+            for mode in MODES:
+                cos, sin = rope_tables(T, K, mode, dtype)
+                for variant, kw in (("base", {}), ("table", dict(cos=cos, sin=sin))):
+                    for cdt in (torch.int32, torch.int64):
+                        params = extended_params(self.raw, entries, dtype=dname, B=1, M=T, K=K, mode=mode,
+                                                 cu_seqlens=cu.to(cdt), **kw)
+                        fn, kname = self.ours(params)
+                        self.record("varlen", (T, H, K), dname, mode, "(BM)HK", f"{variant}+cu{str(cdt)[-2:]}",
+                                    nbytes, self.timer.gpu_us(fn), 0.0, copy, None, kname, bound_kind="copy")
+            del x, out
 
 
 def summarize(rows: List[Dict]) -> None:
-    """Targets of issue 3: >= 0.97 of copy for >= 64 MiB; never slower than the fastest peer."""
-    print("\n# summary")
-    big = [r for r in rows if r["impl"].startswith("ours") and r["impl"] != "ours-q+k"
-           and r["gpu_us"] and r["gbps"] * r["gpu_us"] * 1e3 / 2 >= 64 * 2**20]
-    if big:
-        worst = min(big, key=lambda r: r["of_copy"])
-        print(f"ours on >= 64 MiB tensors: min of_copy {worst['of_copy']:.3f} "
-              f"({worst['shape']} {worst['dtype']} {worst['mode']} {worst['layout']} {worst['impl']}), "
-              f"median {statistics.median(r['of_copy'] for r in big):.3f}")
-    key = lambda r: (tuple(r["shape"]), r["dtype"], r["mode"], r["layout"])  # noqa: E731
-    groups: Dict = {}
-    for r in rows:
-        groups.setdefault(key(r), []).append(r)
-    slower = []
-    for k, rs in groups.items():
-        peers = [r for r in rs if not r["impl"].startswith("ours") and r["impl"] != "copy"]
-        ours = [r for r in rs if r["impl"] in ("ours-table", "ours-base")]
-        if not peers or not ours:
+    print("\n# per regime: worst ratio of our GPU time to the bound (<= 1.000 meets it)")
+    for regime in REGIMES:
+        rs = [r for r in rows if r["regime"] == regime]
+        if not rs:
             continue
-        best_peer = min(peers, key=lambda r: r["gpu_us"])
-        mine = min(ours, key=lambda r: r["gpu_us"])
-        if mine["gpu_us"] > 1.02 * best_peer["gpu_us"]:
-            slower.append((k, mine["gpu_us"], best_peer["impl"], best_peer["gpu_us"]))
-    print(f"configurations where our best is > 2% slower than the fastest peer: {len(slower)}")
-    for k, ours_us, peer, peer_us in slower:
-        print(f"  {k}: ours {ours_us:.2f} us vs {peer} {peer_us:.2f} us")
-    qk = [r for r in rows if r["impl"] == "ours-q+k"]
-    if qk:
-        print(f"packed q+k vs copy of the two slices: min {min(r['of_copy'] for r in qk):.3f}, "
-              f"max {max(r['of_copy'] for r in qk):.3f}")
+        worst = max(rs, key=lambda r: r["ratio_to_bound"])
+        over = sum(r["ratio_to_bound"] > 1.0 for r in rs)
+        extra = ""
+        if regime == "decode":
+            b2b_bad = [r for r in rs if r["b2b_ok"] is False]
+            extra = f"; b2b over copy+1us: {len(b2b_bad)}"
+        print(f"{regime:9s} worst {worst['ratio_to_bound']:.3f} ({tuple(worst['shape'])} {worst['dtype']} "
+              f"{worst['mode']} {worst['layout']} {worst['variant']}: {worst['ours_us']:.2f} us vs bound "
+              f"{worst['bound_us']:.2f} us), over bound {over}/{len(rs)}{extra}")
 
 
 def plot(rows: List[Dict], path: str) -> None:
@@ -303,25 +471,86 @@ def plot(rows: List[Dict], path: str) -> None:
     except ImportError:
         print("# matplotlib unavailable: no plot")
         return
-    sel = [r for r in rows if r["layout"] in ("BMHK", "-") and r["mode"] in ("plane", "-") and r["dtype"] == "float16"]
-    impls = sorted({r["impl"] for r in sel})
-    shapes = [tuple(s) for s in SHAPES]
-    fig, ax = plt.subplots(figsize=(10, 5))
-    width = 0.8 / len(impls)
-    for i, impl in enumerate(impls):
-        ys = []
-        for s in shapes:
-            match = [r for r in sel if r["impl"] == impl and tuple(r["shape"]) == s]
-            ys.append(match[0]["gbps"] if match else 0)
-        ax.bar([j + i * width for j in range(len(shapes))], ys, width, label=impl)
-    ax.set_xticks([j + 0.4 for j in range(len(shapes))])
-    ax.set_xticklabels([str(s) for s in shapes], rotation=15, fontsize=8)
-    ax.set_ylabel("GB/s (x read + out written)")
-    ax.set_title("RoPE, float16, BMHK, plane: GPU time with L2 flushed")
-    ax.legend(fontsize=8)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 5))
+    regimes = [g for g in REGIMES if any(r["regime"] == g for r in rows)]
+    data = [[r["ratio_to_bound"] for r in rows if r["regime"] == g] for g in regimes]
+    ax1.boxplot(data, labels=regimes, showfliers=True)
+    ax1.axhline(1.0, color="red", linestyle="--", linewidth=1)
+    ax1.set_ylabel("our GPU time / bound  (<= 1 meets it)")
+    ax1.set_title("All configurations, per regime")
+    ax1.tick_params(axis="x", rotation=30)
+    dec = [r for r in rows if r["regime"] == "decode" and r["layout"] == "BMHK" and r["mode"] == "plane"
+           and r["dtype"] == "bfloat16"]
+    labels = [f"{r['shape'][0]}x{r['shape'][2]}h {r['variant']}" for r in dec]
+    xs = range(len(dec))
+    ax2.bar([i - 0.2 for i in xs], [r["ours_us"] for r in dec], 0.4, label="ours")
+    ax2.bar([i + 0.2 for i in xs], [r["copy_us"] for r in dec], 0.4, label="copy")
+    ax2.set_yscale("log")
+    ax2.set_xticks(list(xs))
+    ax2.set_xticklabels(labels, rotation=60, fontsize=7, ha="right")
+    ax2.set_ylabel("GPU time, us (log)")
+    ax2.set_title("Decode (M = 1), bfloat16, plane, BMHK")
+    ax2.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     print(f"# plot saved to {path}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--build", default="build-gpu")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--no-compile", action="store_true", help="no torch.compile peers (bounds use the copy only)")
+    ap.add_argument("--compile-layouts", default="BMHK", help="layouts timed against torch.compile")
+    ap.add_argument("--regimes", default=",".join(REGIMES))
+    ap.add_argument("--shapes", help="large shapes, e.g. '4x4096x32x128,2x8192x8x128'")
+    ap.add_argument("--launch", help="force the launch shape 'items_per_thread,threads' (sweeps)")
+    ap.add_argument("--json")
+    ap.add_argument("--plot")
+    args = ap.parse_args()
+    sys.path.insert(0, args.build)
+    import _rope_raw as raw
+
+    global LARGE_SHAPES
+    if args.shapes:
+        LARGE_SHAPES = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    if args.launch:
+        raw.set_launch_override(*[int(v) for v in args.launch.split(",")])
+    import torch._dynamo as dynamo
+    dynamo.config.cache_size_limit = 4096
+    props = torch.cuda.get_device_properties(0)
+    header = (f"# device: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}\n"
+              f"# command: python {' '.join(sys.argv)}\n"
+              f"# GPU time: median of {12 if args.quick else 30} calls, L2 flushed before each; "
+              f"b2b: calls back to back (decode only)\n"
+              f"# bound: {BOUND}; x min(copy, torch.compile) where compile was timed "
+              f"(layouts {'none' if args.no_compile else args.compile_layouts}), else x copy")
+    print(header)
+    print(f"{'regime':9s} {'shape':19s} {'dtype':8s} {'mode':8s} {'layout':8s} {'variant':14s} {'ours_us':>8s} "
+          f"{'b2b':>7s} {'copy_us':>8s} {'c_b2b':>7s} {'compile':>8s} {'ofcopy':>6s} {'/bound':>6s}")
+    bench = Bench(args, raw)
+    regimes = set(args.regimes.split(","))
+    t0 = time.time()
+    large = regimes & {"base", "table", "partial", "rotary2", "backward"}
+    if large:
+        bench.large(large)
+    if "decode" in regimes:
+        bench.decode()
+    if "packed-qk" in regimes:
+        bench.packed_qk()
+    if "llm" in regimes:
+        bench.llm()
+    if "varlen" in regimes:
+        bench.varlen()
+    compile_secs = sum(s for _, s in bench.compiled.values())
+    print(f"# elapsed {time.time() - t0:.0f} s ({len(bench.compiled)} torch.compile peers, {compile_secs:.0f} s compiling)")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"header": header, "rows": bench.rows}, fh, indent=1)
+    summarize(bench.rows)
+    if args.plot:
+        plot(bench.rows, args.plot)
+    return 0
 
 
 if __name__ == "__main__":

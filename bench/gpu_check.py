@@ -27,17 +27,26 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 from cases import Case, forward_cases, make_inputs, max_position, output_layout_cases, round_to_dtype  # noqa: E402
-from raw_driver import rope, rope_backward  # noqa: E402
-from reference import rope_reference, rope_reference_backward, tolerance  # noqa: E402
+from raw_driver import extended_params, launch, rope, rope_backward, tensor_entry  # noqa: E402
+from reference import (positions_from_cu_seqlens, rope_reference, rope_reference_backward,  # noqa: E402
+                       to_logical, tolerance)
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
                 "bfloat16": torch.bfloat16}
 
 
+DEVICE = "cuda"  # --device cpu runs the same checks through the CPU kernel (checks the harness)
+
+
+def sync():
+    if DEVICE == "cuda":
+        sync()
+
+
 def to_torch(a, dtype=None):
     if a is None:
         return None
-    t = torch.from_numpy(np.ascontiguousarray(a)).cuda()
+    t = torch.from_numpy(np.ascontiguousarray(a)).to(DEVICE)
     return t.to(TORCH_DTYPES[dtype]) if dtype is not None else t
 
 
@@ -69,7 +78,7 @@ def run_case(raw, res, group, case: Case, M=5, K=16, max_pos=4096, backward=True
     arrays, kwargs = make_inputs(case, M=M, K=K, max_position=max_pos)
     t = {n: to_torch(arrays[n], case.dtype if n != "position_ids" else None) for n in arrays}
     out = rope(raw, t["x"], t["cos"], t["sin"], t["position_ids"], **kwargs)
-    torch.cuda.synchronize()
+    sync()
     expected = rope_reference(arrays["x"], cos=arrays["cos"], sin=arrays["sin"],
                               position_ids=arrays["position_ids"], **kwargs)
     tol = tolerance(case.dtype, max_position(arrays, M))
@@ -81,7 +90,7 @@ def run_case(raw, res, group, case: Case, M=5, K=16, max_pos=4096, backward=True
         dy = round_to_dtype(rng.uniform(-1, 1, expected.shape), case.dtype)
         dx = rope_backward(raw, to_torch(dy, case.dtype), tuple(arrays["x"].shape), t["cos"], t["sin"],
                            t["position_ids"], **kwargs)
-        torch.cuda.synchronize()
+        sync()
         exp_dx = rope_reference_backward(dy, cos=arrays["cos"], sin=arrays["sin"],
                                          position_ids=arrays["position_ids"], x_shape=arrays["x"].shape, **kwargs)
         err = float(np.max(np.abs(to_np64(dx) - exp_dx))) if exp_dx.size else 0.0
@@ -133,7 +142,7 @@ def check_views_and_odd_tensors(raw, res):
         name = raw.kernel_name(params)
         out = rope(raw, xm)
         err = float(np.max(np.abs(to_np64(out) - rope_reference(to_np64(xm)))))
-        res.check("views", f"misaligned-{dtype}-{name}", name == "generic" and err <= tolerance(dtype, 10),
+        res.check("views", f"misaligned-{dtype}-{name}", name == "elementwise" and err <= tolerance(dtype, 10),
                   f"err={err:.3g}")
         # non-unit stride of K (every other element of the last axis)
         wide = to_torch(round_to_dtype(rng.uniform(-1, 1, (2, 7, 6, 128)), dtype), dtype)
@@ -143,18 +152,172 @@ def check_views_and_odd_tensors(raw, res):
         res.check("views", f"k-stride-2-{dtype}", err <= tolerance(dtype, 10), f"err={err:.3g}")
     # empty tensors
     for shape, layout in (((0, 5, 3, 16), "BMHK"), ((2, 0, 3 * 3 * 16), "BM(H3K)")):
-        x = torch.zeros(shape, device="cuda")
+        x = torch.zeros(shape, device=DEVICE)
         out = rope(raw, x, layout=layout, k_size=16 if "(" in layout else None)
         res.check("odd", f"empty-{layout}", out.numel() == 0)
     # positions outside the table: NaN rows, no out-of-bounds read (compute-sanitizer checks)
-    x = torch.ones(1, 3, 2, 8, device="cuda")
-    cos = torch.ones(4, 8, device="cuda")
-    sin = torch.zeros(4, 8, device="cuda")
-    pos = torch.tensor([[[0, 4, -1]]], device="cuda", dtype=torch.int64)
+    x = torch.ones(1, 3, 2, 8, device=DEVICE)
+    cos = torch.ones(4, 8, device=DEVICE)
+    sin = torch.zeros(4, 8, device=DEVICE)
+    pos = torch.tensor([[[0, 4, -1]]], device=DEVICE, dtype=torch.int64)
     out = rope(raw, x, cos, sin, pos)
-    torch.cuda.synchronize()
+    sync()
     ok = bool(torch.isnan(out[0, 1]).all() and torch.isnan(out[0, 2]).all() and (out[0, 0] == 1).all())
     res.check("odd", "positions-outside-table-give-nan", ok)
+
+
+# One rounding of the output dtype (half a unit in the last place for |out| < 2), plus float32's
+# own error: the bound of angles computed from base at positions up to 2^24.
+LONG_CONTEXT_BOUND = {"float32": 1e-6, "bfloat16": 4e-3, "float16": 4.9e-4, "float64": 1e-10}
+
+
+def check_long_context(raw, res):
+    """Angles from base at positions up to 2^24: float32 within 1e-6 of float64, 16-bit types
+    within one final rounding."""
+    rng = np.random.default_rng(1 << 24)
+    for dtype in ("float32", "bfloat16", "float16", "float64"):
+        for mode in ("plane", "interval"):
+            for base in (10000.0, 500000.0):
+                B, M, H, K = 2, 128, 2, 128
+                x = round_to_dtype(rng.uniform(-1, 1, (B, M, H, K)), dtype)
+                pos = rng.integers(0, (1 << 24) + 1, (B, 1, M)).astype(np.int64)
+                pos[0, 0, :6] = [0, 1 << 24, (1 << 24) - 1, 1 << 20, (1 << 20) + 1, 65535]
+                out = rope(raw, to_torch(x, dtype), position_ids=to_torch(pos), mode=mode, base=base)
+                expected = rope_reference(x, position_ids=pos, mode=mode, base=base)
+                err = float(np.max(np.abs(to_np64(out) - expected)))
+                bound = LONG_CONTEXT_BOUND[dtype]
+                name = f"{dtype}-{mode}-base{base:g}"
+                res.check("precision-2^24", name, err <= bound, f"err={err:.3g} bound={bound}")
+                res.worst("precision-2^24", err / bound)
+                print(f"  positions <= 2^24 {name}: max err {err:.3g} (bound {bound})")
+
+
+def _run_extended(raw, res, group, name, dtype, outs_expected, params, x_for_device, tol):
+    launch(raw, x_for_device, params)
+    sync()
+    for i, (out, expected) in enumerate(outs_expected):
+        got = to_np64(out)
+        if np.isnan(expected).any():  # rows that must be NaN
+            ok = bool(np.array_equal(np.isnan(got), np.isnan(expected)))
+            err = float(np.nanmax(np.abs(got - expected))) if ok else float("inf")
+        else:
+            err = float(np.max(np.abs(got - expected))) if expected.size else 0.0
+        res.check(group, f"{name}[{i}]", err <= tol, f"err={err:.3g} tol={tol}")
+        res.worst(group, err / tol)
+
+
+def check_extensions(raw, res, K=128):
+    """The inputs beyond upstream's op: seqlen offsets, inv_freq + attention_scaling, float32
+    tables with 16-bit x, q and k (different head counts, or two slots of a packed tensor) in one
+    launch, packed-gradient zero fill, cu_seqlens (valid and malformed)."""
+    rng = np.random.default_rng(12)
+    B, M = 3, 37
+    for dtype in ("float16", "bfloat16", "float32", "float64"):
+        tdt = TORCH_DTYPES[dtype]
+        for mode in ("plane", "interval"):
+            for Kh in (K, 16):
+                rot = Kh if Kh == 16 else Kh // 2  # partial rotation on the large head
+                Hq, Hk = 4, 2
+                q = round_to_dtype(rng.uniform(-1, 1, (B, M, Hq, Kh)), dtype)
+                k = round_to_dtype(rng.uniform(-1, 1, (B, M, Hk, Kh)), dtype)
+                tq, tk = to_torch(q, dtype), to_torch(k, dtype)
+                oq = torch.full_like(tq, float("nan"))
+                ok_ = torch.full_like(tk, float("nan"))
+                tensors = [tensor_entry(tq, oq, "BMHK", "BMHK", Kh, Hq), tensor_entry(tk, ok_, "BMHK", "BMHK", Kh, Hk)]
+                tol = tolerance(dtype, 4096 + 64)
+                tag = f"{dtype}-{mode}-K{Kh}"
+                # 1. per-sequence offsets (int32 / int64) and a scalar offset, computed angles, q+k
+                for odt in (np.int32, np.int64):
+                    offs = rng.integers(0, 4096, (B,)).astype(odt)
+                    params = extended_params(raw, tensors, dtype=dtype, B=B, M=M, K=Kh, mode=mode, rotary_size=rot,
+                                             seqlen_offsets=to_torch(offs), seqlen_offset=5)
+                    exp = [rope_reference(a, mode=mode, rotary_size=rot, seqlen_offsets=offs.astype(np.int64) + 5)
+                           for a in (q, k)]
+                    _run_extended(raw, res, "offsets+qk", f"{tag}-{np.dtype(odt).name}", dtype,
+                                  list(zip((oq, ok_), exp)), params, tq, tol)
+                # 2. inv_freq (float32 / float64) with attention_scaling, offsets
+                for fdt in (np.float32, np.float64):
+                    inv = (1.0 / (10000.0 ** (np.arange(0, rot, 2) / rot)) * rng.uniform(0.5, 1.0, rot // 2)).astype(fdt)
+                    offs = rng.integers(0, 4096, (B,)).astype(np.int64)
+                    params = extended_params(raw, tensors, dtype=dtype, B=B, M=M, K=Kh, mode=mode, rotary_size=rot,
+                                             inv_freq=to_torch(inv), attention_scaling=0.8, seqlen_offsets=to_torch(offs))
+                    exp = [rope_reference(a, mode=mode, rotary_size=rot, seqlen_offsets=offs, inv_freq=inv,
+                                          attention_scaling=0.8) for a in (q, k)]
+                    _run_extended(raw, res, "inv_freq+scaling", f"{tag}-{np.dtype(fdt).name}", dtype,
+                                  list(zip((oq, ok_), exp)), params, tq, tol)
+                # 3. tables (x's dtype, and float32 with 16-bit x) with position_ids, some out of range
+                table_dtypes = [dtype] + (["float32"] if dtype in ("float16", "bfloat16") else [])
+                for table_dtype in table_dtypes:
+                    rows = 4096
+                    j = np.arange(rot)
+                    i = j % (rot // 2) if mode == "plane" else j // 2
+                    ang = rng.uniform(-np.pi, np.pi, (rows, rot // 2))[:, i]
+                    cos_t = round_to_dtype(np.cos(ang), table_dtype)
+                    sin_t = round_to_dtype(np.sin(ang), table_dtype)
+                    pos = rng.integers(0, rows, (B, 1, M)).astype(np.int64)
+                    pos[1, 0, 3] = rows  # outside the table: NaN row
+                    pos[2, 0, 5] = -1
+                    params = extended_params(raw, tensors, dtype=dtype, B=B, M=M, K=Kh, mode=mode, rotary_size=rot,
+                                             cos=to_torch(cos_t, table_dtype), sin=to_torch(sin_t, table_dtype),
+                                             position_ids=to_torch(pos), attention_scaling=1.25)
+                    safe = np.clip(pos, 0, rows - 1)
+                    exp = []
+                    for a in (q, k):
+                        e = rope_reference(a, cos=cos_t * 1.25, sin=sin_t * 1.25, position_ids=safe, mode=mode,
+                                           rotary_size=rot)
+                        e[1, 3, :, :rot] = np.nan
+                        e[2, 5, :, :rot] = np.nan
+                        exp.append(e)
+                    _run_extended(raw, res, "tables+qk", f"{tag}-table_{table_dtype}", dtype,
+                                  list(zip((oq, ok_), exp)), params, tq, tol)
+        # 4. q and k slots of one packed BM(H3K) tensor in one launch, written as BHMK
+        H = 4
+        qkv = round_to_dtype(rng.uniform(-1, 1, (B, M, H * 3 * K)), dtype)
+        t = to_torch(qkv, dtype)
+        outs = [torch.full((B, H, M, K), float("nan"), dtype=tdt, device=DEVICE) for _ in range(2)]
+        tensors = [tensor_entry(t, outs[s], "BM(H3K)", "BHMK", K, H, src_slot=s) for s in range(2)]
+        for mode in ("plane", "interval"):
+            params = extended_params(raw, tensors, dtype=dtype, B=B, M=M, K=K, mode=mode, seqlen_offset=100)
+            exp = [rope_reference(qkv, "BM(H3K)", tensor_index=s, k_size=K, mode=mode, output_layout="BHMK",
+                                  seqlen_offsets=100) for s in range(2)]
+            _run_extended(raw, res, "packed-qk", f"{dtype}-{mode}", dtype, list(zip(outs, exp)), params, t,
+                          tolerance(dtype, 200))
+        # 5. cu_seqlens: packed tokens (T, H, K) as B = 1, M = T; valid and malformed offsets
+        T = 300
+        xs = round_to_dtype(rng.uniform(-1, 1, (1, T, H, K)), dtype)
+        tx = to_torch(xs, dtype)
+        out = torch.full_like(tx, float("nan"))
+        tensors = [tensor_entry(tx, out, "BMHK", "BMHK", K, H)]
+        lengths = rng.integers(0, 40, 12)
+        lengths[-1] = T - lengths[:-1].sum() if lengths[:-1].sum() < T else 0
+        cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        cu[-1] = T
+        cu = np.maximum.accumulate(np.minimum(cu, T))
+        for cdt in (np.int32, np.int64):
+            for mode in ("plane", "interval"):
+                params = extended_params(raw, tensors, dtype=dtype, B=1, M=T, K=K, mode=mode,
+                                         cu_seqlens=to_torch(cu.astype(cdt)))
+                exp = rope_reference(xs, mode=mode, position_ids=positions_from_cu_seqlens(cu, T))
+                _run_extended(raw, res, "cu_seqlens", f"{dtype}-{mode}-{np.dtype(cdt).name}", dtype, [(out, exp)],
+                              params, tx, tolerance(dtype, T))
+        bad = cu.copy()
+        bad[-1] = T - 1  # last entry is not T: every row NaN
+        params = extended_params(raw, tensors, dtype=dtype, B=1, M=T, K=K, cu_seqlens=to_torch(bad))
+        exp = rope_reference(xs, position_ids=positions_from_cu_seqlens(cu, T))
+        exp[..., :K] = np.nan
+        _run_extended(raw, res, "cu_seqlens", f"{dtype}-malformed-last", dtype, [(out, exp)], params, tx, 1.0)
+        dec = cu.copy()
+        dec[3], dec[4] = cu[4] + 1, cu[3]  # decreasing: rows in the broken range NaN, the rest right
+        params = extended_params(raw, tensors, dtype=dtype, B=1, M=T, K=K, cu_seqlens=to_torch(dec))
+        launch(raw, tx, params)
+        sync()
+        got = to_np64(out)
+        exp = rope_reference(xs, position_ids=positions_from_cu_seqlens(cu, T))
+        lo_t, hi_t = int(min(cu[2], dec[3], dec[4])), int(max(cu[5], cu[4] + 2, dec[3], dec[4]))
+        keep = np.ones(T, bool)
+        keep[lo_t:hi_t] = False
+        finite_ok = np.isfinite(got[:, keep]).all() and float(np.max(np.abs(got[:, keep] - exp[:, keep]))) <= tolerance(dtype, T)
+        res.check("cu_seqlens", f"{dtype}-malformed-decreasing", bool(finite_ok), "rows outside the broken range")
 
 
 def check_large(raw, res):
@@ -164,11 +327,11 @@ def check_large(raw, res):
     for dtype, layout, misalign in (("float16", "BMHK", 0), ("bfloat16", "BHMK", 0), ("float16", "BMHK", 1)):
         shape = (1, M, H, K) if layout == "BMHK" else (1, H, M, K)
         n = int(np.prod(shape))
-        flat = torch.empty(n + misalign, dtype=TORCH_DTYPES[dtype], device="cuda").uniform_(-1, 1)
+        flat = torch.empty(n + misalign, dtype=TORCH_DTYPES[dtype], device=DEVICE).uniform_(-1, 1)
         x = flat[misalign:].view(shape)  # misalign=1 forces the generic kernel
         assert x.numel() > 2**31
         out = rope(raw, x, layout=layout)
-        torch.cuda.synchronize()
+        sync()
         tail = slice(M - 8, M)
         xs = x[:, tail] if layout == "BMHK" else x[:, :, tail]
         # reference positions of the tail rows are M-8..M-1: shift via position_ids
@@ -190,33 +353,52 @@ def main() -> int:
     ap.add_argument("--subset", type=int, default=1, help="run every Nth case only (for sanitizers)")
     ap.add_argument("--no-large", action="store_true", help="skip the >2^31-element tensors")
     ap.add_argument("--json", help="write a summary here")
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu to run the checks through the CPU kernel")
+    ap.add_argument("--only", help="comma-separated groups to run: cases,precision,long,views,extensions,large")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
     sys.path.insert(0, args.build)
     import _rope_raw as raw
 
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  cmd: {' '.join(sys.argv)}")
+    name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (CPU kernel)"
+    print(f"device: {name}  torch {torch.__version__}  cmd: {' '.join(sys.argv)}")
+    only = set(args.only.split(",")) if args.only else None
+
+    def wanted(group):
+        return only is None or group in only
+
     res = Results()
     t0 = time.time()
-    fwd = forward_cases()[:: args.subset]
+    fwd = forward_cases()[:: args.subset] if wanted("cases") else []
     for case in fwd:
         try:
             run_case(raw, res, "table", case)
         except Exception:  # noqa: BLE001 - report and go on
             res.check("table", case.id, False, traceback.format_exc(limit=2))
-    for case in output_layout_cases()[:: args.subset]:
+    for case in (output_layout_cases()[:: args.subset] if wanted("cases") else []):
         try:
             run_case(raw, res, "output-layouts", case)
         except Exception:  # noqa: BLE001
             res.check("output-layouts", case.id, False, traceback.format_exc(limit=2))
     # realistic head sizes through the vector kernel, every layout/mode/dtype
-    for case in forward_cases()[:: max(args.subset, 3)]:
+    for case in (forward_cases()[:: max(args.subset, 3)] if wanted("cases") else []):
         try:
             run_case(raw, res, "table-K128", case, M=33, K=128)
         except Exception:  # noqa: BLE001
             res.check("table-K128", case.id, False, traceback.format_exc(limit=2))
-    check_precision(raw, res)
-    check_views_and_odd_tensors(raw, res)
-    if not args.no_large and args.subset == 1:
+    if wanted("precision"):
+        check_precision(raw, res)
+    if wanted("long"):
+        check_long_context(raw, res)
+    if wanted("views"):
+        check_views_and_odd_tensors(raw, res)
+    if wanted("extensions"):
+        try:
+            check_extensions(raw, res)
+        except Exception:  # noqa: BLE001
+            res.check("extensions", "crashed", False, traceback.format_exc(limit=3))
+    if wanted("large") and not args.no_large and args.subset == 1:
         check_large(raw, res)
     for group, (ok, bad, worst) in res.groups.items():
         print(f"  {group:24s} {ok:5d} passed {bad:3d} failed  worst err/bound {worst:.3f}")

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Builds the raw (OneFlow-free) binding with the CUDA kernels and runs, in one go, on a GPU machine
-# with PyTorch: the GPU test bench, compute-sanitizer memcheck and racecheck over a subset, and the
-# benchmark. Results go to $OUT (default bench/results/latest). Used through the device tool as
+# with PyTorch: the GPU test bench, compute-sanitizer memcheck and racecheck over a subset, the
+# launch sweep and the benchmark. Results go to $OUT (default bench/results/latest). Used through
+# the device tool as
 #   bash bench/run_gpu.sh            (carry .whl for liger-kernel / torchtune wheels, if present)
-# Steps can be chosen: STEPS="check memcheck racecheck bench" (default: all).
+# Steps can be chosen: STEPS="check memcheck racecheck sweep bench" (default: check memcheck
+# racecheck bench); BENCH_ARGS passes options to bench_gpu.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/latest}
@@ -18,30 +20,37 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/build.log"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader | tee "$OUT/build.log"
+t0=$(date +%s)
 {
   cmake -S . -B build-gpu -DONEFLOW_ROPE_BUILD_ONEFLOW_OPS=OFF -DONEFLOW_ROPE_BUILD_RAW=ON \
     -DONEFLOW_ROPE_WITH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DPython_EXECUTABLE="$(command -v python3)" \
     -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" -DCMAKE_BUILD_TYPE=Release &&
   cmake --build build-gpu -j 16
 } >>"$OUT/build.log" 2>&1 || { tail -n 40 "$OUT/build.log"; exit 1; }
-echo "built: $(ls build-gpu/_rope_raw*.so)"
+echo "built in $(( $(date +%s) - t0 )) s: $(ls build-gpu/_rope_raw*.so)"
 
 for step in $STEPS; do
+  t0=$(date +%s)
   case $step in
     check)
-      python3 bench/gpu_check.py --build build-gpu --json "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.txt" || status=1 ;;
+      python3 bench/gpu_check.py --build build-gpu --json "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.txt" | tail -n 30 || status=1
+      grep -q " 0 failed" "$OUT/gpu_check.txt" || status=1 ;;
     memcheck)
       compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 \
         python3 bench/gpu_check.py --build build-gpu --subset 37 --no-large >"$OUT/memcheck.txt" 2>&1 || status=1
-      tail -n 12 "$OUT/memcheck.txt" ;;
+      tail -n 4 "$OUT/memcheck.txt" ;;
     racecheck)
       compute-sanitizer --tool racecheck --error-exitcode 3 \
-        python3 bench/gpu_check.py --build build-gpu --subset 97 --no-large >"$OUT/racecheck.txt" 2>&1 || status=1
-      tail -n 6 "$OUT/racecheck.txt" ;;
+        python3 bench/gpu_check.py --build build-gpu --subset 97 --no-large --only cases,extensions >"$OUT/racecheck.txt" 2>&1 || status=1
+      tail -n 4 "$OUT/racecheck.txt" ;;
+    sweep)
+      python3 bench/sweep_launch.py --build build-gpu 2>&1 | tee "$OUT/sweep_launch.txt" || status=1 ;;
     bench)
       python3 bench/bench_gpu.py --build build-gpu ${BENCH_ARGS:-} --json "$OUT/bench.json" --plot "$OUT/bench.png" \
-        2>&1 | tee "$OUT/bench.txt" || status=1 ;;
+        >"$OUT/bench.txt" 2>&1 || status=1
+      grep -A 20 "^# per regime" "$OUT/bench.txt"; grep "^# elapsed" "$OUT/bench.txt" ;;
   esac
+  echo "step $step: $(( $(date +%s) - t0 )) s"
 done
 exit $status

@@ -1,5 +1,7 @@
-"""Sweeps the vector kernel's launch shape (ONEFLOW_ROPE_TUNE="prefetch,units_per_block,
-min_blocks_per_sm") over a few representative calls; one process per setting.
+"""Sweeps the CUDA kernel's launch shape (items per thread x threads per block, forced through
+_rope_raw.set_launch_override) over representative calls, against the built-in rule (0,0), in one
+process. Prints one row per setting: GPU us of each call (L2 flushed, median) and its fraction of
+a copy of the same bytes.
 
     python bench/sweep_launch.py --build build-gpu
 """
@@ -8,90 +10,77 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import subprocess
 import sys
 
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from bench_gpu import Timer, alloc, rope_tables  # noqa: E402
+
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+from raw_driver import rope  # noqa: E402
+
 CONFIGS = [  # (shape, dtype, layout, mode, variant)
-    ((4, 4096, 32, 128), "float16", "BMHK", "plane", "base"),
-    ((4, 4096, 32, 128), "float16", "BMHK", "interval", "base"),
-    ((4, 4096, 32, 128), "float16", "BMHK", "plane", "partial"),
-    ((4, 4096, 32, 128), "bfloat16", "BMHK", "plane", "table"),
+    ((4, 4096, 32, 128), "bfloat16", "BMHK", "plane", "base"),
+    ((4, 4096, 32, 128), "bfloat16", "BMHK", "interval", "base"),
+    ((4, 4096, 32, 128), "bfloat16", "BMHK", "plane", "table+pos"),
     ((4, 4096, 32, 128), "float32", "BMHK", "plane", "base"),
-    ((2, 8192, 8, 128), "float16", "BMHK", "plane", "base"),
-    ((1, 4096, 32, 128), "float16", "BM(H3K)", "plane", "base"),
-    ((1, 1, 32, 128), "float16", "BMHK", "plane", "base"),
-    ((8, 1, 32, 128), "float16", "BMHK", "plane", "table"),
+    ((4, 4096, 32, 128), "bfloat16", "BHMK", "plane", "table"),
+    ((2, 8192, 8, 128), "bfloat16", "BMHK", "plane", "base"),
+    ((2, 8192, 8, 128), "bfloat16", "BMHK", "plane", "table+pos"),
+    ((16, 4096, 4, 128), "bfloat16", "BMHK", "plane", "table+pos"),
+    ((1, 4096, 32, 128), "bfloat16", "BM(H3K)", "plane", "partial"),
+    ((1, 1, 32, 128), "bfloat16", "BMHK", "plane", "table+pos"),
+    ((64, 1, 32, 128), "bfloat16", "BMHK", "plane", "table+pos"),
 ]
-
-
-SETTINGS = ["0,256,2", "2,256,2", "2,512,2", "1,512,2", "1,128,2", "1,256,4"]
-
-
-def worker(build: str) -> None:
-    sys.path.insert(0, build)
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-    import torch
-    import _rope_raw as raw
-    from raw_driver import rope
-
-    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-    stream = torch.cuda.current_stream().cuda_stream
-
-    def gpu_us(fn, reps=30):
-        for _ in range(3):
-            fn()
-        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for s, e in ev:
-            flush.zero_()
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) * 1e3 for s, e in ev)
-
-    out = []
-    for shape, dtype, layout, mode, variant in CONFIGS:
-        B, M, H, K = shape
-        dt = getattr(torch, dtype)
-        x = torch.empty(B, M, H * 3 * K if layout == "BM(H3K)" else H, *(() if layout == "BM(H3K)" else (K,)),
-                        dtype=dt, device="cuda").uniform_(-1, 1)
-        kw = {"k_size": K} if layout == "BM(H3K)" else {}
-        cos = sin = None
-        if variant == "table":
-            cos = torch.rand(M, K, dtype=dt, device="cuda")
-            sin = torch.rand(M, K, dtype=dt, device="cuda")
-        if variant == "partial":
-            kw["rotary_size"] = K // 2
-        params = rope(raw, x, cos, sin, layout=layout, mode=mode, plan_only=True, **kw)
-        out.append(gpu_us(lambda: raw.forward_cuda(params, stream)))
-        n = B * M * H * K
-        src = torch.empty(n, dtype=dt, device="cuda")
-        dst = torch.empty_like(src)
-        out.append(gpu_us(lambda: dst.copy_(src)))
-    print(" ".join(f"{v:.2f}" for v in out))
+SETTINGS = [(0, 0), (1, 256), (2, 256), (4, 256), (2, 128), (4, 128), (2, 512), (4, 512), (1, 128)]
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--build", default="build-gpu")
-    ap.add_argument("--worker", action="store_true")
     args = ap.parse_args()
-    if args.worker:
-        worker(args.build)
-        return 0
-    print("# rows: ONEFLOW_ROPE_TUNE; columns: each config's GPU us (fraction of copy)")
+    sys.path.insert(0, args.build)
+    import _rope_raw as raw
+
+    timer = Timer(reps=20, b2b_reps=20)
+    stream = torch.cuda.current_stream().cuda_stream
+    plans, copies = [], []
+    keep = []
+    for shape, dname, layout, mode, variant in CONFIGS:
+        B, M, H, K = shape
+        dtype = getattr(torch, dname)
+        x = alloc(layout, B, M, H, K, dtype)
+        out_layout = layout if "3" not in layout else "BM(HK)"
+        out = alloc(out_layout, B, M, H, K, dtype)
+        kw = {"k_size": K} if "(" in layout else {}
+        cos = sin = pos = None
+        if variant.startswith("table"):
+            cos, sin = rope_tables(max(M, 8192), K, mode, dtype)
+        if variant.endswith("pos"):
+            pos = torch.randint(0, max(M, 8192), (B, 1, M), device="cuda")
+        rot = K // 2 if variant == "partial" else None
+        params = rope(raw, x, cos, sin, pos, layout=layout, out=out, mode=mode, rotary_size=rot, plan_only=True, **kw)
+        plans.append(raw.Plan(params))
+        keep += [x, out, cos, sin, pos]
+        n = B * M * H * K
+        src = torch.empty(n, dtype=dtype, device="cuda")
+        dst = torch.empty_like(src)
+        copies.append(timer.gpu_us(lambda: dst.copy_(src)))
+        del src, dst
+    print(f"# {torch.cuda.get_device_name()}: python bench/sweep_launch.py --build {args.build}")
     for i, c in enumerate(CONFIGS):
-        print(f"# c{i}: {c}")
-    for tune in SETTINGS:
-        res = subprocess.run([sys.executable, __file__, "--worker", "--build", args.build],
-                             env=dict(os.environ, ONEFLOW_ROPE_TUNE=tune), capture_output=True, text=True)
-        if res.returncode != 0:
-            print(tune, "failed", res.stderr[-300:])
-            continue
-        vals = [float(v) for v in res.stdout.split()]
-        cells = [f"{vals[2 * i]:7.1f} ({vals[2 * i + 1] / vals[2 * i]:.2f})" for i in range(len(CONFIGS))]
-        print(f"{tune:12s} " + " ".join(cells), flush=True)
+        print(f"# c{i}: {c}  copy {copies[i]:.2f} us")
+    print("setting    " + " ".join(f"{'c' + str(i):>14s}" for i in range(len(CONFIGS))))
+    for ipt, threads in SETTINGS:
+        raw.set_launch_override(ipt, threads)
+        cells = []
+        for plan, copy in zip(plans, copies):
+            us = timer.gpu_us(lambda: plan.run_cuda(stream))
+            cells.append(f"{us:7.2f} ({copy / us:.2f})")
+        print(f"{ipt},{threads:<8d} " + " ".join(f"{c:>14s}" for c in cells), flush=True)
+    raw.set_launch_override(0, 0)
     return 0
 
 

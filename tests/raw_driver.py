@@ -111,12 +111,62 @@ def rope_backward(raw, dy, x_shape, cos=None, sin=None, position_ids=None, *, la
                                            k_size, rotary_size, cos_shape, pos_shape)
     B, M, H, K, _ = raw.infer_sizes(list(x_shape), layout, out_layout, mode, index, K, rot, R,
                                     list(cos_shape or ()), list(pos_shape or ()))
-    dx = _zeros_like(dy, tuple(x_shape))
+    dx = _poisoned(dy, tuple(x_shape))  # every element must be written (packed: zeros by the kernel)
     slot = raw.selected_slot(layout, index)
     params = _params(raw, dy, dx, out_layout, layout, K, 0, slot, B, M, H, mode, rot, R, base,
                      cos, sin, position_ids, inverse=True)
+    slots = _slots(layout)
+    if slots > 1:
+        k_stride = _strides(dx)[-1]
+        params["zero_slots"] = [(s - slot) * K * k_stride for s in range(slots) if s != slot]
     _launch(raw, dy, params, stream)
     return dx
+
+
+def tensor_entry(src, dst, src_layout: str, dst_layout: str, K: int, H: int, src_slot: int = 0,
+                 dst_slot: int = 0) -> dict:
+    """The params entry of one rotated tensor: src read in src_layout, written to dst in dst_layout."""
+    src_off, src_st = _logical_strides(src, src_layout, K, src_slot)
+    dst_off, dst_st = _logical_strides(dst, dst_layout, K, dst_slot)
+    es = _elem_size(src)
+    return {"x": _ptr(src) + src_off * es, "out": _ptr(dst) + dst_off * es, "H": H,
+            "x_strides": src_st, "out_strides": dst_st}
+
+
+def extended_params(raw, tensors, *, dtype: str, B: int, M: int, K: int, mode: str = "plane",
+                    rotary_size: Optional[int] = None, cos=None, sin=None, position_ids=None,
+                    base: float = 10000.0, inv_freq=None, attention_scaling: float = 1.0,
+                    seqlen_offset: int = 0, seqlen_offsets=None, cu_seqlens=None,
+                    cu_seqlens_total: Optional[int] = None, inverse: bool = False) -> dict:
+    """A params dict using every input of the kernels' parameter struct (q and k in one launch,
+    offsets, inv_freq, float32 tables, cu_seqlens); `tensors` are tensor_entry() dicts."""
+    R = 1 if position_ids is None else position_ids.shape[1]
+    params = {
+        "dtype": dtype, "mode": mode, "tensors": tensors, "B": B, "M": M, "K": K,
+        "rotary_size": rotary_size or K, "rotary_dim": R, "base": float(base), "inverse": inverse,
+        "attention_scaling": float(attention_scaling), "seqlen_offset": int(seqlen_offset),
+    }
+    if cos is not None:
+        params.update(cos=_ptr(cos), sin=_ptr(sin), table_rows=cos.shape[0], table_strides=_strides(cos),
+                      table_dtype=dtype_name(cos))
+    if inv_freq is not None:
+        params.update(inv_freq=_ptr(inv_freq), inv_freq_dtype=dtype_name(inv_freq))
+    if position_ids is not None:
+        params.update(position_ids=_ptr(position_ids), pos_dtype=dtype_name(position_ids),
+                      pos_strides=_strides(position_ids))
+    if seqlen_offsets is not None:
+        params.update(seqlen_offsets=_ptr(seqlen_offsets), offsets_dtype=dtype_name(seqlen_offsets),
+                      offsets_stride=_strides(seqlen_offsets)[0])
+    if cu_seqlens is not None:
+        params.update(cu_seqlens=_ptr(cu_seqlens), cu_seqlens_dtype=dtype_name(cu_seqlens),
+                      num_seqs=cu_seqlens.shape[0] - 1,
+                      cu_seqlens_total=M if cu_seqlens_total is None else cu_seqlens_total)
+    return params
+
+
+def launch(raw, x, params, stream=None):
+    """Runs a params dict on x's device (CUDA for a CUDA tensor, else the CPU kernel)."""
+    _launch(raw, x, params, stream)
 
 
 def _params(raw, src, dst, src_layout, dst_layout, K, src_slot, dst_slot, B, M, H, mode, rot, R, base,
@@ -156,9 +206,16 @@ def _empty_like(x, shape):
     return np.empty(shape, dtype=x.dtype)
 
 
-def _zeros_like(x, shape):
+def _poisoned(x, shape):
+    """An uninitialised-looking output: NaN (all ones bits for integer storage such as bfloat16
+    held in uint16), so an element the kernel does not write shows."""
     if _is_torch(x):
         import torch
 
-        return torch.zeros(shape, dtype=x.dtype, device=x.device)
-    return np.zeros(shape, dtype=x.dtype)
+        return torch.full(shape, float("nan"), dtype=x.dtype, device=x.device)
+    out = np.empty(shape, dtype=x.dtype)
+    if np.issubdtype(out.dtype, np.integer):
+        out.fill(np.iinfo(out.dtype).max)
+    else:
+        out.fill(np.nan)
+    return out

@@ -10,7 +10,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-__all__ = ["to_logical", "from_logical", "rope_reference", "rope_reference_backward", "tolerance"]
+__all__ = ["to_logical", "from_logical", "rope_reference", "rope_reference_backward", "tolerance",
+           "default_positions", "positions_from_cu_seqlens"]
 
 _SLOTS = {"(HK)": 1, "(H2K)": 2, "(H3K)": 3}
 
@@ -64,8 +65,10 @@ def _default_output(layout: str) -> str:
 
 
 def _rotate(xl: np.ndarray, positions: np.ndarray, mode: str, rotary_size: int, base: float,
-            cos: Optional[np.ndarray], sin: Optional[np.ndarray], sign: float) -> np.ndarray:
-    """SPEC 'The rotation': xl is (B, M, H, K) float64, positions (B, R, M) int."""
+            cos: Optional[np.ndarray], sin: Optional[np.ndarray], sign: float,
+            inv_freq: Optional[np.ndarray] = None, attention_scaling: float = 1.0) -> np.ndarray:
+    """The rotation: xl is (B, M, H, K) float64, positions (B, R, M) int. Angles from the
+    tables, else p * inv_freq[i], else p * base ** (-2i/A); cos and sin times attention_scaling."""
     out = xl.copy()
     R = positions.shape[1]
     A = rotary_size // R
@@ -84,11 +87,33 @@ def _rotate(xl: np.ndarray, positions: np.ndarray, mode: str, rotary_size: int, 
             c = cos.astype(np.float64)[p]  # (B, M, A)
             s = sin.astype(np.float64)[p]
         else:
-            theta = np.power(np.float64(base), -2.0 * i / A)
+            if inv_freq is not None:
+                theta = np.asarray(inv_freq).astype(np.float64)[i]
+            else:
+                theta = np.power(np.float64(base), -2.0 * i / A)
             angle = p[..., None].astype(np.float64) * theta
             c, s = np.cos(angle), np.sin(angle)
+        c, s = c * attention_scaling, s * attention_scaling
         out[..., r * A:(r + 1) * A] = xs * c[:, :, None, :] + sign * partner * s[:, :, None, :]
     return out
+
+
+def default_positions(B: int, M: int, seqlen_offsets=None) -> np.ndarray:
+    """(B, 1, M) positions without position_ids: token m of sequence b is at m + seqlen_offsets[b]
+    (seqlen_offsets: None, an int, or B ints)."""
+    pos = np.broadcast_to(np.arange(M, dtype=np.int64), (B, 1, M))
+    if seqlen_offsets is None:
+        return pos
+    offsets = np.broadcast_to(np.asarray(seqlen_offsets, dtype=np.int64).reshape(-1), (B,))
+    return pos + offsets[:, None, None]
+
+
+def positions_from_cu_seqlens(cu_seqlens, T: int) -> np.ndarray:
+    """(1, 1, T) positions of packed tokens: token t of sequence s is at t - cu_seqlens[s]."""
+    cu = np.asarray(cu_seqlens, dtype=np.int64)
+    t = np.arange(T)
+    s = np.searchsorted(cu, t, side="right") - 1
+    return (t - cu[s]).reshape(1, 1, T)
 
 
 def _as_float64(a) -> np.ndarray:
@@ -98,7 +123,8 @@ def _as_float64(a) -> np.ndarray:
 def rope_reference(x, layout: str = "BMHK", *, cos=None, sin=None, position_ids=None,
                    output_layout: Optional[str] = None, mode: str = "plane",
                    tensor_index: Optional[int] = None, k_size: Optional[int] = None,
-                   base: float = 10000.0, rotary_size: Optional[int] = None) -> np.ndarray:
+                   base: float = 10000.0, rotary_size: Optional[int] = None,
+                   seqlen_offsets=None, inv_freq=None, attention_scaling: float = 1.0) -> np.ndarray:
     """fused_apply_rotary_emb in float64 numpy. x, cos, sin: arrays of any float dtype."""
     x = _as_float64(x)
     R = 1 if position_ids is None else np.asarray(position_ids).shape[1]
@@ -109,11 +135,12 @@ def rope_reference(x, layout: str = "BMHK", *, cos=None, sin=None, position_ids=
         K = np.asarray(cos).shape[1] * R
     xl = to_logical(x, layout, K, _slot_of(layout, tensor_index))
     B, M, H, K = xl.shape
-    positions = (np.broadcast_to(np.arange(M), (B, 1, M)) if position_ids is None
+    positions = (default_positions(B, M, seqlen_offsets) if position_ids is None
                  else np.asarray(position_ids))
     rotary = K if rotary_size is None else rotary_size
     out = _rotate(xl, positions, mode, rotary, base,
-                  None if cos is None else _as_float64(cos), None if sin is None else _as_float64(sin), 1.0)
+                  None if cos is None else _as_float64(cos), None if sin is None else _as_float64(sin), 1.0,
+                  inv_freq=inv_freq, attention_scaling=attention_scaling)
     return from_logical(out, output_layout or _default_output(layout))
 
 

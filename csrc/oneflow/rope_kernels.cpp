@@ -77,12 +77,12 @@ rope::RopeParams MakeParams(user_op::KernelComputeContext* ctx, bool backward) {
   p.mode = rope::ParseMode(call.mode, &mode_ok);
   p.B = sizes.B;
   p.M = sizes.M;
-  p.H = sizes.H;
   p.K = sizes.K;
   p.rotary_size = call.rotary_size > 0 ? call.rotary_size : sizes.K;
   p.rotary_dim = call.rotary_dim;
   p.base = ctx->Attr<double>("base");
   p.inverse = backward;
+  p.num_threads = 1;
 
   const rope::LayoutStrides xs =
       rope::ContiguousStrides(*x_layout, sizes, rope::SelectedSlot(*x_layout, call.tensor_index));
@@ -90,14 +90,23 @@ rope::RopeParams MakeParams(user_op::KernelComputeContext* ctx, bool backward) {
   const rope::LayoutStrides& in_s = backward ? os : xs;
   const rope::LayoutStrides& res_s = backward ? xs : os;
   const size_t elem = GetSizeOfDataType(in->data_type());
-  p.x = static_cast<const char*>(in->raw_dptr()) + in_s.offset * elem;
-  p.out = static_cast<char*>(res->mut_raw_dptr()) + res_s.offset * elem;
-  p.x_stride_b = in_s.b;
-  p.x_stride_m = in_s.m;
-  p.x_stride_h = in_s.h;
-  p.out_stride_b = res_s.b;
-  p.out_stride_m = res_s.m;
-  p.out_stride_h = res_s.h;
+  rope::RopeTensor& t = p.tensors[0];
+  t.H = sizes.H;
+  t.x = static_cast<const char*>(in->raw_dptr()) + in_s.offset * elem;
+  t.out = static_cast<char*>(res->mut_raw_dptr()) + res_s.offset * elem;
+  t.x_stride_b = in_s.b;
+  t.x_stride_m = in_s.m;
+  t.x_stride_h = in_s.h;
+  t.out_stride_b = res_s.b;
+  t.out_stride_m = res_s.m;
+  t.out_stride_h = res_s.h;
+  if (backward && x_layout->slots > 1) {
+    // the gradient of a packed input has zeros in the slots that were not selected
+    const int64_t selected = rope::SelectedSlot(*x_layout, call.tensor_index);
+    for (int64_t slot = 0; slot < x_layout->slots; ++slot) {
+      if (slot != selected) t.zero_slot_offset[t.num_zero_slots++] = (slot - selected) * sizes.K;
+    }
+  }
 
   if (ctx->has_input("cos", 0)) {
     const user_op::Tensor* cos = ctx->Tensor4ArgNameAndIndex("cos", 0);
@@ -105,21 +114,17 @@ rope::RopeParams MakeParams(user_op::KernelComputeContext* ctx, bool backward) {
     p.sin = ctx->Tensor4ArgNameAndIndex("sin", 0)->raw_dptr();
     p.table_rows = cos->shape_view().At(0);
     p.table_row_stride = cos->shape_view().At(1);
+    p.table_dtype = ToRopeDType(cos->data_type());
   }
   if (pos != nullptr) {
     p.position_ids = pos->raw_dptr();
-    p.pos_type = pos->data_type() == DataType::kInt32 ? rope::PosType::kInt32
-                                                       : rope::PosType::kInt64;
+    p.pos_type = pos->data_type() == DataType::kInt32 ? rope::IndexType::kInt32
+                                                       : rope::IndexType::kInt64;
     p.pos_stride_b = pos->shape_view().At(1) * pos->shape_view().At(2);
     p.pos_stride_r = pos->shape_view().At(2);
     p.pos_stride_m = 1;
   }
   return p;
-}
-
-// A packed input's gradient has zeros in the slots that were not selected.
-bool GradNeedsZeroFill(user_op::KernelComputeContext* ctx, bool backward) {
-  return backward && rope::FindLayout(ctx->Attr<std::string>("x_layout"))->slots > 1;
 }
 
 template<bool kBackward>
@@ -131,11 +136,6 @@ class RopeCpuKernel final : public user_op::OpKernel {
  private:
   void Compute(user_op::KernelComputeContext* ctx) const override {
     const rope::RopeParams p = MakeParams(ctx, kBackward);
-    if (GradNeedsZeroFill(ctx, kBackward)) {
-      user_op::Tensor* dx = ctx->Tensor4ArgNameAndIndex("dx", 0);
-      std::memset(dx->mut_raw_dptr(), 0,
-                  dx->shape_view().elem_cnt() * GetSizeOfDataType(dx->data_type()));
-    }
     const char* invalid = rope::ValidateRopeParams(p);
     CHECK(invalid == nullptr) << "fused_apply_rotary_emb: " << invalid;
     const int64_t bad_rows = rope::RopeForwardCpu(p);
@@ -157,13 +157,6 @@ class RopeCudaKernel final : public user_op::OpKernel {
   void Compute(user_op::KernelComputeContext* ctx) const override {
     const rope::RopeParams p = MakeParams(ctx, kBackward);
     void* stream = ctx->stream()->As<ep::CudaStream>()->cuda_stream();
-    if (GradNeedsZeroFill(ctx, kBackward)) {
-      user_op::Tensor* dx = ctx->Tensor4ArgNameAndIndex("dx", 0);
-      const int status = rope::RopeZeroFillCuda(
-          dx->mut_raw_dptr(), dx->shape_view().elem_cnt() * GetSizeOfDataType(dx->data_type()),
-          stream);
-      CHECK_EQ(status, 0) << "fused_apply_rotary_emb: " << rope::RopeCudaErrorString(status);
-    }
     const char* invalid = rope::ValidateRopeParams(p);
     CHECK(invalid == nullptr) << "fused_apply_rotary_emb: " << invalid;
     const int status = rope::RopeForwardCuda(p, stream);

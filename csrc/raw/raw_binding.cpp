@@ -57,62 +57,125 @@ int64_t SelectedSlotPy(const std::string& layout, int64_t tensor_index) {
   return SelectedSlot(*l, tensor_index);
 }
 
+IndexType ParseIndexType(const py::dict& d, const char* key) {
+  const std::string name = d[key].cast<std::string>();
+  if (name == "int32") return IndexType::kInt32;
+  if (name == "int64") return IndexType::kInt64;
+  throw py::value_error(std::string(key) + ": got '" + name + "', expected int32 or int64");
+}
+
+template<typename V>
+V Get(const py::dict& d, const char* key, V fallback) {
+  return d.contains(key) ? d[key].cast<V>() : fallback;
+}
+
+RopeTensor MakeTensor(const py::dict& d) {
+  RopeTensor t;
+  t.x = Ptr(d["x"].cast<uintptr_t>());
+  t.out = const_cast<void*>(Ptr(d["out"].cast<uintptr_t>()));
+  t.H = d["H"].cast<int64_t>();
+  std::tie(t.x_stride_b, t.x_stride_m, t.x_stride_h, t.x_stride_k) =
+      d["x_strides"].cast<std::tuple<int64_t, int64_t, int64_t, int64_t>>();
+  std::tie(t.out_stride_b, t.out_stride_m, t.out_stride_h, t.out_stride_k) =
+      d["out_strides"].cast<std::tuple<int64_t, int64_t, int64_t, int64_t>>();
+  const auto zeros = Get<std::vector<int64_t>>(d, "zero_slots", {});
+  if (zeros.size() > 2) throw py::value_error("zero_slots: at most 2 offsets");
+  t.num_zero_slots = static_cast<int32_t>(zeros.size());
+  for (size_t i = 0; i < zeros.size(); ++i) t.zero_slot_offset[i] = zeros[i];
+  return t;
+}
+
+// The params dict: "tensors" (a list of 1 or 2 dicts with x, out, H, x_strides, out_strides,
+// optional zero_slots) or those keys at the top level for one tensor; dtype, mode, B, M, K,
+// rotary_size, rotary_dim, base, inverse; optional cos/sin (+ table_rows, table_strides,
+// table_dtype), inv_freq (+ inv_freq_dtype), attention_scaling, position_ids (+ pos_dtype,
+// pos_strides), seqlen_offset, seqlen_offsets (+ offsets_dtype), cu_seqlens (+ cu_seqlens_dtype,
+// num_seqs, cu_seqlens_total). Pointers are integers, 0 for absent.
 RopeParams MakeParams(const py::dict& d) {
   RopeParams p;
   p.dtype = ParseDType(d["dtype"].cast<std::string>());
   bool ok = false;
   p.mode = ParseMode(d["mode"].cast<std::string>(), &ok);
   if (!ok) throw py::value_error("mode: expected 'plane' or 'interval'");
-  p.x = Ptr(d["x"].cast<uintptr_t>());
-  p.out = const_cast<void*>(Ptr(d["out"].cast<uintptr_t>()));
+  if (d.contains("tensors")) {
+    const py::list tensors = d["tensors"].cast<py::list>();
+    if (tensors.size() < 1 || tensors.size() > kMaxRopeTensors) {
+      throw py::value_error("tensors: expected 1 or 2 tensors");
+    }
+    p.num_tensors = static_cast<int32_t>(tensors.size());
+    for (size_t i = 0; i < tensors.size(); ++i) p.tensors[i] = MakeTensor(tensors[i].cast<py::dict>());
+  } else {
+    p.tensors[0] = MakeTensor(d);
+  }
   p.B = d["B"].cast<int64_t>();
   p.M = d["M"].cast<int64_t>();
-  p.H = d["H"].cast<int64_t>();
   p.K = d["K"].cast<int64_t>();
-  std::tie(p.x_stride_b, p.x_stride_m, p.x_stride_h, p.x_stride_k) =
-      d["x_strides"].cast<std::tuple<int64_t, int64_t, int64_t, int64_t>>();
-  std::tie(p.out_stride_b, p.out_stride_m, p.out_stride_h, p.out_stride_k) =
-      d["out_strides"].cast<std::tuple<int64_t, int64_t, int64_t, int64_t>>();
   p.rotary_size = d["rotary_size"].cast<int64_t>();
   p.rotary_dim = d["rotary_dim"].cast<int32_t>();
   p.base = d["base"].cast<double>();
   p.inverse = d["inverse"].cast<bool>();
-  const uintptr_t cos = d["cos"].cast<uintptr_t>();
+  p.attention_scaling = Get<double>(d, "attention_scaling", 1.0);
+  p.num_threads = Get<int32_t>(d, "num_threads", 1);
+  const uintptr_t cos = Get<uintptr_t>(d, "cos", 0);
   if (cos != 0) {
     p.cos = Ptr(cos);
     p.sin = Ptr(d["sin"].cast<uintptr_t>());
     p.table_rows = d["table_rows"].cast<int64_t>();
     std::tie(p.table_row_stride, p.table_col_stride) =
         d["table_strides"].cast<std::tuple<int64_t, int64_t>>();
+    p.table_dtype = d.contains("table_dtype") ? ParseDType(d["table_dtype"].cast<std::string>()) : p.dtype;
   }
-  const uintptr_t pos = d["position_ids"].cast<uintptr_t>();
+  const uintptr_t inv_freq = Get<uintptr_t>(d, "inv_freq", 0);
+  if (inv_freq != 0) {
+    p.inv_freq = Ptr(inv_freq);
+    p.inv_freq_dtype = ParseDType(d["inv_freq_dtype"].cast<std::string>());
+  }
+  const uintptr_t pos = Get<uintptr_t>(d, "position_ids", 0);
   if (pos != 0) {
     p.position_ids = Ptr(pos);
-    const std::string pos_type = d["pos_dtype"].cast<std::string>();
-    if (pos_type != "int32" && pos_type != "int64") {
-      throw py::value_error("pos_dtype: got '" + pos_type + "', expected int32 or int64");
-    }
-    p.pos_type = pos_type == "int32" ? PosType::kInt32 : PosType::kInt64;
+    p.pos_type = ParseIndexType(d, "pos_dtype");
     std::tie(p.pos_stride_b, p.pos_stride_r, p.pos_stride_m) =
         d["pos_strides"].cast<std::tuple<int64_t, int64_t, int64_t>>();
+  }
+  p.seqlen_offset = Get<int64_t>(d, "seqlen_offset", 0);
+  const uintptr_t offsets = Get<uintptr_t>(d, "seqlen_offsets", 0);
+  if (offsets != 0) {
+    p.seqlen_offsets = Ptr(offsets);
+    p.offsets_type = ParseIndexType(d, "offsets_dtype");
+    p.offsets_stride = Get<int64_t>(d, "offsets_stride", 1);
+  }
+  const uintptr_t cu = Get<uintptr_t>(d, "cu_seqlens", 0);
+  if (cu != 0) {
+    p.cu_seqlens = Ptr(cu);
+    p.cu_seqlens_type = ParseIndexType(d, "cu_seqlens_dtype");
+    p.num_seqs = d["num_seqs"].cast<int64_t>();
+    p.cu_seqlens_total = d["cu_seqlens_total"].cast<int64_t>();
   }
   const char* invalid = ValidateRopeParams(p);
   if (invalid != nullptr) throw py::value_error(std::string("invalid parameters: ") + invalid);
   return p;
 }
 
-int64_t ForwardCpu(const py::dict& d) {
-  const RopeParams p = MakeParams(d);
-  py::gil_scoped_release release;
-  return RopeForwardCpu(p);
-}
+// A call's parameters, converted once: launching it again costs one Python call.
+struct Plan {
+  RopeParams params;
+  explicit Plan(const py::dict& d) : params(MakeParams(d)) {}
+  int64_t RunCpu() const {
+    py::gil_scoped_release release;
+    return RopeForwardCpu(params);
+  }
+#ifdef ONEFLOW_ROPE_WITH_CUDA
+  void RunCuda(uintptr_t stream) const {
+    const int status = RopeForwardCuda(params, reinterpret_cast<void*>(stream));
+    if (status != 0) throw std::runtime_error(std::string("CUDA: ") + RopeCudaErrorString(status));
+  }
+#endif
+};
+
+int64_t ForwardCpu(const py::dict& d) { return Plan(d).RunCpu(); }
 
 #ifdef ONEFLOW_ROPE_WITH_CUDA
-void ForwardCuda(const py::dict& d, uintptr_t stream) {
-  const RopeParams p = MakeParams(d);
-  const int status = RopeForwardCuda(p, reinterpret_cast<void*>(stream));
-  if (status != 0) throw std::runtime_error(std::string("CUDA: ") + RopeCudaErrorString(status));
-}
+void ForwardCuda(const py::dict& d, uintptr_t stream) { Plan(d).RunCuda(stream); }
 
 std::string KernelName(const py::dict& d) { return RopeCudaKernelName(MakeParams(d)); }
 #endif
@@ -127,9 +190,15 @@ PYBIND11_MODULE(_rope_raw, m) {
         py::arg("pos_shape"));
   m.def("selected_slot", &SelectedSlotPy);
   m.def("forward_cpu", &ForwardCpu, "Runs the CPU kernel; returns the number of out-of-table rows.");
+  py::class_<Plan> plan(m, "Plan", "A call's parameters, converted once (for timing loops).");
+  plan.def(py::init<const py::dict&>(), py::arg("params"));
+  plan.def("run_cpu", &Plan::RunCpu);
 #ifdef ONEFLOW_ROPE_WITH_CUDA
+  plan.def("run_cuda", &Plan::RunCuda, py::arg("stream"));
   m.def("forward_cuda", &ForwardCuda, py::arg("params"), py::arg("stream"));
   m.def("kernel_name", &KernelName);
+  m.def("set_launch_override", &RopeCudaSetLaunchOverride, py::arg("items_per_thread"),
+        py::arg("block_threads"), "Forces the CUDA launch shape (0, 0: the built-in rule).");
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

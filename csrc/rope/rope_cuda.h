@@ -12,14 +12,16 @@ namespace oneflow_rope {
 // Positions outside a cos/sin table give NaN outputs; nothing outside the table is read.
 int RopeForwardCuda(const RopeParams& p, void* stream);
 
-// Sets `bytes` bytes at `ptr` to zero on `stream`. Returns 0 or a cudaError_t value.
-int RopeZeroFillCuda(void* ptr, int64_t bytes, void* stream);
-
 const char* RopeCudaErrorString(int status);
 
-// Which kernel RopeForwardCuda would launch for `p`: "vector<N>" (N elements per access, sin/cos
-// shared per row) or "generic" (one element per thread). For tests and benchmarks.
+// Which kernel variant RopeForwardCuda would launch for `p`: "vector<N>" (16-byte accesses of N
+// elements) or "elementwise" (any strides and sizes). For tests and benchmarks.
 const char* RopeCudaKernelName(const RopeParams& p);
+
+// Forces the launch shape for benchmark sweeps: items per thread (1..4) and threads per block
+// (up to 512); 0 keeps the built-in rule (from the device's SM count and the kernel's occupancy).
+// Not thread-safe; not for production use.
+void RopeCudaSetLaunchOverride(int items_per_thread, int block_threads);
 
 }  // namespace oneflow_rope
 
