@@ -28,6 +28,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -42,37 +43,47 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 LAYOUTS = ("BMHK", "BHMK", "MBHK", "BM(HK)", "MB(HK)", "BM(H3K)", "MB(H3K)")
 MODES = ("plane", "interval")
 REGIMES = ("base", "table", "partial", "rotary2", "backward", "decode", "packed-qk", "llm", "varlen")
+DEVICE = "cuda"  # --device cpu: a dry run of the whole script through the CPU kernel (no timing value)
+
 BOUND = {"base": 1.03, "table": 1.03, "partial": 1.03, "rotary2": 1.03, "backward": 1.03, "decode": 1.15,
          "packed-qk": 1.05, "llm": 1.03, "varlen": 1.03}
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 class Timer:
     def __init__(self, reps: int, b2b_reps: int):
         self.reps = reps
         self.b2b_reps = b2b_reps
-        self.flush = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
-        self.starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        self.ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        if DEVICE == "cuda":
+            self.flush = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device=DEVICE)
+            self.starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+            self.ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
 
     def gpu_us(self, fn: Callable[[], object]) -> float:
         for _ in range(2):
             fn()
+        if DEVICE != "cuda":
+            return self.b2b_us(fn)
         for i in range(self.reps):
             self.flush.zero_()
             self.starts[i].record()
             fn()
             self.ends[i].record()
-        torch.cuda.synchronize()
+        sync()
         return statistics.median(s.elapsed_time(e) * 1e3 for s, e in zip(self.starts, self.ends))
 
     def b2b_us(self, fn: Callable[[], object]) -> float:
         for _ in range(3):
             fn()
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         for _ in range(self.b2b_reps):
             fn()
-        torch.cuda.synchronize()
+        sync()
         return (time.perf_counter() - t0) / self.b2b_reps * 1e6
 
 
@@ -119,10 +130,10 @@ def make_peer(mode: str, kind: str, head_axis: int, rot: int):
 
 
 def rope_tables(P: int, A: int, mode: str, dtype, base: float = 10000.0):
-    j = torch.arange(A, device="cuda")
+    j = torch.arange(A, device=DEVICE)
     i = (j % (A // 2)) if mode == "plane" else (j // 2)
     theta = base ** (-2.0 * i.double() / A)
-    angle = torch.arange(P, device="cuda").double()[:, None] * theta[None, :]
+    angle = torch.arange(P, device=DEVICE).double()[:, None] * theta[None, :]
     return angle.cos().to(dtype), angle.sin().to(dtype)
 
 
@@ -142,7 +153,7 @@ def alloc(layout: str, B: int, M: int, H: int, K: int, dtype) -> torch.Tensor:
         shape = (sizes[layout[0]], sizes[layout[1]], H * slots_of(layout) * K)
     else:
         shape = tuple(sizes[c] for c in layout)
-    return torch.empty(shape, dtype=dtype, device="cuda").uniform_(-1, 1)
+    return torch.empty(shape, dtype=dtype, device=DEVICE).uniform_(-1, 1)
 
 
 def logical_view(x: torch.Tensor, layout: str, K: int, slot: int = 0) -> Tuple[torch.Tensor, int, bool]:
@@ -162,11 +173,14 @@ class Bench:
         self.args = args
         self.raw = raw
         self.timer = Timer(reps=12 if args.quick else 30, b2b_reps=50 if args.quick else 200)
-        self.stream = torch.cuda.current_stream().cuda_stream
+        self.stream = torch.cuda.current_stream().cuda_stream if DEVICE == "cuda" else 0
         self.rows: List[Dict] = []
         self.copy_cache: Dict[Tuple[int, str], Tuple[float, float]] = {}
         self.compiled: Dict = {}
+        self.eager_cache: Dict = {}
         self.compile_layouts = set() if args.no_compile else set(args.compile_layouts.split(","))
+        self.compile_shapes = (None if not args.compile_shapes else
+                               {tuple(int(v) for v in t.split("x")) for t in args.compile_shapes.split(",")})
 
     def copy_us(self, nbytes: int, dtype) -> Tuple[float, float]:
         """(GPU, b2b) time of torch's copy of nbytes / 2 bytes (so nbytes are read + written)."""
@@ -174,7 +188,7 @@ class Bench:
         if key not in self.copy_cache:
             esize = torch.tensor([], dtype=dtype).element_size()
             n = nbytes // 2 // esize
-            src = torch.empty(n, dtype=dtype, device="cuda").uniform_(-1, 1)
+            src = torch.empty(n, dtype=dtype, device=DEVICE).uniform_(-1, 1)
             dst = torch.empty_like(src)
             self.copy_cache[key] = (self.timer.gpu_us(lambda: dst.copy_(src)), self.timer.b2b_us(lambda: dst.copy_(src)))
             del src, dst
@@ -183,6 +197,8 @@ class Bench:
     def ours(self, params: dict):
         plan = self.raw.Plan(params)
         stream = self.stream
+        if DEVICE != "cuda":
+            return plan.run_cpu, "cpu"
         return (lambda: plan.run_cuda(stream)), self.raw.kernel_name(params)
 
     def peer(self, key, fn_args, mode, kind, head_axis, rot) -> Optional[float]:
@@ -192,7 +208,7 @@ class Bench:
             t0 = time.time()
             try:
                 fn(*fn_args)
-                torch.cuda.synchronize()
+                sync()
                 secs = time.time() - t0
                 us = self.timer.gpu_us(lambda: fn(*fn_args))
             except Exception as e:  # noqa: BLE001
@@ -230,7 +246,7 @@ class Bench:
                 nbytes = 2 * B * M * H * K * esize
                 copy = self.copy_us(nbytes, dtype)
                 P = M
-                cos_full, sin_full = {}, {}
+                cos_full = {}
                 for mode in MODES:
                     cos_full[mode] = rope_tables(P, K, mode, dtype)
                 for layout in LAYOUTS:
@@ -239,7 +255,7 @@ class Bench:
                     out = alloc(out_layout, B, M, H, K, dtype)
                     xv, head_axis, seq_first = logical_view(x, layout, K)
                     kw = {"k_size": K, "tensor_index": 0} if slots_of(layout) > 1 else ({"k_size": K} if "(" in layout else {})
-                    ar = torch.arange(M, device="cuda")
+                    ar = torch.arange(M, device=DEVICE)
                     pos64 = ar.expand(B, 1, M).contiguous()
                     pos32 = pos64.int()
                     pos2 = torch.stack((ar, ar // 2)).expand(B, 2, M).contiguous()
@@ -284,9 +300,15 @@ class Bench:
                             fn, kname = self.ours(params)
                             ours_us = self.timer.gpu_us(fn)
                             compile_us, note = None, kname
-                            if layout in self.compile_layouts:
+                            if layout in self.compile_layouts and (self.compile_shapes is None
+                                                                   or shape in self.compile_shapes):
                                 key = (shape, dname, mode, layout, kind, variant.endswith("pos32"))
                                 compile_us = self.peer(key, fn_args, mode, kind, head_axis, rot)
+                                eager = self.eager_cache.get(key)
+                                if eager is None:
+                                    fn_e = make_peer(mode, kind, head_axis, rot)
+                                    eager = self.eager_cache[key] = self.timer.gpu_us(lambda: fn_e(*fn_args))
+                                note = f"{kname}; eager {eager:.1f} us"
                             self.record(regime, shape, dname, mode, layout, variant, nbytes, ours_us, 0.0, copy,
                                         compile_us, note)
                         if "backward" in regimes:
@@ -333,7 +355,7 @@ class Bench:
                     P = 8192
                     for mode in MODES:
                         cos, sin = rope_tables(P, K, mode, dtype)
-                        lens = torch.randint(0, P, (B,), device="cuda")
+                        lens = torch.randint(0, P, (B,), device=DEVICE)
                         pos = lens.view(B, 1, 1)
                         for variant, call in (("base+offsets", dict(offsets=lens)),
                                               ("table+pos64", dict(cos=cos, sin=sin, position_ids=pos))):
@@ -377,7 +399,7 @@ class Bench:
                 q = alloc("BMHK", B, 1, 32, K, dtype)
                 k = alloc("BMHK", B, 1, 8, K, dtype)
                 oq, ok_ = torch.empty_like(q), torch.empty_like(k)
-                lens = torch.randint(0, 8192, (B,), device="cuda")
+                lens = torch.randint(0, 8192, (B,), device=DEVICE)
                 nbytes = 2 * (q.numel() + k.numel()) * esize
                 copy = self.copy_us(nbytes, dtype)
                 both = extended_params(self.raw, [tensor_entry(q, oq, "BMHK", "BMHK", K, 32),
@@ -389,6 +411,10 @@ class Bench:
                          for e in (tensor_entry(q, oq, "BMHK", "BMHK", K, 32), tensor_entry(k, ok_, "BMHK", "BMHK", K, 8))]
 
                 def two():
+                    if DEVICE != "cuda":
+                        plans[0].run_cpu()
+                        plans[1].run_cpu()
+                        return
                     plans[0].run_cuda(self.stream)
                     plans[1].run_cuda(self.stream)
 
@@ -405,10 +431,10 @@ class Bench:
             copy = self.copy_us(nbytes, dtype)
             x = alloc("BMHK", B, M, H, K, dtype)
             out = torch.empty_like(x)
-            pos = torch.arange(M, device="cuda").expand(B, 1, M).contiguous()
+            pos = torch.arange(M, device=DEVICE).expand(B, 1, M).contiguous()
             for mode in MODES:
                 c32, s32 = rope_tables(M, K, mode, torch.float32)
-                inv = (1.0 / (10000.0 ** (torch.arange(0, K, 2, device="cuda", dtype=torch.float64) / K))).float()
+                inv = (1.0 / (10000.0 ** (torch.arange(0, K, 2, device=DEVICE, dtype=torch.float64) / K))).float()
                 entries = [tensor_entry(x, out, "BMHK", "BMHK", K, H)]
                 for variant, params in (
                         ("f32 table+pos", extended_params(self.raw, entries, dtype=dname, B=B, M=M, K=K, mode=mode,
@@ -423,10 +449,11 @@ class Bench:
 
     # -- packed variable-length sequences --------------------------------------------------------
     def varlen(self):
-        H, K, S, T = 32, 128, 64, 128 * 1024
+        H, K, S = 32, 128, 64
+        T = 128 * 1024 if DEVICE == "cuda" else 2048  # the dry run keeps it small
         gen = torch.Generator().manual_seed(0)
         cuts = torch.sort(torch.randperm(T - 1, generator=gen)[: S - 1] + 1).values
-        cu = torch.cat((torch.tensor([0]), cuts, torch.tensor([T]))).cuda()
+        cu = torch.cat((torch.tensor([0]), cuts, torch.tensor([T]))).to(DEVICE)
         for dname in ("bfloat16", "float16"):
             dtype = DTYPES[dname]
             nbytes = 2 * T * H * K * 2
@@ -502,12 +529,19 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--no-compile", action="store_true", help="no torch.compile peers (bounds use the copy only)")
     ap.add_argument("--compile-layouts", default="BMHK", help="layouts timed against torch.compile")
+    ap.add_argument("--compile-shapes", help="large shapes timed against torch.compile (default: all)")
     ap.add_argument("--regimes", default=",".join(REGIMES))
     ap.add_argument("--shapes", help="large shapes, e.g. '4x4096x32x128,2x8192x8x128'")
     ap.add_argument("--launch", help="force the launch shape 'items_per_thread,threads' (sweeps)")
+    ap.add_argument("--decode-batches", help="e.g. '1,64'")
+    ap.add_argument("--device", default="cuda", help="cpu: dry run of the script through the CPU kernel")
     ap.add_argument("--json")
     ap.add_argument("--plot")
     args = ap.parse_args()
+    global DEVICE, DECODE_BATCHES
+    DEVICE = args.device
+    if args.decode_batches:
+        DECODE_BATCHES = tuple(int(v) for v in args.decode_batches.split(","))
     sys.path.insert(0, args.build)
     import _rope_raw as raw
 
@@ -518,8 +552,12 @@ def main() -> int:
         raw.set_launch_override(*[int(v) for v in args.launch.split(",")])
     import torch._dynamo as dynamo
     dynamo.config.cache_size_limit = 4096
-    props = torch.cuda.get_device_properties(0)
-    header = (f"# device: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}\n"
+    if DEVICE == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        device = f"{props.name} ({props.multi_processor_count} SMs)"
+    else:
+        device = "cpu (dry run: CPU kernel, times are not GPU times)"
+    header = (f"# device: {device}, torch {torch.__version__}\n"
               f"# command: python {' '.join(sys.argv)}\n"
               f"# GPU time: median of {12 if args.quick else 30} calls, L2 flushed before each; "
               f"b2b: calls back to back (decode only)\n"
@@ -532,16 +570,18 @@ def main() -> int:
     regimes = set(args.regimes.split(","))
     t0 = time.time()
     large = regimes & {"base", "table", "partial", "rotary2", "backward"}
-    if large:
-        bench.large(large)
-    if "decode" in regimes:
-        bench.decode()
-    if "packed-qk" in regimes:
-        bench.packed_qk()
-    if "llm" in regimes:
-        bench.llm()
-    if "varlen" in regimes:
-        bench.varlen()
+    steps = [(bool(large), lambda: bench.large(large)), ("decode" in regimes, bench.decode),
+             ("packed-qk" in regimes, bench.packed_qk), ("llm" in regimes, bench.llm),
+             ("varlen" in regimes, bench.varlen)]
+    failed = 0
+    for wanted, step in steps:
+        if not wanted:
+            continue
+        try:
+            step()
+        except Exception:  # noqa: BLE001 - report, go on with the other regimes
+            failed += 1
+            traceback.print_exc()
     compile_secs = sum(s for _, s in bench.compiled.values())
     print(f"# elapsed {time.time() - t0:.0f} s ({len(bench.compiled)} torch.compile peers, {compile_secs:.0f} s compiling)")
     if args.json:
@@ -550,7 +590,7 @@ def main() -> int:
     summarize(bench.rows)
     if args.plot:
         plot(bench.rows, args.plot)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

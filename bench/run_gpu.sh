@@ -20,6 +20,13 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
+# torch.compile's caches from an earlier run (bench/results/.../inductor_cache.tgz, carried in) save
+# minutes of compiling the peers; SAVE_INDUCTOR_CACHE=1 writes this run's to $OUT.
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_cache TRITON_CACHE_DIR=/tmp/inductor_cache/triton
+if [ -n "${INDUCTOR_CACHE_IN:-}" ] && [ -f "$INDUCTOR_CACHE_IN" ]; then
+  mkdir -p /tmp/inductor_cache && tar -xzf "$INDUCTOR_CACHE_IN" -C /tmp/inductor_cache && echo "inductor cache restored"
+fi
+
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader | tee "$OUT/build.log"
 t0=$(date +%s)
 {
@@ -49,7 +56,10 @@ for step in $STEPS; do
     bench)
       python3 bench/bench_gpu.py --build build-gpu ${BENCH_ARGS:-} --json "$OUT/bench.json" --plot "$OUT/bench.png" \
         >"$OUT/bench.txt" 2>&1 || status=1
-      grep -A 20 "^# per regime" "$OUT/bench.txt"; grep "^# elapsed" "$OUT/bench.txt" ;;
+      grep -A 20 "^# per regime" "$OUT/bench.txt"; grep "^# elapsed" "$OUT/bench.txt"
+      if [ "${SAVE_INDUCTOR_CACHE:-0}" = 1 ]; then
+        tar -czf "$OUT/inductor_cache.tgz" -C /tmp/inductor_cache . && ls -la "$OUT/inductor_cache.tgz"
+      fi ;;
   esac
   echo "step $step: $(( $(date +%s) - t0 )) s"
 done

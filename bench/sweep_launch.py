@@ -66,9 +66,7 @@ def main() -> int:
         keep += [x, out, cos, sin, pos]
         n = B * M * H * K
         src = torch.empty(n, dtype=dtype, device="cuda")
-        dst = torch.empty_like(src)
-        copies.append(timer.gpu_us(lambda: dst.copy_(src)))
-        del src, dst
+        copies.append(timer.gpu_us(lambda dst=torch.empty_like(src), src=src: dst.copy_(src)))
     print(f"# {torch.cuda.get_device_name()}: python bench/sweep_launch.py --build {args.build}")
     for i, c in enumerate(CONFIGS):
         print(f"# c{i}: {c}  copy {copies[i]:.2f} us")
