@@ -4,8 +4,10 @@
 # launch sweep and the benchmark. Results go to $OUT (default bench/results/latest). Used through
 # the device tool as
 #   bash bench/run_gpu.sh            (carry .whl for liger-kernel / torchtune wheels, if present)
-# Steps can be chosen: STEPS="check memcheck racecheck sweep bench" (default: check memcheck
-# racecheck bench); BENCH_ARGS passes options to bench_gpu.py.
+# Steps can be chosen: STEPS="check memcheck racecheck sweep variants ncu bench" (default: check
+# memcheck racecheck bench); BENCH_ARGS passes options to bench_gpu.py. VARIANTS="name=-DFLAG=1 ..."
+# builds alternatives of the kernel (its compile-time knobs) next to the main build; the step
+# "variants" times each on the sweep's calls with the built-in launch rule.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/latest}
@@ -29,13 +31,21 @@ fi
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader | tee "$OUT/build.log"
 t0=$(date +%s)
+build_variant() {  # name flags
+  cmake -S . -B "build-gpu-$1" -DONEFLOW_ROPE_BUILD_ONEFLOW_OPS=OFF -DONEFLOW_ROPE_BUILD_RAW=ON \
+    -DONEFLOW_ROPE_WITH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DCMAKE_CUDA_FLAGS="$2" \
+    -DPython_EXECUTABLE="$(command -v python3)" -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" \
+    -DCMAKE_BUILD_TYPE=Release >"$OUT/build-$1.log" 2>&1 && cmake --build "build-gpu-$1" -j 4 >>"$OUT/build-$1.log" 2>&1
+}
+for v in ${VARIANTS:-}; do build_variant "${v%%=*}" "${v#*=}" & done
 {
   cmake -S . -B build-gpu -DONEFLOW_ROPE_BUILD_ONEFLOW_OPS=OFF -DONEFLOW_ROPE_BUILD_RAW=ON \
     -DONEFLOW_ROPE_WITH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DPython_EXECUTABLE="$(command -v python3)" \
     -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" -DCMAKE_BUILD_TYPE=Release &&
   cmake --build build-gpu -j 16
 } >>"$OUT/build.log" 2>&1 || { tail -n 40 "$OUT/build.log"; exit 1; }
-echo "built in $(( $(date +%s) - t0 )) s: $(ls build-gpu/_rope_raw*.so)"
+wait
+echo "built in $(( $(date +%s) - t0 )) s: $(ls build-gpu*/_rope_raw*.so)"
 
 for step in $STEPS; do
   t0=$(date +%s)
@@ -53,6 +63,16 @@ for step in $STEPS; do
       tail -n 4 "$OUT/racecheck.txt" ;;
     sweep)
       python3 bench/sweep_launch.py --build build-gpu 2>&1 | tee "$OUT/sweep_launch.txt" || status=1 ;;
+    variants)
+      for v in ${VARIANTS:-}; do
+        echo "== variant ${v%%=*}: ${v#*=}" | tee -a "$OUT/variants.txt"
+        python3 bench/sweep_launch.py --build "build-gpu-${v%%=*}" --settings "0,0" 2>&1 | tail -n 1 | tee -a "$OUT/variants.txt"
+      done ;;
+    ncu)
+      ncu --clock-control none --kernel-name regex:RopeKernel --section SpeedOfLight --section Occupancy \
+        --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+        python3 bench/sweep_launch.py --build build-gpu --once >"$OUT/ncu.txt" 2>&1 || status=1
+      grep -E "RopeKernel|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|No Eligible|Block Size|Grid Size" "$OUT/ncu.txt" | head -150 ;;
     bench)
       python3 bench/bench_gpu.py --build build-gpu ${BENCH_ARGS:-} --json "$OUT/bench.json" --plot "$OUT/bench.png" \
         >"$OUT/bench.txt" 2>&1 || status=1

@@ -34,13 +34,16 @@ CONFIGS = [  # (shape, dtype, layout, mode, variant)
     ((1, 1, 32, 128), "bfloat16", "BMHK", "plane", "table+pos"),
     ((64, 1, 32, 128), "bfloat16", "BMHK", "plane", "table+pos"),
 ]
-SETTINGS = [(0, 0), (1, 256), (2, 256), (4, 256), (2, 128), (4, 128), (2, 512), (4, 512), (1, 128)]
+SETTINGS = [(0, 0), (1, 256), (4, 256), (8, 256), (16, 256), (32, 256), (8, 128), (16, 128), (8, 512), (16, 512)]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--build", default="build-gpu")
+    ap.add_argument("--settings", help="'items,threads;...' (default: a built-in list; '0,0' is the rule)")
+    ap.add_argument("--once", action="store_true", help="launch each config once, no timing (for ncu)")
     args = ap.parse_args()
+    settings = SETTINGS if not args.settings else [tuple(int(v) for v in t.split(",")) for t in args.settings.split(";")]
     sys.path.insert(0, args.build)
     import _rope_raw as raw
 
@@ -67,11 +70,16 @@ def main() -> int:
         n = B * M * H * K
         src = torch.empty(n, dtype=dtype, device="cuda")
         copies.append(timer.gpu_us(lambda dst=torch.empty_like(src), src=src: dst.copy_(src)))
-    print(f"# {torch.cuda.get_device_name()}: python bench/sweep_launch.py --build {args.build}")
+    if args.once:
+        for plan in plans:
+            plan.run_cuda(stream)
+        torch.cuda.synchronize()
+        return 0
+    print(f"# {torch.cuda.get_device_name()}: python {' '.join(sys.argv)}")
     for i, c in enumerate(CONFIGS):
         print(f"# c{i}: {c}  copy {copies[i]:.2f} us")
     print("setting    " + " ".join(f"{'c' + str(i):>14s}" for i in range(len(CONFIGS))))
-    for ipt, threads in SETTINGS:
+    for ipt, threads in settings:
         raw.set_launch_override(ipt, threads)
         cells = []
         for plan, copy in zip(plans, copies):

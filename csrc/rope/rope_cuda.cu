@@ -38,10 +38,20 @@ namespace oneflow_rope {
 
 namespace {
 
-constexpr int kBlockThreads = 256;  // threads per block the launch aims for
-constexpr int kMaxBlockThreads = 512;  // launch bound (ONEFLOW_ROPE_TUNE may ask for more than 256)
-constexpr int kMaxItems = 4;        // items (heads) per thread and row
-constexpr int kMaxUnitLanes = 256;  // threadIdx.x extent; a thread loops when a head has more units
+// Compile-time knobs (bench/run_gpu.sh VARIANTS builds alternatives to compare on the device).
+#ifndef ROPE_MAX_ITEMS
+#define ROPE_MAX_ITEMS 4
+#endif
+#ifndef ROPE_PERSISTENT
+#define ROPE_PERSISTENT 1
+#endif
+#ifndef ROPE_MIN_BLOCKS
+#define ROPE_MIN_BLOCKS 1
+#endif
+constexpr int kBlockThreads = 256;     // threads per block the launch aims for
+constexpr int kMaxBlockThreads = 512;  // launch bound (RopeCudaSetLaunchOverride may ask for 512)
+constexpr int kMaxItems = ROPE_MAX_ITEMS;  // items (heads) per thread and row
+constexpr int kMaxUnitLanes = 256;     // threadIdx.x extent; a thread loops when a head has more units
 
 // ---- frequencies -------------------------------------------------------------------------------
 
@@ -166,23 +176,20 @@ __device__ __forceinline__ void AngleSinCos(int64_t pos, float hi, float lo, flo
   }
 }
 
-// Division of 32-bit unsigned integers by a divisor fixed at launch (Granlund-Montgomery), with
-// a plain 64-bit division for the rare numerator past 2^32.
+// Division of 32-bit unsigned integers by a divisor fixed at launch (Granlund-Montgomery). The
+// launch keeps every numerator below 2^31.
 struct FastDiv {
-  uint64_t d = 1;
-  uint32_t mul = 0, shift = 0;
+  uint32_t d = 1, mul = 0, shift = 0;
   FastDiv() = default;
-  explicit FastDiv(uint64_t divisor) : d(divisor < 1 ? 1 : divisor) {
-    if (d <= 1 || d > 0xffffffffull) return;
+  explicit FastDiv(uint32_t divisor) : d(divisor < 1 ? 1 : divisor) {
+    if (d <= 1) return;
     while ((uint64_t{1} << shift) < d) ++shift;
     mul = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << shift) - d)) / d + 1);
   }
-  __device__ __forceinline__ uint64_t Div(uint64_t n) const {
+  __device__ __forceinline__ uint32_t Div(uint32_t n) const {
     if (d == 1) return n;
-    if (n > 0xffffffffull || d > 0xffffffffull) return n / d;
-    const uint32_t n32 = static_cast<uint32_t>(n);
-    const uint32_t t = __umulhi(n32, mul);
-    return (t + ((n32 - t) >> 1)) >> (shift - 1);
+    const uint32_t t = __umulhi(n, mul);
+    return (t + ((n - t) >> 1)) >> (shift - 1);
   }
 };
 
@@ -191,22 +198,22 @@ struct FastDiv {
 enum class FreqKind : int32_t { kHiLo = 0, kFloat32 = 1, kFloat64 = 2 };
 
 struct KernelArgs {
-  RopeParams p;
-  const void* freq;   // frequencies for computed angles (FreqKind says how they are stored)
-  FreqKind freq_kind;
-  int units;          // units per head
-  int rot_units;      // rotary units per head (the first ones)
-  int units_per_part; // rotary units per rotary part
-  int ipt;            // items per thread and row, <= kMaxItems
-  int64_t rows;       // M when the batch shares positions, else B * M
-  int64_t heads;      // H0 + H1
-  int64_t items;      // items per row: B * (H0 + H1) when the batch shares positions, else H0 + H1
-  int64_t item_chunks;
-  int64_t chunks;     // row groups * item chunks
+  // launch geometry first: the fields every thread reads share a few constant-cache lines
+  int32_t units;          // units per head
+  int32_t rot_units;      // rotary units per head (the first ones)
+  int32_t units_per_part; // rotary units per rotary part
+  int32_t rows;           // M when the batch shares positions, else B * M
+  int32_t heads;          // H0 + H1: items of one sequence of a row
+  int32_t seqs;           // sequences per row: B when the batch shares positions, else 1
+  int32_t item_step_b;    // an item lane's step (blockDim.y items) as (sequences, heads)
+  int32_t item_step_h;
+  int32_t chunks;         // row groups (blockDim.z rows each)
   bool batch_shared;
-  FastDiv div_m;      // row -> (b, m)
-  FastDiv div_heads;  // shared row's item -> (b, head)
-  FastDiv div_chunks; // work piece -> (row group, item chunk)
+  FreqKind freq_kind;
+  const void* freq;       // frequencies for computed angles (FreqKind says how they are stored)
+  FastDiv div_m;          // row -> (b, m)
+  FastDiv div_heads;      // item -> (sequence, head)
+  RopeParams p;
 };
 
 // Vector of V elements, aligned to its size (16 bytes in the vector variant).
@@ -336,37 +343,24 @@ __device__ __forceinline__ void LoadTable(const TT* ptr, int64_t stride, C* out)
   }
 }
 
-// Element offsets of one item (a head of one tensor, of sequence b) in x and out; `second`
-// says which tensor.
-struct Item {
-  const char* x;
-  char* out;
-  bool second;
+// The first element of a row's heads in one tensor's x and out (sequence b0 for rows of one
+// sequence; sequence 0 when the batch shares the row).
+template<typename T>
+struct RowBase {
+  const T* x;
+  T* out;
 };
 
 template<typename T>
-__device__ __forceinline__ Item ItemAt(const RopeParams& p, int64_t b, int64_t m, int64_t head) {
-  const bool second = head >= p.tensors[0].H;
-  const RopeTensor& t0 = p.tensors[0];
-  const RopeTensor& t1 = p.tensors[1];
-  const int64_t h = second ? head - t0.H : head;
-  const int64_t xo = b * (second ? t1.x_stride_b : t0.x_stride_b)
-                     + m * (second ? t1.x_stride_m : t0.x_stride_m)
-                     + h * (second ? t1.x_stride_h : t0.x_stride_h);
-  const int64_t oo = b * (second ? t1.out_stride_b : t0.out_stride_b)
-                     + m * (second ? t1.out_stride_m : t0.out_stride_m)
-                     + h * (second ? t1.out_stride_h : t0.out_stride_h);
-  Item it;
-  it.x = static_cast<const char*>(second ? t1.x : t0.x) + xo * static_cast<int64_t>(sizeof(T));
-  it.out = static_cast<char*>(second ? t1.out : t0.out) + oo * static_cast<int64_t>(sizeof(T));
-  it.second = second;
-  return it;
+__device__ __forceinline__ RowBase<T> RowBaseOf(const RopeTensor& t, int64_t b, int64_t m) {
+  return {static_cast<const T*>(t.x) + b * t.x_stride_b + m * t.x_stride_m,
+          static_cast<T*>(t.out) + b * t.out_stride_b + m * t.out_stride_m};
 }
 
 // ---- the kernel --------------------------------------------------------------------------------
 
 template<typename T, typename TT, int V, bool kVec, bool kPlane, bool kTable>
-__global__ void __launch_bounds__(kMaxBlockThreads) RopeKernel(const KernelArgs a) {
+__global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(const KernelArgs a) {
   using C = typename Compute<T>::type;
   using P = Pack<T, V>;
   constexpr bool kFast = sizeof(T) == 2;
@@ -376,9 +370,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads) RopeKernel(const KernelArgs 
   const int half = part / 2;
   const int rotary = static_cast<int>(p.rotary_size);
   const int K = static_cast<int>(p.K);
-  const C scale = static_cast<C>(p.attention_scaling);
-  const C sin_scale = p.inverse ? -scale : scale;
-  const int64_t items_per_chunk = static_cast<int64_t>(blockDim.y) * a.ipt;
+  const int H0 = static_cast<int>(p.tensors[0].H);
 
   for (int u = threadIdx.x; u < a.units; u += blockDim.x) {
     // ---- the unit's geometry and frequencies, once ----
@@ -401,152 +393,165 @@ __global__ void __launch_bounds__(kMaxBlockThreads) RopeKernel(const KernelArgs 
       count0 = min(V, K - k0);
       count1 = k1 >= 0 ? min(V, K - k1) : 0;
     }
-    // Computed angles: the unit needs V frequencies; plane uses f[e] for element e of both
-    // vectors, interval f[e / 2] for the first vector and f[V / 2 + e / 2] for the second.
-    C f_hi[V], f_lo[V];
-    if constexpr (!kTable) {
-      const int first = kPlane ? k0 - r * part : (k0 - r * part) / 2;
-      if (rot) {
-#pragma unroll
-        for (int e = 0; e < V; ++e) LoadFreq(a, min(first + e, half - 1), &f_hi[e], &f_lo[e]);
-      }
-    }
+    // Computed angles: the unit needs V frequencies; plane uses angle e for element e of both
+    // vectors, interval angle e / 2 for the first vector and V / 2 + e / 2 for the second.
+    const int first_freq = kPlane ? k0 - r * part : (k0 - r * part) / 2;
+    const int64_t xs0 = kVec ? 1 : p.tensors[0].x_stride_k;
+    const int64_t xs1 = kVec ? 1 : p.tensors[1].x_stride_k;
+    const int64_t os0 = kVec ? 1 : p.tensors[0].out_stride_k;
+    const int64_t os1 = kVec ? 1 : p.tensors[1].out_stride_k;
 
-    for (int64_t w = blockIdx.x; w < a.chunks; w += gridDim.x) {
-      const int64_t group = static_cast<int64_t>(a.div_chunks.Div(static_cast<uint64_t>(w)));
-      const int64_t chunk = w - group * a.item_chunks;
-      const int64_t row = group * blockDim.z + threadIdx.z;
+    for (int w = blockIdx.x; w < a.chunks; w += gridDim.x) {
+      const int row = w * static_cast<int>(blockDim.z) + static_cast<int>(threadIdx.z);
       if (row >= a.rows) continue;
-      int64_t b_row = 0, m = row;
+      int b_row = 0, m = row;
       if (!a.batch_shared) {
-        b_row = static_cast<int64_t>(a.div_m.Div(static_cast<uint64_t>(row)));
-        m = row - b_row * p.M;
+        b_row = static_cast<int>(a.div_m.Div(static_cast<uint32_t>(row)));
+        m = row - b_row * static_cast<int>(p.M);
       }
-      // ---- issue every load of the thread's items first ----
-      const int64_t item0 = chunk * items_per_chunk + threadIdx.y;
-      Item at[kMaxItems];
-      bool live[kMaxItems];
-      P lo[kMaxItems], hi[kMaxItems];
+      const RowBase<T> base0 = RowBaseOf<T>(p.tensors[0], b_row, m);
+      const RowBase<T> base1 = RowBaseOf<T>(p.tensors[1], b_row, m);
+      // the thread's items of this row: item lane threadIdx.y, then every blockDim.y-th
+      int seq = static_cast<int>(a.div_heads.Div(threadIdx.y));
+      int head = static_cast<int>(threadIdx.y) - seq * a.heads;
+      // cos/sin of the unit: tables give one value per element of each vector (c0, s0, c1, s1);
+      // computed angles give V values shared as described above (c0, s0 only)
+      C c0[V], s0[V], c1[kTable ? V : 1], s1[kTable ? V : 1];
+      bool angles_ready = !rot;
+      while (seq < a.seqs) {
+        // ---- issue the loads of up to kMaxItems items first ----
+        T* outp[kMaxItems];
+        bool second[kMaxItems];
+        bool live[kMaxItems];
+        P lo[kMaxItems], hi[kMaxItems];
 #pragma unroll
-      for (int t = 0; t < kMaxItems; ++t) {
-        const int64_t item = item0 + static_cast<int64_t>(t) * blockDim.y;
-        live[t] = t < a.ipt && item < a.items;
-        if (live[t]) {
-          int64_t b = b_row, head = item;
-          if (a.batch_shared) {
-            b = static_cast<int64_t>(a.div_heads.Div(static_cast<uint64_t>(item)));
-            head = item - b * a.heads;
+        for (int t = 0; t < kMaxItems; ++t) {
+          live[t] = seq < a.seqs;
+          second[t] = head >= H0;
+          if (live[t]) {
+            const int h = second[t] ? head - H0 : head;
+            const int64_t xsb = second[t] ? p.tensors[1].x_stride_b : p.tensors[0].x_stride_b;
+            const int64_t xsh = second[t] ? p.tensors[1].x_stride_h : p.tensors[0].x_stride_h;
+            const int64_t osb = second[t] ? p.tensors[1].out_stride_b : p.tensors[0].out_stride_b;
+            const int64_t osh = second[t] ? p.tensors[1].out_stride_h : p.tensors[0].out_stride_h;
+            const T* x = (second[t] ? base1.x : base0.x) + seq * xsb + h * xsh;
+            outp[t] = (second[t] ? base1.out : base0.out) + seq * osb + h * osh;
+            const int64_t xs = second[t] ? xs1 : xs0;
+            lo[t] = LoadVec<T, V, kVec>(x + k0 * xs, xs, count0);
+            if (k1 >= 0) hi[t] = LoadVec<T, V, kVec>(x + k1 * xs, xs, count1);
           }
-          at[t] = ItemAt<T>(p, b, m, head);
-          const T* x = reinterpret_cast<const T*>(at[t].x);
-          const int64_t xs = kVec ? 1 : (at[t].second ? p.tensors[1].x_stride_k : p.tensors[0].x_stride_k);
-          lo[t] = LoadVec<T, V, kVec>(x + k0 * xs, xs, count0);
-          if (k1 >= 0) hi[t] = LoadVec<T, V, kVec>(x + k1 * xs, xs, count1);
-        }
-      }
-      // ---- cos/sin of the unit for this row ----
-      C c0[V], s0[V], c1[V], s1[V];
-      if (rot) {
-        int64_t pos = 0;
-        bool found = RowPosition(p, b_row, r, m, &pos);
-        if (kTable) found = found && pos >= 0 && pos < p.table_rows;
-        if (!found) {
-#pragma unroll
-          for (int e = 0; e < V; ++e) c0[e] = s0[e] = c1[e] = s1[e] = static_cast<C>(NAN);
-        } else if constexpr (kTable) {
-          const int64_t cs = p.table_col_stride;
-          const TT* cos_row = static_cast<const TT*>(p.cos) + pos * p.table_row_stride;
-          const TT* sin_row = static_cast<const TT*>(p.sin) + pos * p.table_row_stride;
-          const int j0 = k0 - r * part;
-          LoadTable<TT, C, V, kVec>(cos_row + j0 * cs, cs, c0);
-          LoadTable<TT, C, V, kVec>(sin_row + j0 * cs, cs, s0);
-          if (k1 >= 0) {
-            const int j1 = k1 - r * part;
-            LoadTable<TT, C, V, kVec>(cos_row + j1 * cs, cs, c1);
-            LoadTable<TT, C, V, kVec>(sin_row + j1 * cs, cs, s1);
-          }
-#pragma unroll
-          for (int e = 0; e < V; ++e) {
-            c0[e] *= scale;
-            s0[e] *= sin_scale;
-            c1[e] *= scale;
-            s1[e] *= sin_scale;
-          }
-        } else {
-          C cs[V], sn[V];
-#pragma unroll
-          for (int e = 0; e < V; ++e) {
-            SinCos<kFast>(pos, f_hi[e], f_lo[e], &sn[e], &cs[e]);
-            cs[e] *= scale;
-            sn[e] *= sin_scale;
-          }
-#pragma unroll
-          for (int e = 0; e < V; ++e) {
-            const int i0 = kPlane ? e : e / 2;
-            const int i1 = kPlane ? e : V / 2 + e / 2;
-            c0[e] = cs[i0];
-            s0[e] = sn[i0];
-            c1[e] = cs[i1];
-            s1[e] = sn[i1];
+          head += a.item_step_h;
+          seq += a.item_step_b;
+          if (head >= a.heads) {
+            head -= a.heads;
+            ++seq;
           }
         }
-      }
-      // ---- rotate and store ----
+        // ---- cos/sin of the unit for this row, once ----
+        if (!angles_ready) {
+          angles_ready = true;
+          const C scale = static_cast<C>(p.attention_scaling);
+          const C sin_scale = p.inverse ? -scale : scale;
+          int64_t pos = 0;
+          bool found = RowPosition(p, b_row, r, m, &pos);
+          if (kTable) found = found && pos >= 0 && pos < p.table_rows;
+          if (!found) {
 #pragma unroll
-      for (int t = 0; t < kMaxItems; ++t) {
-        if (!live[t]) continue;
-        const bool second = at[t].second;
-        T* out = reinterpret_cast<T*>(at[t].out);
-        const int64_t os = kVec ? 1 : (second ? p.tensors[1].out_stride_k : p.tensors[0].out_stride_k);
-        P o0 = lo[t], o1 = hi[t];
-        if (rot) {
-          if constexpr (kPlane) {
+            for (int e = 0; e < V; ++e) {
+              c0[e] = s0[e] = static_cast<C>(NAN);
+              if constexpr (kTable) c1[e] = s1[e] = static_cast<C>(NAN);
+            }
+          } else if constexpr (kTable) {
+            const int64_t cs = p.table_col_stride;
+            const TT* cos_row = static_cast<const TT*>(p.cos) + pos * p.table_row_stride;
+            const TT* sin_row = static_cast<const TT*>(p.sin) + pos * p.table_row_stride;
+            const int j0 = k0 - r * part;
+            LoadTable<TT, C, V, kVec>(cos_row + j0 * cs, cs, c0);
+            LoadTable<TT, C, V, kVec>(sin_row + j0 * cs, cs, s0);
+            if (k1 >= 0) {
+              const int j1 = k1 - r * part;
+              LoadTable<TT, C, V, kVec>(cos_row + j1 * cs, cs, c1);
+              LoadTable<TT, C, V, kVec>(sin_row + j1 * cs, cs, s1);
+            }
 #pragma unroll
-            for (int e = 0; e < V; e += kStep) {
-              C ra[kStep], rz[kStep];
-#pragma unroll
-              for (int q = 0; q < kStep; ++q) {
-                const C xa = static_cast<C>(ToCompute(lo[t].v[e + q]));
-                const C xz = static_cast<C>(ToCompute(hi[t].v[e + q]));
-                ra[q] = xa * c0[e + q] - xz * s0[e + q];
-                rz[q] = xz * c1[e + q] + xa * s1[e + q];
-              }
-              if constexpr (kStep == 2) {
-                RoundPair<T, C>(ra[0], ra[1], &o0.v[e]);
-                RoundPair<T, C>(rz[0], rz[1], &o1.v[e]);
-              } else {
-                o0.v[e] = Round<T>(ra[0]);
-                o1.v[e] = Round<T>(rz[0]);
-              }
+            for (int e = 0; e < V; ++e) {
+              c0[e] *= scale;
+              s0[e] *= sin_scale;
+              c1[e] *= scale;
+              s1[e] *= sin_scale;
             }
           } else {
 #pragma unroll
-            for (int e = 0; e < V; e += 2) {
-              const C a0 = static_cast<C>(ToCompute(lo[t].v[e]));
-              const C a1 = static_cast<C>(ToCompute(lo[t].v[e + 1]));
-              RoundPair<T, C>(a0 * c0[e] - a1 * s0[e], a1 * c0[e + 1] + a0 * s0[e + 1], &o0.v[e]);
-            }
-            if (k1 >= 0) {
-#pragma unroll
-              for (int e = 0; e < V; e += 2) {
-                const C z0 = static_cast<C>(ToCompute(hi[t].v[e]));
-                const C z1 = static_cast<C>(ToCompute(hi[t].v[e + 1]));
-                RoundPair<T, C>(z0 * c1[e] - z1 * s1[e], z1 * c1[e + 1] + z0 * s1[e + 1], &o1.v[e]);
-              }
+            for (int e = 0; e < V; ++e) {
+              C hi_f, lo_f;
+              LoadFreq(a, min(first_freq + e, half - 1), &hi_f, &lo_f);
+              SinCos<kFast>(pos, hi_f, lo_f, &s0[e], &c0[e]);
+              c0[e] *= scale;
+              s0[e] *= sin_scale;
             }
           }
         }
-        StoreVec<T, V, kVec>(out + k0 * os, os, count0, o0);
-        if (k1 >= 0) StoreVec<T, V, kVec>(out + k1 * os, os, count1, o1);
-        const RopeTensor& tensor = second ? p.tensors[1] : p.tensors[0];
-        if (tensor.num_zero_slots > 0) {
-          P zero;
+        // cos/sin of element e of the first (A) or second (Z) vector
+        auto cos_a = [&](int e) -> C { return kTable ? c0[e] : c0[kPlane ? e : e / 2]; };
+        auto sin_a = [&](int e) -> C { return kTable ? s0[e] : s0[kPlane ? e : e / 2]; };
+        auto cos_z = [&](int e) -> C { if constexpr (kTable) return c1[e]; else return c0[kPlane ? e : V / 2 + e / 2]; };
+        auto sin_z = [&](int e) -> C { if constexpr (kTable) return s1[e]; else return s0[kPlane ? e : V / 2 + e / 2]; };
+        // ---- rotate and store ----
 #pragma unroll
-          for (int e = 0; e < V; ++e) zero.v[e] = Round<T>(C(0));
-          for (int z = 0; z < tensor.num_zero_slots; ++z) {
-            T* zout = out + tensor.zero_slot_offset[z];
-            StoreVec<T, V, kVec>(zout + k0 * os, os, count0, zero);
-            if (k1 >= 0) StoreVec<T, V, kVec>(zout + k1 * os, os, count1, zero);
+        for (int t = 0; t < kMaxItems; ++t) {
+          if (!live[t]) continue;
+          T* out = outp[t];
+          const int64_t os = second[t] ? os1 : os0;
+          P o0 = lo[t], o1 = hi[t];
+          if (rot) {
+            if constexpr (kPlane) {
+#pragma unroll
+              for (int e = 0; e < V; e += kStep) {
+                C ra[kStep], rz[kStep];
+#pragma unroll
+                for (int q = 0; q < kStep; ++q) {
+                  const C xa = static_cast<C>(ToCompute(lo[t].v[e + q]));
+                  const C xz = static_cast<C>(ToCompute(hi[t].v[e + q]));
+                  ra[q] = xa * cos_a(e + q) - xz * sin_a(e + q);
+                  rz[q] = xz * cos_z(e + q) + xa * sin_z(e + q);
+                }
+                if constexpr (kStep == 2) {
+                  RoundPair<T, C>(ra[0], ra[1], &o0.v[e]);
+                  RoundPair<T, C>(rz[0], rz[1], &o1.v[e]);
+                } else {
+                  o0.v[e] = Round<T>(ra[0]);
+                  o1.v[e] = Round<T>(rz[0]);
+                }
+              }
+            } else {
+#pragma unroll
+              for (int e = 0; e < V; e += 2) {
+                const C a0 = static_cast<C>(ToCompute(lo[t].v[e]));
+                const C a1 = static_cast<C>(ToCompute(lo[t].v[e + 1]));
+                RoundPair<T, C>(a0 * cos_a(e) - a1 * sin_a(e), a1 * cos_a(e + 1) + a0 * sin_a(e + 1), &o0.v[e]);
+              }
+              if (k1 >= 0) {
+#pragma unroll
+                for (int e = 0; e < V; e += 2) {
+                  const C z0 = static_cast<C>(ToCompute(hi[t].v[e]));
+                  const C z1 = static_cast<C>(ToCompute(hi[t].v[e + 1]));
+                  RoundPair<T, C>(z0 * cos_z(e) - z1 * sin_z(e), z1 * cos_z(e + 1) + z0 * sin_z(e + 1), &o1.v[e]);
+                }
+              }
+            }
+          }
+          StoreVec<T, V, kVec>(out + k0 * os, os, count0, o0);
+          if (k1 >= 0) StoreVec<T, V, kVec>(out + k1 * os, os, count1, o1);
+          const int zeros = second[t] ? p.tensors[1].num_zero_slots : p.tensors[0].num_zero_slots;
+          if (zeros > 0) {
+            P zero;
+#pragma unroll
+            for (int e = 0; e < V; ++e) zero.v[e] = Round<T>(C(0));
+            for (int z = 0; z < zeros; ++z) {
+              const int64_t offset = second[t] ? p.tensors[1].zero_slot_offset[z] : p.tensors[0].zero_slot_offset[z];
+              StoreVec<T, V, kVec>(out + offset + k0 * os, os, count0, zero);
+              if (k1 >= 0) StoreVec<T, V, kVec>(out + offset + k1 * os, os, count1, zero);
+            }
           }
         }
       }
@@ -627,41 +632,38 @@ bool VectorFits(const RopeParams& p) {
 }
 
 struct LaunchShape {
-  int ipt;
-  dim3 block;
+  int items_per_thread;  // a thread's items of one row (it loads kMaxItems at a time)
+  dim3 block;            // (unit lanes, item lanes, row lanes)
 };
 
-int g_override_ipt = 0;      // RopeCudaSetLaunchOverride: 0 keeps the rule's choice
+int g_override_items = 0;    // RopeCudaSetLaunchOverride: 0 keeps the rule's choice
 int g_override_threads = 0;
 
-// Items per thread and block shape (RopeCudaSetLaunchOverride can force both, for sweeps).
+// Block shape. A thread rotates every blockDim.y-th item of its row with the row's cos/sin, so
+// more items per thread amortise the angles (or table loads) over more heads; fewer items per
+// thread spread a small call over more threads. The rule takes the most items per thread that
+// still give about one wave of threads on the device (SM count x resident threads per SM).
 LaunchShape ChooseShape(int units, int64_t rows, int64_t items, const DeviceInfo& dev) {
-  const int* tune = nullptr;
-  const int override_values[2] = {g_override_ipt, g_override_threads};
-  tune = override_values;
   const int unit_lanes = std::min(units, kMaxUnitLanes);
-  const int block_threads = tune[1] > 0 ? std::min(tune[1], kMaxBlockThreads) : kBlockThreads;
-  int ipt = tune[0];
-  if (ipt <= 0) {
-    // As many items per thread as keep one full wave of threads on the device: more items
-    // share one row's cos/sin, fewer spread small calls over more SMs.
-    const int64_t resident = static_cast<int64_t>(dev.sms) * dev.threads_per_sm;
-    ipt = 1;
-    for (int cand : {kMaxItems, 2}) {
-      const int64_t threads = rows * unit_lanes * ((items + cand - 1) / cand);
-      if (threads >= resident) {
-        ipt = cand;
+  const int block_threads =
+      g_override_threads > 0 ? std::min(g_override_threads, kMaxBlockThreads) : kBlockThreads;
+  int64_t per_thread = g_override_items;
+  if (per_thread <= 0) {
+    const int64_t wave = static_cast<int64_t>(dev.sms) * dev.threads_per_sm / 2;
+    per_thread = 1;
+    for (int64_t cand = 64; cand > 1; cand /= 2) {
+      if (rows * unit_lanes * ((items + cand - 1) / cand) >= wave) {
+        per_thread = cand;
         break;
       }
     }
   }
-  ipt = std::max(1, std::min(ipt, kMaxItems));
-  const int64_t item_lanes_wanted = (items + ipt - 1) / ipt;
+  const int64_t item_lanes_wanted = (items + per_thread - 1) / per_thread;
   const int item_lanes = static_cast<int>(std::max<int64_t>(
       1, std::min<int64_t>(item_lanes_wanted, std::max(1, block_threads / unit_lanes))));
   const int row_lanes = static_cast<int>(std::max<int64_t>(
       1, std::min<int64_t>({rows, std::max(1, block_threads / (unit_lanes * item_lanes)), 64})));
-  return {ipt, dim3(unit_lanes, item_lanes, row_lanes)};
+  return {static_cast<int>(per_thread), dim3(unit_lanes, item_lanes, row_lanes)};
 }
 
 template<typename T, typename TT, int V, bool kVec>
@@ -697,24 +699,30 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
   if (a.units == 0) return cudaSuccess;
   const int64_t heads = p.total_heads();
   a.batch_shared = p.positions_shared_by_batch();
-  a.rows = a.batch_shared ? p.M : p.B * p.M;
-  a.heads = heads;
-  a.items = a.batch_shared ? p.B * heads : heads;
-  const LaunchShape shape = ChooseShape(a.units, a.rows, a.items, dev);
-  a.ipt = shape.ipt;
-  const int64_t items_per_chunk = static_cast<int64_t>(shape.block.y) * shape.ipt;
-  a.item_chunks = (a.items + items_per_chunk - 1) / items_per_chunk;
-  const int64_t row_groups = (a.rows + shape.block.z - 1) / shape.block.z;
-  a.chunks = row_groups * a.item_chunks;
-  a.div_m = FastDiv(static_cast<uint64_t>(std::max<int64_t>(1, p.M)));
-  a.div_heads = FastDiv(static_cast<uint64_t>(std::max<int64_t>(1, heads)));
-  a.div_chunks = FastDiv(static_cast<uint64_t>(a.item_chunks));
+  const int64_t rows = a.batch_shared ? p.M : p.B * p.M;
+  const int64_t seqs = a.batch_shared ? p.B : 1;
+  const int64_t items = seqs * heads;
+  // 32-bit row and item arithmetic inside the kernel
+  if (rows >= (int64_t{1} << 31) || items >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
+  const LaunchShape shape = ChooseShape(a.units, rows, items, dev);
+  a.rows = static_cast<int32_t>(rows);
+  a.heads = static_cast<int32_t>(heads);
+  a.seqs = static_cast<int32_t>(seqs);
+  a.item_step_b = static_cast<int32_t>(shape.block.y / heads);
+  a.item_step_h = static_cast<int32_t>(shape.block.y % heads);
+  a.chunks = static_cast<int32_t>((rows + shape.block.z - 1) / shape.block.z);
+  a.div_m = FastDiv(static_cast<uint32_t>(std::max<int64_t>(1, p.M)));
+  a.div_heads = FastDiv(static_cast<uint32_t>(heads));
   const int threads = static_cast<int>(shape.block.x * shape.block.y * shape.block.z);
 
   auto launch = [&](auto kernel) -> cudaError_t {
+#if ROPE_PERSISTENT
     const int64_t resident =
         static_cast<int64_t>(dev.sms) * BlocksPerSm(reinterpret_cast<const void*>(kernel), threads);
     const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(a.chunks, resident));
+#else
+    const int64_t blocks = a.chunks;
+#endif
     kernel<<<static_cast<unsigned>(blocks), shape.block, 0, stream>>>(a);
     return cudaGetLastError();
   };
@@ -755,7 +763,7 @@ int RopeForwardCuda(const RopeParams& p, void* stream) {
 }
 
 void RopeCudaSetLaunchOverride(int items_per_thread, int block_threads) {
-  g_override_ipt = items_per_thread;
+  g_override_items = items_per_thread;
   g_override_threads = block_threads;
 }
 

@@ -18,8 +18,8 @@ const char* RopeCudaErrorString(int status);
 // elements) or "elementwise" (any strides and sizes). For tests and benchmarks.
 const char* RopeCudaKernelName(const RopeParams& p);
 
-// Forces the launch shape for benchmark sweeps: items per thread (1..4) and threads per block
-// (up to 512); 0 keeps the built-in rule (from the device's SM count and the kernel's occupancy).
+// Forces the launch shape for benchmark sweeps: items (heads) per thread and row, and threads
+// per block (up to 512); 0 keeps the built-in rule (from the device's SM count and the kernel's occupancy).
 // Not thread-safe; not for production use.
 void RopeCudaSetLaunchOverride(int items_per_thread, int block_threads);
 
