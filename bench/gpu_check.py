@@ -39,7 +39,7 @@ DEVICE = "cuda"  # --device cpu runs the same checks through the CPU kernel (che
 
 def sync():
     if DEVICE == "cuda":
-        sync()
+        torch.cuda.synchronize()
 
 
 def to_torch(a, dtype=None):
@@ -89,7 +89,7 @@ def run_case(raw, res, group, case: Case, M=5, K=16, max_pos=4096, backward=True
         dy = round_to_dtype(rng.uniform(-1, 1, expected.shape), case.dtype)
         dx = rope_backward(raw, to_torch(dy, case.dtype), tuple(arrays["x"].shape), t["cos"], t["sin"],
                            t["position_ids"], **kwargs)
-        sync()
+        torch.cuda.synchronize()
         exp_dx = rope_reference_backward(dy, cos=arrays["cos"], sin=arrays["sin"],
                                          position_ids=arrays["position_ids"], x_shape=arrays["x"].shape, **kwargs)
         err = float(np.max(np.abs(to_np64(dx) - exp_dx))) if exp_dx.size else 0.0
@@ -316,7 +316,7 @@ def check_extensions(raw, res, K=128):
         t_dec = to_torch(dec)
         params = extended_params(raw, tensors, dtype=dtype, B=1, M=T, K=K, cu_seqlens=t_dec)
         launch(raw, tx, params)
-        sync()
+        torch.cuda.synchronize()
         got = to_np64(out)
         exp = rope_reference(xs, position_ids=positions_from_cu_seqlens(cu, T))
         lo_t, hi_t = int(min(cu[2], dec[3], dec[4])), int(max(cu[5], cu[4] + 2, dec[3], dec[4]))
@@ -337,7 +337,7 @@ def check_large(raw, res):
         x = flat[misalign:].view(shape)  # misalign=1 forces the generic kernel
         assert x.numel() > 2**31
         out = rope(raw, x, layout=layout)
-        sync()
+        torch.cuda.synchronize()
         tail = slice(M - 8, M)
         xs = x[:, tail] if layout == "BMHK" else x[:, :, tail]
         # reference positions of the tail rows are M-8..M-1: shift via position_ids

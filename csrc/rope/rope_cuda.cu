@@ -48,6 +48,9 @@ namespace {
 #ifndef ROPE_MIN_BLOCKS
 #define ROPE_MIN_BLOCKS 1
 #endif
+#ifndef ROPE_PREFETCH
+#define ROPE_PREFETCH 1  // prefetch the next batch of items (or the next row's) into L2
+#endif
 constexpr int kBlockThreads = 256;     // threads per block the launch aims for
 constexpr int kMaxBlockThreads = 512;  // launch bound (RopeCudaSetLaunchOverride may ask for 512)
 constexpr int kMaxItems = ROPE_MAX_ITEMS;  // items (heads) per thread and row
@@ -297,6 +300,12 @@ __device__ __forceinline__ void SinCos(int64_t pos, double theta, double, double
   sincos(static_cast<double>(pos) * theta, s, c);
 }
 
+// Asks L2 for the line holding ptr (no register, no wait): keeps more bytes in flight than the
+// registers that receive loads allow.
+__device__ __forceinline__ void PrefetchL2(const void* ptr) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
+}
+
 // Loads V consecutive (kVec) or strided elements; elements at or past `limit` are not read.
 template<typename T, int V, bool kVec>
 __device__ __forceinline__ Pack<T, V> LoadVec(const T* ptr, int64_t stride, int count) {
@@ -343,24 +352,63 @@ __device__ __forceinline__ void LoadTable(const TT* ptr, int64_t stride, C* out)
   }
 }
 
-// The first element of a row's heads in one tensor's x and out (sequence b0 for rows of one
-// sequence; sequence 0 when the batch shares the row).
+// ---- the kernel --------------------------------------------------------------------------------
+
+// x and out of item (b, m, head) of the call (head < H0: first tensor, else second).
 template<typename T>
-struct RowBase {
+struct ItemPtrs {
   const T* x;
   T* out;
 };
 
 template<typename T>
-__device__ __forceinline__ RowBase<T> RowBaseOf(const RopeTensor& t, int64_t b, int64_t m) {
-  return {static_cast<const T*>(t.x) + b * t.x_stride_b + m * t.x_stride_m,
-          static_cast<T*>(t.out) + b * t.out_stride_b + m * t.out_stride_m};
+__device__ __forceinline__ ItemPtrs<T> ItemAt(const RopeParams& p, int H0, int b, int m, int head) {
+  const int sec = head >= H0 ? 1 : 0;
+  const RopeTensor& t = p.tensors[sec];
+  const int h = head - sec * H0;
+  return {static_cast<const T*>(t.x) + b * t.x_stride_b + m * t.x_stride_m + h * t.x_stride_h,
+          static_cast<T*>(t.out) + b * t.out_stride_b + m * t.out_stride_m + h * t.out_stride_h};
 }
 
-// ---- the kernel --------------------------------------------------------------------------------
+// Unit geometry: the element offsets of its two vectors (k1 < 0: none), the elements of each
+// that exist, its rotary part r and whether it rotates.
+struct Unit {
+  int k0, k1, count0, count1, r;
+  bool rot;
+};
 
-template<typename T, typename TT, int V, bool kVec, bool kPlane, bool kTable>
-__global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(const KernelArgs a) {
+template<int V, bool kPlane>
+__device__ __forceinline__ Unit UnitAt(const KernelArgs& a, int u, int part, int rotary, int K) {
+  Unit g;
+  g.rot = u < a.rot_units;
+  g.r = 0;
+  g.count0 = g.count1 = V;
+  if (g.rot) {
+    g.r = u / a.units_per_part;
+    const int c = u - g.r * a.units_per_part;
+    if (kPlane) {
+      g.k0 = g.r * part + c * V;
+      g.k1 = g.k0 + part / 2;
+    } else {
+      g.k0 = g.r * part + 2 * c * V;
+      g.k1 = (2 * c + 1) * V < part ? g.k0 + V : -1;
+    }
+  } else {
+    const int c = u - a.rot_units;
+    g.k0 = rotary + 2 * c * V;
+    g.k1 = g.k0 + V < K ? g.k0 + V : -1;
+    g.count0 = min(V, K - g.k0);
+    g.count1 = g.k1 >= 0 ? min(V, K - g.k1) : 0;
+  }
+  return g;
+}
+
+// kItems: items a thread loads at a time. kItems == 1 (small calls, latency first): the row's
+// position, the item's loads and the angles are issued back to back. kItems > 1 (large calls,
+// bandwidth first): the row's cos/sin are made once into registers, then batches of kItems items
+// are loaded (the next batch prefetched into L2 meanwhile), rotated and stored.
+template<typename T, typename TT, int V, bool kVec, bool kPlane, bool kTable, int kItems>
+__global__ void __launch_bounds__(kMaxBlockThreads) RopeKernel(const KernelArgs a) {
   using C = typename Compute<T>::type;
   using P = Pack<T, V>;
   constexpr bool kFast = sizeof(T) == 2;
@@ -368,38 +416,14 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
   const RopeParams& p = a.p;
   const int part = static_cast<int>(p.rotary_size / p.rotary_dim);
   const int half = part / 2;
-  const int rotary = static_cast<int>(p.rotary_size);
-  const int K = static_cast<int>(p.K);
   const int H0 = static_cast<int>(p.tensors[0].H);
 
   for (int u = threadIdx.x; u < a.units; u += blockDim.x) {
-    // ---- the unit's geometry and frequencies, once ----
-    const bool rot = u < a.rot_units;
-    int r = 0, k0, k1, count0 = V, count1 = V;
-    if (rot) {
-      r = u / a.units_per_part;
-      const int c = u - r * a.units_per_part;
-      if (kPlane) {
-        k0 = r * part + c * V;
-        k1 = k0 + half;
-      } else {
-        k0 = r * part + 2 * c * V;
-        k1 = (2 * c + 1) * V < part ? k0 + V : -1;
-      }
-    } else {
-      const int c = u - a.rot_units;
-      k0 = rotary + 2 * c * V;
-      k1 = k0 + V < K ? k0 + V : -1;
-      count0 = min(V, K - k0);
-      count1 = k1 >= 0 ? min(V, K - k1) : 0;
-    }
-    // Computed angles: the unit needs V frequencies; plane uses angle e for element e of both
-    // vectors, interval angle e / 2 for the first vector and V / 2 + e / 2 for the second.
-    const int first_freq = kPlane ? k0 - r * part : (k0 - r * part) / 2;
-    const int64_t xs0 = kVec ? 1 : p.tensors[0].x_stride_k;
-    const int64_t xs1 = kVec ? 1 : p.tensors[1].x_stride_k;
-    const int64_t os0 = kVec ? 1 : p.tensors[0].out_stride_k;
-    const int64_t os1 = kVec ? 1 : p.tensors[1].out_stride_k;
+    const Unit g = UnitAt<V, kPlane>(a, u, part, static_cast<int>(p.rotary_size), static_cast<int>(p.K));
+    // Computed angles: the unit needs V frequencies from first_freq on; plane uses angle e for
+    // element e of both vectors, interval angle e / 2 for the first vector, V / 2 + e / 2 for the
+    // second.
+    const int first_freq = kPlane ? g.k0 - g.r * part : (g.k0 - g.r * part) / 2;
 
     for (int w = blockIdx.x; w < a.chunks; w += gridDim.x) {
       const int row = w * static_cast<int>(blockDim.z) + static_cast<int>(threadIdx.z);
@@ -409,149 +433,200 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
         b_row = static_cast<int>(a.div_m.Div(static_cast<uint32_t>(row)));
         m = row - b_row * static_cast<int>(p.M);
       }
-      const RowBase<T> base0 = RowBaseOf<T>(p.tensors[0], b_row, m);
-      const RowBase<T> base1 = RowBaseOf<T>(p.tensors[1], b_row, m);
-      // the thread's items of this row: item lane threadIdx.y, then every blockDim.y-th
-      int seq = static_cast<int>(a.div_heads.Div(threadIdx.y));
-      int head = static_cast<int>(threadIdx.y) - seq * a.heads;
+      // the position first: with tables it heads the longest chain of dependent loads
+      int64_t pos = 0;
+      bool found = true;
+      if (g.rot) {
+        found = RowPosition(p, b_row, g.r, m, &pos);
+        if (kTable) found = found && pos >= 0 && pos < p.table_rows;
+      }
+      const int seq_first = static_cast<int>(a.div_heads.Div(threadIdx.y));
+      const int head_first = static_cast<int>(threadIdx.y) - seq_first * a.heads;
+      int seq = seq_first, head = head_first;
+      auto advance = [&](int& sq, int& hd) {
+        hd += a.item_step_h;
+        sq += a.item_step_b;
+        if (hd >= a.heads) {
+          hd -= a.heads;
+          ++sq;
+        }
+      };
+      // (sequence, head) of an item -> its pointers in this row
+      auto item = [&](int sq, int hd) { return ItemAt<T>(p, H0, b_row + sq, m, hd); };
+      auto load = [&](const T* x, int sq_hd_sec, P* lo, P* hi) {
+        const int64_t xs = kVec ? 1 : p.tensors[sq_hd_sec].x_stride_k;
+        *lo = LoadVec<T, V, kVec>(x + g.k0 * xs, xs, g.count0);
+        if (g.k1 >= 0) *hi = LoadVec<T, V, kVec>(x + g.k1 * xs, xs, g.count1);
+      };
+
       // cos/sin of the unit: tables give one value per element of each vector (c0, s0, c1, s1);
       // computed angles give V values shared as described above (c0, s0 only)
       C c0[V], s0[V], c1[kTable ? V : 1], s1[kTable ? V : 1];
-      bool angles_ready = !rot;
-      while (seq < a.seqs) {
-        // ---- issue the loads of up to kMaxItems items first ----
-        T* outp[kMaxItems];
-        bool second[kMaxItems];
-        bool live[kMaxItems];
-        P lo[kMaxItems], hi[kMaxItems];
+      auto make_angles = [&]() {
+        const C scale = static_cast<C>(p.attention_scaling);
+        const C sin_scale = p.inverse ? -scale : scale;
+        if (!found) {
 #pragma unroll
-        for (int t = 0; t < kMaxItems; ++t) {
-          live[t] = seq < a.seqs;
-          second[t] = head >= H0;
-          if (live[t]) {
-            const int h = second[t] ? head - H0 : head;
-            const int64_t xsb = second[t] ? p.tensors[1].x_stride_b : p.tensors[0].x_stride_b;
-            const int64_t xsh = second[t] ? p.tensors[1].x_stride_h : p.tensors[0].x_stride_h;
-            const int64_t osb = second[t] ? p.tensors[1].out_stride_b : p.tensors[0].out_stride_b;
-            const int64_t osh = second[t] ? p.tensors[1].out_stride_h : p.tensors[0].out_stride_h;
-            const T* x = (second[t] ? base1.x : base0.x) + seq * xsb + h * xsh;
-            outp[t] = (second[t] ? base1.out : base0.out) + seq * osb + h * osh;
-            const int64_t xs = second[t] ? xs1 : xs0;
-            lo[t] = LoadVec<T, V, kVec>(x + k0 * xs, xs, count0);
-            if (k1 >= 0) hi[t] = LoadVec<T, V, kVec>(x + k1 * xs, xs, count1);
+          for (int e = 0; e < V; ++e) {
+            c0[e] = s0[e] = static_cast<C>(NAN);
+            if constexpr (kTable) c1[e] = s1[e] = static_cast<C>(NAN);
           }
-          head += a.item_step_h;
-          seq += a.item_step_b;
-          if (head >= a.heads) {
-            head -= a.heads;
-            ++seq;
+        } else if constexpr (kTable) {
+          const int64_t cs = p.table_col_stride;
+          const TT* cos_row = static_cast<const TT*>(p.cos) + pos * p.table_row_stride;
+          const TT* sin_row = static_cast<const TT*>(p.sin) + pos * p.table_row_stride;
+          const int j0 = g.k0 - g.r * part;
+          LoadTable<TT, C, V, kVec>(cos_row + j0 * cs, cs, c0);
+          LoadTable<TT, C, V, kVec>(sin_row + j0 * cs, cs, s0);
+          if (g.k1 >= 0) {
+            const int j1 = g.k1 - g.r * part;
+            LoadTable<TT, C, V, kVec>(cos_row + j1 * cs, cs, c1);
+            LoadTable<TT, C, V, kVec>(sin_row + j1 * cs, cs, s1);
+          }
+#pragma unroll
+          for (int e = 0; e < V; ++e) {
+            c0[e] *= scale;
+            s0[e] *= sin_scale;
+            c1[e] *= scale;
+            s1[e] *= sin_scale;
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < V; ++e) {
+            C hi_f, lo_f;
+            LoadFreq(a, min(first_freq + e, half - 1), &hi_f, &lo_f);
+            SinCos<kFast>(pos, hi_f, lo_f, &s0[e], &c0[e]);
+            c0[e] *= scale;
+            s0[e] *= sin_scale;
           }
         }
-        // ---- cos/sin of the unit for this row, once ----
-        if (!angles_ready) {
-          angles_ready = true;
-          const C scale = static_cast<C>(p.attention_scaling);
-          const C sin_scale = p.inverse ? -scale : scale;
-          int64_t pos = 0;
-          bool found = RowPosition(p, b_row, r, m, &pos);
-          if (kTable) found = found && pos >= 0 && pos < p.table_rows;
-          if (!found) {
+      };
+      auto cos_a = [&](int e) -> C { return kTable ? c0[e] : c0[kPlane ? e : e / 2]; };
+      auto sin_a = [&](int e) -> C { return kTable ? s0[e] : s0[kPlane ? e : e / 2]; };
+      auto cos_z = [&](int e) -> C { if constexpr (kTable) return c1[e]; else return c0[kPlane ? e : V / 2 + e / 2]; };
+      auto sin_z = [&](int e) -> C { if constexpr (kTable) return s1[e]; else return s0[kPlane ? e : V / 2 + e / 2]; };
+      // rotates one item's vectors and stores them (plus zeros in a packed gradient's other slots)
+      auto rotate_store = [&](T* out, int sec, const P& lo, const P& hi) {
+        const int64_t os = kVec ? 1 : p.tensors[sec].out_stride_k;
+        P o0 = lo, o1 = hi;
+        if (g.rot) {
+          if constexpr (kPlane) {
 #pragma unroll
-            for (int e = 0; e < V; ++e) {
-              c0[e] = s0[e] = static_cast<C>(NAN);
-              if constexpr (kTable) c1[e] = s1[e] = static_cast<C>(NAN);
-            }
-          } else if constexpr (kTable) {
-            const int64_t cs = p.table_col_stride;
-            const TT* cos_row = static_cast<const TT*>(p.cos) + pos * p.table_row_stride;
-            const TT* sin_row = static_cast<const TT*>(p.sin) + pos * p.table_row_stride;
-            const int j0 = k0 - r * part;
-            LoadTable<TT, C, V, kVec>(cos_row + j0 * cs, cs, c0);
-            LoadTable<TT, C, V, kVec>(sin_row + j0 * cs, cs, s0);
-            if (k1 >= 0) {
-              const int j1 = k1 - r * part;
-              LoadTable<TT, C, V, kVec>(cos_row + j1 * cs, cs, c1);
-              LoadTable<TT, C, V, kVec>(sin_row + j1 * cs, cs, s1);
-            }
+            for (int e = 0; e < V; e += kStep) {
+              C ra[kStep], rz[kStep];
 #pragma unroll
-            for (int e = 0; e < V; ++e) {
-              c0[e] *= scale;
-              s0[e] *= sin_scale;
-              c1[e] *= scale;
-              s1[e] *= sin_scale;
+              for (int q = 0; q < kStep; ++q) {
+                const C xa = static_cast<C>(ToCompute(lo.v[e + q]));
+                const C xz = static_cast<C>(ToCompute(hi.v[e + q]));
+                ra[q] = xa * cos_a(e + q) - xz * sin_a(e + q);
+                rz[q] = xz * cos_z(e + q) + xa * sin_z(e + q);
+              }
+              if constexpr (kStep == 2) {
+                RoundPair<T, C>(ra[0], ra[1], &o0.v[e]);
+                RoundPair<T, C>(rz[0], rz[1], &o1.v[e]);
+              } else {
+                o0.v[e] = Round<T>(ra[0]);
+                o1.v[e] = Round<T>(rz[0]);
+              }
             }
           } else {
 #pragma unroll
-            for (int e = 0; e < V; ++e) {
-              C hi_f, lo_f;
-              LoadFreq(a, min(first_freq + e, half - 1), &hi_f, &lo_f);
-              SinCos<kFast>(pos, hi_f, lo_f, &s0[e], &c0[e]);
-              c0[e] *= scale;
-              s0[e] *= sin_scale;
+            for (int e = 0; e < V; e += 2) {
+              const C a0 = static_cast<C>(ToCompute(lo.v[e]));
+              const C a1 = static_cast<C>(ToCompute(lo.v[e + 1]));
+              RoundPair<T, C>(a0 * cos_a(e) - a1 * sin_a(e), a1 * cos_a(e + 1) + a0 * sin_a(e + 1), &o0.v[e]);
+            }
+            if (g.k1 >= 0) {
+#pragma unroll
+              for (int e = 0; e < V; e += 2) {
+                const C z0 = static_cast<C>(ToCompute(hi.v[e]));
+                const C z1 = static_cast<C>(ToCompute(hi.v[e + 1]));
+                RoundPair<T, C>(z0 * cos_z(e) - z1 * sin_z(e), z1 * cos_z(e + 1) + z0 * sin_z(e + 1), &o1.v[e]);
+              }
             }
           }
         }
-        // cos/sin of element e of the first (A) or second (Z) vector
-        auto cos_a = [&](int e) -> C { return kTable ? c0[e] : c0[kPlane ? e : e / 2]; };
-        auto sin_a = [&](int e) -> C { return kTable ? s0[e] : s0[kPlane ? e : e / 2]; };
-        auto cos_z = [&](int e) -> C { if constexpr (kTable) return c1[e]; else return c0[kPlane ? e : V / 2 + e / 2]; };
-        auto sin_z = [&](int e) -> C { if constexpr (kTable) return s1[e]; else return s0[kPlane ? e : V / 2 + e / 2]; };
-        // ---- rotate and store ----
+        StoreVec<T, V, kVec>(out + g.k0 * os, os, g.count0, o0);
+        if (g.k1 >= 0) StoreVec<T, V, kVec>(out + g.k1 * os, os, g.count1, o1);
+        const int zeros = p.tensors[sec].num_zero_slots;
+        if (zeros > 0) {
+          P zero;
 #pragma unroll
-        for (int t = 0; t < kMaxItems; ++t) {
-          if (!live[t]) continue;
-          T* out = outp[t];
-          const int64_t os = second[t] ? os1 : os0;
-          P o0 = lo[t], o1 = hi[t];
-          if (rot) {
-            if constexpr (kPlane) {
+          for (int e = 0; e < V; ++e) zero.v[e] = Round<T>(C(0));
+          for (int z = 0; z < zeros; ++z) {
+            T* zout = out + p.tensors[sec].zero_slot_offset[z];
+            StoreVec<T, V, kVec>(zout + g.k0 * os, os, g.count0, zero);
+            if (g.k1 >= 0) StoreVec<T, V, kVec>(zout + g.k1 * os, os, g.count1, zero);
+          }
+        }
+      };
+
+      if constexpr (kItems == 1) {
+        // latency first: this item's loads, then the angles, then rotate and store
+        bool angles_ready = !g.rot;
+        while (seq < a.seqs) {
+          const ItemPtrs<T> it = item(seq, head);
+          const int sec = head >= H0 ? 1 : 0;
+          P lo, hi;
+          load(it.x, sec, &lo, &hi);
+          advance(seq, head);
+          if (!angles_ready) {
+            angles_ready = true;
+            make_angles();
+          }
+          rotate_store(it.out, sec, lo, hi);
+        }
+      } else {
+        // bandwidth first: the row's angles once, then batches of kItems items
+        if (g.rot) make_angles();
+        while (seq < a.seqs) {
+          T* outp[kItems];
+          int secs[kItems];
+          bool live[kItems];
+          P lo[kItems], hi[kItems];
 #pragma unroll
-              for (int e = 0; e < V; e += kStep) {
-                C ra[kStep], rz[kStep];
-#pragma unroll
-                for (int q = 0; q < kStep; ++q) {
-                  const C xa = static_cast<C>(ToCompute(lo[t].v[e + q]));
-                  const C xz = static_cast<C>(ToCompute(hi[t].v[e + q]));
-                  ra[q] = xa * cos_a(e + q) - xz * sin_a(e + q);
-                  rz[q] = xz * cos_z(e + q) + xa * sin_z(e + q);
-                }
-                if constexpr (kStep == 2) {
-                  RoundPair<T, C>(ra[0], ra[1], &o0.v[e]);
-                  RoundPair<T, C>(rz[0], rz[1], &o1.v[e]);
-                } else {
-                  o0.v[e] = Round<T>(ra[0]);
-                  o1.v[e] = Round<T>(rz[0]);
-                }
+          for (int t = 0; t < kItems; ++t) {
+            live[t] = seq < a.seqs;
+            secs[t] = head >= H0 ? 1 : 0;
+            if (live[t]) {
+              const ItemPtrs<T> it = item(seq, head);
+              outp[t] = it.out;
+              load(it.x, secs[t], &lo[t], &hi[t]);
+            }
+            advance(seq, head);
+          }
+#if ROPE_PREFETCH
+          if constexpr (kVec) {
+            // while they fly: ask L2 for the next batch of this row, or the first of the next row
+            int sq = seq, hd = head, b_pf = b_row, m_pf = m;
+            bool ok = seq < a.seqs;
+            if (!ok) {
+              const int next = row + static_cast<int>(gridDim.x * blockDim.z);
+              ok = next < a.rows;
+              sq = seq_first;
+              hd = head_first;
+              m_pf = next;
+              if (!a.batch_shared) {
+                b_pf = static_cast<int>(a.div_m.Div(static_cast<uint32_t>(next)));
+                m_pf = next - b_pf * static_cast<int>(p.M);
               }
-            } else {
+            }
+            if (ok) {
 #pragma unroll
-              for (int e = 0; e < V; e += 2) {
-                const C a0 = static_cast<C>(ToCompute(lo[t].v[e]));
-                const C a1 = static_cast<C>(ToCompute(lo[t].v[e + 1]));
-                RoundPair<T, C>(a0 * cos_a(e) - a1 * sin_a(e), a1 * cos_a(e + 1) + a0 * sin_a(e + 1), &o0.v[e]);
-              }
-              if (k1 >= 0) {
-#pragma unroll
-                for (int e = 0; e < V; e += 2) {
-                  const C z0 = static_cast<C>(ToCompute(hi[t].v[e]));
-                  const C z1 = static_cast<C>(ToCompute(hi[t].v[e + 1]));
-                  RoundPair<T, C>(z0 * cos_z(e) - z1 * sin_z(e), z1 * cos_z(e + 1) + z0 * sin_z(e + 1), &o1.v[e]);
+              for (int t = 0; t < kItems; ++t) {
+                if (sq < a.seqs) {
+                  const ItemPtrs<T> it = ItemAt<T>(p, H0, b_pf + sq, m_pf, hd);
+                  PrefetchL2(it.x + g.k0);
+                  if (g.k1 >= 0) PrefetchL2(it.x + g.k1);
                 }
+                advance(sq, hd);
               }
             }
           }
-          StoreVec<T, V, kVec>(out + k0 * os, os, count0, o0);
-          if (k1 >= 0) StoreVec<T, V, kVec>(out + k1 * os, os, count1, o1);
-          const int zeros = second[t] ? p.tensors[1].num_zero_slots : p.tensors[0].num_zero_slots;
-          if (zeros > 0) {
-            P zero;
+#endif
 #pragma unroll
-            for (int e = 0; e < V; ++e) zero.v[e] = Round<T>(C(0));
-            for (int z = 0; z < zeros; ++z) {
-              const int64_t offset = second[t] ? p.tensors[1].zero_slot_offset[z] : p.tensors[0].zero_slot_offset[z];
-              StoreVec<T, V, kVec>(out + offset + k0 * os, os, count0, zero);
-              if (k1 >= 0) StoreVec<T, V, kVec>(out + offset + k1 * os, os, count1, zero);
-            }
+          for (int t = 0; t < kItems; ++t) {
+            if (live[t]) rotate_store(outp[t], secs[t], lo[t], hi[t]);
           }
         }
       }
@@ -726,10 +801,24 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
     kernel<<<static_cast<unsigned>(blocks), shape.block, 0, stream>>>(a);
     return cudaGetLastError();
   };
-  if (plane && table) return launch(RopeKernel<T, TT, V, kVec, true, true>);
-  if (plane) return launch(RopeKernel<T, T, V, kVec, true, false>);
-  if (table) return launch(RopeKernel<T, TT, V, kVec, false, true>);
-  return launch(RopeKernel<T, T, V, kVec, false, false>);
+  // one item at a time for small calls (latency), kMaxItems for large ones (bandwidth); the
+  // elementwise variant (a fallback) always takes one
+  constexpr int kBig = kVec ? kMaxItems : 1;
+  const bool batched = shape.items_per_thread > 1;
+  if (plane && table) {
+    return batched ? launch(RopeKernel<T, TT, V, kVec, true, true, kBig>)
+                   : launch(RopeKernel<T, TT, V, kVec, true, true, 1>);
+  }
+  if (plane) {
+    return batched ? launch(RopeKernel<T, T, V, kVec, true, false, kBig>)
+                   : launch(RopeKernel<T, T, V, kVec, true, false, 1>);
+  }
+  if (table) {
+    return batched ? launch(RopeKernel<T, TT, V, kVec, false, true, kBig>)
+                   : launch(RopeKernel<T, TT, V, kVec, false, true, 1>);
+  }
+  return batched ? launch(RopeKernel<T, T, V, kVec, false, false, kBig>)
+                 : launch(RopeKernel<T, T, V, kVec, false, false, 1>);
 }
 
 template<typename T, typename TT>
