@@ -200,22 +200,30 @@ struct FastDiv {
 
 enum class FreqKind : int32_t { kHiLo = 0, kFloat32 = 1, kFloat64 = 2 };
 
+// How an item lane walks one tensor's (sequence, head) pairs: blockDim.y pairs per step.
+struct SegmentSteps {
+  int32_t heads;           // the tensor's H
+  int32_t step_b, step_h;  // blockDim.y as (sequences, heads)
+  int64_t x_step, out_step;  // offset change of a step
+  int64_t x_wrap, out_wrap;  // extra change when the head wraps into the next sequence
+  FastDiv div_heads;
+};
+
 struct KernelArgs {
   // launch geometry first: the fields every thread reads share a few constant-cache lines
   int32_t units;          // units per head
   int32_t rot_units;      // rotary units per head (the first ones)
   int32_t units_per_part; // rotary units per rotary part
   int32_t rows;           // M when the batch shares positions, else B * M
-  int32_t heads;          // H0 + H1: items of one sequence of a row
   int32_t seqs;           // sequences per row: B when the batch shares positions, else 1
-  int32_t item_step_b;    // an item lane's step (blockDim.y items) as (sequences, heads)
-  int32_t item_step_h;
   int32_t chunks;         // row groups (blockDim.z rows each)
+  int32_t pass_units;     // pass-through units; unit c moves vectors c and c + pass_units
   bool batch_shared;
+  bool interval_halves;   // interval units pair vector c with the one A/2 further (else c + 1)
   FreqKind freq_kind;
   const void* freq;       // frequencies for computed angles (FreqKind says how they are stored)
   FastDiv div_m;          // row -> (b, m)
-  FastDiv div_heads;      // item -> (sequence, head)
+  SegmentSteps steps[kMaxRopeTensors];
   RopeParams p;
 };
 
@@ -268,26 +276,28 @@ __device__ __forceinline__ bool RowPosition(const RopeParams& p, int64_t b, int 
   return true;
 }
 
-// Frequency i as a float (hi, lo) pair or a double.
-__device__ __forceinline__ void LoadFreq(const KernelArgs& a, int i, float* hi, float* lo) {
-  if (a.freq_kind == FreqKind::kHiLo) {
-    const float2 f = __ldg(static_cast<const float2*>(a.freq) + i);
+// Frequency i, stored as kKind, as a float (hi, lo) pair or a double.
+template<FreqKind kKind>
+__device__ __forceinline__ void LoadFreq(const void* freq, int i, float* hi, float* lo) {
+  if constexpr (kKind == FreqKind::kHiLo) {
+    const float2 f = __ldg(static_cast<const float2*>(freq) + i);
     *hi = f.x;
     *lo = f.y;
-  } else if (a.freq_kind == FreqKind::kFloat32) {
-    *hi = __ldg(static_cast<const float*>(a.freq) + i);
+  } else if constexpr (kKind == FreqKind::kFloat32) {
+    *hi = __ldg(static_cast<const float*>(freq) + i);
     *lo = 0.f;
   } else {
-    const double d = __ldg(static_cast<const double*>(a.freq) + i);
+    const double d = __ldg(static_cast<const double*>(freq) + i);
     *hi = static_cast<float>(d);
     *lo = static_cast<float>(d - static_cast<double>(*hi));
   }
 }
-__device__ __forceinline__ void LoadFreq(const KernelArgs& a, int i, double* d, double*) {
-  if (a.freq_kind == FreqKind::kFloat32) {
-    *d = static_cast<double>(__ldg(static_cast<const float*>(a.freq) + i));
+template<FreqKind kKind>
+__device__ __forceinline__ void LoadFreq(const void* freq, int i, double* d, double*) {
+  if constexpr (kKind == FreqKind::kFloat32) {
+    *d = static_cast<double>(__ldg(static_cast<const float*>(freq) + i));
   } else {
-    *d = __ldg(static_cast<const double*>(a.freq) + i);
+    *d = __ldg(static_cast<const double*>(freq) + i);  // kFloat64 (kHiLo is never used with double)
   }
 }
 
@@ -354,20 +364,37 @@ __device__ __forceinline__ void LoadTable(const TT* ptr, int64_t stride, C* out)
 
 // ---- the kernel --------------------------------------------------------------------------------
 
-// x and out of item (b, m, head) of the call (head < H0: first tensor, else second).
-template<typename T>
-struct ItemPtrs {
-  const T* x;
-  T* out;
+// A thread's walk over the items of one tensor in a row: item lane threadIdx.y, then every
+// blockDim.y-th (sequence, head) pair; x_off / out_off are the element offsets of the current
+// item. Steps come from the host (SegmentSteps), so a step is a few additions.
+struct Cursor {
+  int seq, head;
+  int64_t x_off, out_off;
 };
 
-template<typename T>
-__device__ __forceinline__ ItemPtrs<T> ItemAt(const RopeParams& p, int H0, int b, int m, int head) {
-  const int sec = head >= H0 ? 1 : 0;
-  const RopeTensor& t = p.tensors[sec];
-  const int h = head - sec * H0;
-  return {static_cast<const T*>(t.x) + b * t.x_stride_b + m * t.x_stride_m + h * t.x_stride_h,
-          static_cast<T*>(t.out) + b * t.out_stride_b + m * t.out_stride_m + h * t.out_stride_h};
+__device__ __forceinline__ Cursor FirstItem(const KernelArgs& a, const RopeTensor& t,
+                                            const SegmentSteps& st, int b_row, int m) {
+  Cursor c;
+  c.seq = static_cast<int>(st.div_heads.Div(threadIdx.y));
+  c.head = static_cast<int>(threadIdx.y) - c.seq * static_cast<int>(t.H);
+  if (t.H == 0) c.seq = a.seqs;  // no items
+  const int64_t b = b_row + c.seq;
+  c.x_off = b * t.x_stride_b + m * t.x_stride_m + c.head * t.x_stride_h;
+  c.out_off = b * t.out_stride_b + m * t.out_stride_m + c.head * t.out_stride_h;
+  return c;
+}
+
+__device__ __forceinline__ void Advance(const SegmentSteps& st, Cursor* c) {
+  c->head += st.step_h;
+  c->seq += st.step_b;
+  c->x_off += st.x_step;
+  c->out_off += st.out_step;
+  if (c->head >= st.heads) {
+    c->head -= st.heads;
+    ++c->seq;
+    c->x_off += st.x_wrap;
+    c->out_off += st.out_wrap;
+  }
 }
 
 // Unit geometry: the element offsets of its two vectors (k1 < 0: none), the elements of each
@@ -386,7 +413,9 @@ __device__ __forceinline__ Unit UnitAt(const KernelArgs& a, int u, int part, int
   if (g.rot) {
     g.r = u / a.units_per_part;
     const int c = u - g.r * a.units_per_part;
-    if (kPlane) {
+    if (kPlane || a.interval_halves) {
+      // a vector and the one A/2 further: plane partners; for interval both hold whole pairs,
+      // and a warp's loads stay contiguous
       g.k0 = g.r * part + c * V;
       g.k1 = g.k0 + part / 2;
     } else {
@@ -395,8 +424,9 @@ __device__ __forceinline__ Unit UnitAt(const KernelArgs& a, int u, int part, int
     }
   } else {
     const int c = u - a.rot_units;
-    g.k0 = rotary + 2 * c * V;
-    g.k1 = g.k0 + V < K ? g.k0 + V : -1;
+    g.k0 = rotary + c * V;
+    g.k1 = rotary + (c + a.pass_units) * V;
+    if (g.k1 >= K) g.k1 = -1;
     g.count0 = min(V, K - g.k0);
     g.count1 = g.k1 >= 0 ? min(V, K - g.k1) : 0;
   }
@@ -416,14 +446,14 @@ __global__ void __launch_bounds__(kMaxBlockThreads) RopeKernel(const KernelArgs 
   const RopeParams& p = a.p;
   const int part = static_cast<int>(p.rotary_size / p.rotary_dim);
   const int half = part / 2;
-  const int H0 = static_cast<int>(p.tensors[0].H);
 
   for (int u = threadIdx.x; u < a.units; u += blockDim.x) {
     const Unit g = UnitAt<V, kPlane>(a, u, part, static_cast<int>(p.rotary_size), static_cast<int>(p.K));
-    // Computed angles: the unit needs V frequencies from first_freq on; plane uses angle e for
-    // element e of both vectors, interval angle e / 2 for the first vector, V / 2 + e / 2 for the
-    // second.
-    const int first_freq = kPlane ? g.k0 - g.r * part : (g.k0 - g.r * part) / 2;
+    // Computed angles: V per unit. Plane: angle e (frequency f0 + e) for element e of both
+    // vectors. Interval: angle e / 2 for the first vector (frequencies from f0 on) and
+    // V / 2 + e / 2 for the second (frequencies from f1 on).
+    const int f0 = kPlane ? g.k0 - g.r * part : (g.k0 - g.r * part) / 2;
+    const int f1 = kPlane ? f0 : (g.k1 >= 0 ? (g.k1 - g.r * part) / 2 : f0) - V / 2;
 
     for (int w = blockIdx.x; w < a.chunks; w += gridDim.x) {
       const int row = w * static_cast<int>(blockDim.z) + static_cast<int>(threadIdx.z);
@@ -440,21 +470,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads) RopeKernel(const KernelArgs 
         found = RowPosition(p, b_row, g.r, m, &pos);
         if (kTable) found = found && pos >= 0 && pos < p.table_rows;
       }
-      const int seq_first = static_cast<int>(a.div_heads.Div(threadIdx.y));
-      const int head_first = static_cast<int>(threadIdx.y) - seq_first * a.heads;
-      int seq = seq_first, head = head_first;
-      auto advance = [&](int& sq, int& hd) {
-        hd += a.item_step_h;
-        sq += a.item_step_b;
-        if (hd >= a.heads) {
-          hd -= a.heads;
-          ++sq;
-        }
-      };
-      // (sequence, head) of an item -> its pointers in this row
-      auto item = [&](int sq, int hd) { return ItemAt<T>(p, H0, b_row + sq, m, hd); };
-      auto load = [&](const T* x, int sq_hd_sec, P* lo, P* hi) {
-        const int64_t xs = kVec ? 1 : p.tensors[sq_hd_sec].x_stride_k;
+      // x of one item and the load of its vectors
+      auto load = [&](const T* x, int64_t xs, P* lo, P* hi) {
         *lo = LoadVec<T, V, kVec>(x + g.k0 * xs, xs, g.count0);
         if (g.k1 >= 0) *hi = LoadVec<T, V, kVec>(x + g.k1 * xs, xs, g.count1);
       };
@@ -491,11 +508,21 @@ __global__ void __launch_bounds__(kMaxBlockThreads) RopeKernel(const KernelArgs 
             s1[e] *= sin_scale;
           }
         } else {
+          C hi_f[V], lo_f[V];
+          auto freq = [&](int e) { return min((kPlane || e < V / 2 ? f0 : f1) + e, half - 1); };
+          if (a.freq_kind == FreqKind::kHiLo) {
+#pragma unroll
+            for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kHiLo>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
+          } else if (a.freq_kind == FreqKind::kFloat32) {
+#pragma unroll
+            for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kFloat32>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
+          } else {
+#pragma unroll
+            for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kFloat64>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
+          }
 #pragma unroll
           for (int e = 0; e < V; ++e) {
-            C hi_f, lo_f;
-            LoadFreq(a, min(first_freq + e, half - 1), &hi_f, &lo_f);
-            SinCos<kFast>(pos, hi_f, lo_f, &s0[e], &c0[e]);
+            SinCos<kFast>(pos, hi_f[e], lo_f[e], &s0[e], &c0[e]);
             c0[e] *= scale;
             s0[e] *= sin_scale;
           }
@@ -506,8 +533,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads) RopeKernel(const KernelArgs 
       auto cos_z = [&](int e) -> C { if constexpr (kTable) return c1[e]; else return c0[kPlane ? e : V / 2 + e / 2]; };
       auto sin_z = [&](int e) -> C { if constexpr (kTable) return s1[e]; else return s0[kPlane ? e : V / 2 + e / 2]; };
       // rotates one item's vectors and stores them (plus zeros in a packed gradient's other slots)
-      auto rotate_store = [&](T* out, int sec, const P& lo, const P& hi) {
-        const int64_t os = kVec ? 1 : p.tensors[sec].out_stride_k;
+      auto rotate_store = [&](T* out, const RopeTensor& tensor, const P& lo, const P& hi) {
+        const int64_t os = kVec ? 1 : tensor.out_stride_k;
         P o0 = lo, o1 = hi;
         if (g.rot) {
           if constexpr (kPlane) {
@@ -548,85 +575,82 @@ __global__ void __launch_bounds__(kMaxBlockThreads) RopeKernel(const KernelArgs 
         }
         StoreVec<T, V, kVec>(out + g.k0 * os, os, g.count0, o0);
         if (g.k1 >= 0) StoreVec<T, V, kVec>(out + g.k1 * os, os, g.count1, o1);
-        const int zeros = p.tensors[sec].num_zero_slots;
+        const int zeros = tensor.num_zero_slots;
         if (zeros > 0) {
           P zero;
 #pragma unroll
           for (int e = 0; e < V; ++e) zero.v[e] = Round<T>(C(0));
           for (int z = 0; z < zeros; ++z) {
-            T* zout = out + p.tensors[sec].zero_slot_offset[z];
+            T* zout = out + tensor.zero_slot_offset[z];
             StoreVec<T, V, kVec>(zout + g.k0 * os, os, g.count0, zero);
             if (g.k1 >= 0) StoreVec<T, V, kVec>(zout + g.k1 * os, os, g.count1, zero);
           }
         }
       };
 
-      if constexpr (kItems == 1) {
-        // latency first: this item's loads, then the angles, then rotate and store
-        bool angles_ready = !g.rot;
-        while (seq < a.seqs) {
-          const ItemPtrs<T> it = item(seq, head);
-          const int sec = head >= H0 ? 1 : 0;
-          P lo, hi;
-          load(it.x, sec, &lo, &hi);
-          advance(seq, head);
-          if (!angles_ready) {
-            angles_ready = true;
-            make_angles();
-          }
-          rotate_store(it.out, sec, lo, hi);
-        }
-      } else {
-        // bandwidth first: the row's angles once, then batches of kItems items
-        if (g.rot) make_angles();
-        while (seq < a.seqs) {
+      // The thread's items, tensor by tensor: item lane threadIdx.y, then every blockDim.y-th
+      // (sequence, head) pair of the tensor; offsets advance incrementally.
+      bool angles_ready = !g.rot;
+      if constexpr (kItems > 1) {
+        if (g.rot) make_angles();  // bandwidth first: the row's angles once, before the loads
+        angles_ready = true;
+      }
+      for (int ti = 0; ti < p.num_tensors; ++ti) {
+        const RopeTensor& tensor = p.tensors[ti];
+        const SegmentSteps& st = a.steps[ti];
+        Cursor cur = FirstItem(a, tensor, st, b_row, m);
+        const T* xbase = static_cast<const T*>(tensor.x);
+        T* obase = static_cast<T*>(tensor.out);
+        const int64_t xs = kVec ? 1 : tensor.x_stride_k;
+        while (cur.seq < a.seqs) {
           T* outp[kItems];
-          int secs[kItems];
           bool live[kItems];
           P lo[kItems], hi[kItems];
 #pragma unroll
           for (int t = 0; t < kItems; ++t) {
-            live[t] = seq < a.seqs;
-            secs[t] = head >= H0 ? 1 : 0;
+            live[t] = cur.seq < a.seqs;
             if (live[t]) {
-              const ItemPtrs<T> it = item(seq, head);
-              outp[t] = it.out;
-              load(it.x, secs[t], &lo[t], &hi[t]);
+              outp[t] = obase + cur.out_off;
+              load(xbase + cur.x_off, xs, &lo[t], &hi[t]);
             }
-            advance(seq, head);
+            Advance(st, &cur);
           }
 #if ROPE_PREFETCH
-          if constexpr (kVec) {
-            // while they fly: ask L2 for the next batch of this row, or the first of the next row
-            int sq = seq, hd = head, b_pf = b_row, m_pf = m;
-            bool ok = seq < a.seqs;
-            if (!ok) {
+          if constexpr (kVec && kItems > 1) {
+            // while they fly: ask L2 for the next batch of this tensor, or the next row's first
+            Cursor pf = cur;
+            bool ok = cur.seq < a.seqs;
+            if (!ok && ti + 1 == p.num_tensors) {
               const int next = row + static_cast<int>(gridDim.x * blockDim.z);
-              ok = next < a.rows;
-              sq = seq_first;
-              hd = head_first;
-              m_pf = next;
-              if (!a.batch_shared) {
-                b_pf = static_cast<int>(a.div_m.Div(static_cast<uint32_t>(next)));
-                m_pf = next - b_pf * static_cast<int>(p.M);
+              if (next < a.rows) {
+                int b_next = 0, m_next = next;
+                if (!a.batch_shared) {
+                  b_next = static_cast<int>(a.div_m.Div(static_cast<uint32_t>(next)));
+                  m_next = next - b_next * static_cast<int>(p.M);
+                }
+                pf = FirstItem(a, tensor, st, b_next, m_next);
+                ok = pf.seq < a.seqs;
               }
             }
             if (ok) {
 #pragma unroll
               for (int t = 0; t < kItems; ++t) {
-                if (sq < a.seqs) {
-                  const ItemPtrs<T> it = ItemAt<T>(p, H0, b_pf + sq, m_pf, hd);
-                  PrefetchL2(it.x + g.k0);
-                  if (g.k1 >= 0) PrefetchL2(it.x + g.k1);
+                if (pf.seq < a.seqs) {
+                  PrefetchL2(xbase + pf.x_off + g.k0);
+                  if (g.k1 >= 0) PrefetchL2(xbase + pf.x_off + g.k1);
                 }
-                advance(sq, hd);
+                Advance(st, &pf);
               }
             }
           }
 #endif
+          if (!angles_ready) {  // latency first: the angles after the item's loads
+            angles_ready = true;
+            make_angles();
+          }
 #pragma unroll
           for (int t = 0; t < kItems; ++t) {
-            if (live[t]) rotate_store(outp[t], secs[t], lo[t], hi[t]);
+            if (live[t]) rotate_store(outp[t], tensor, lo[t], hi[t]);
           }
         }
       }
@@ -767,10 +791,12 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
     }
   }
   const int64_t vectors_per_part = (part + V - 1) / V;
-  a.units_per_part = static_cast<int>(plane ? (part / 2) / V : (vectors_per_part + 1) / 2);
+  a.interval_halves = !plane && (part / 2) % V == 0;
+  a.units_per_part = static_cast<int>(plane || a.interval_halves ? (part / 2) / V : (vectors_per_part + 1) / 2);
   a.rot_units = p.rotary_dim * a.units_per_part;
   const int64_t pass_vectors = (p.K - p.rotary_size + V - 1) / V;
-  a.units = a.rot_units + static_cast<int>((pass_vectors + 1) / 2);
+  a.pass_units = static_cast<int32_t>((pass_vectors + 1) / 2);
+  a.units = a.rot_units + a.pass_units;
   if (a.units == 0) return cudaSuccess;
   const int64_t heads = p.total_heads();
   a.batch_shared = p.positions_shared_by_batch();
@@ -781,13 +807,22 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
   if (rows >= (int64_t{1} << 31) || items >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
   const LaunchShape shape = ChooseShape(a.units, rows, items, dev);
   a.rows = static_cast<int32_t>(rows);
-  a.heads = static_cast<int32_t>(heads);
   a.seqs = static_cast<int32_t>(seqs);
-  a.item_step_b = static_cast<int32_t>(shape.block.y / heads);
-  a.item_step_h = static_cast<int32_t>(shape.block.y % heads);
   a.chunks = static_cast<int32_t>((rows + shape.block.z - 1) / shape.block.z);
   a.div_m = FastDiv(static_cast<uint32_t>(std::max<int64_t>(1, p.M)));
-  a.div_heads = FastDiv(static_cast<uint32_t>(heads));
+  for (int i = 0; i < p.num_tensors; ++i) {
+    const RopeTensor& t = p.tensors[i];
+    SegmentSteps& st = a.steps[i];
+    const int64_t H = std::max<int64_t>(1, t.H);
+    st.heads = static_cast<int32_t>(H);
+    st.step_b = static_cast<int32_t>(shape.block.y / H);
+    st.step_h = static_cast<int32_t>(shape.block.y % H);
+    st.x_step = st.step_b * t.x_stride_b + st.step_h * t.x_stride_h;
+    st.out_step = st.step_b * t.out_stride_b + st.step_h * t.out_stride_h;
+    st.x_wrap = t.x_stride_b - H * t.x_stride_h;
+    st.out_wrap = t.out_stride_b - H * t.out_stride_h;
+    st.div_heads = FastDiv(static_cast<uint32_t>(H));
+  }
   const int threads = static_cast<int>(shape.block.x * shape.block.y * shape.block.z);
 
   auto launch = [&](auto kernel) -> cudaError_t {
