@@ -37,7 +37,7 @@ build_variant() {  # name flags
     -DPython_EXECUTABLE="$(command -v python3)" -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" \
     -DCMAKE_BUILD_TYPE=Release >"$OUT/build-$1.log" 2>&1 && cmake --build "build-gpu-$1" -j 4 >>"$OUT/build-$1.log" 2>&1
 }
-for v in ${VARIANTS:-}; do build_variant "${v%%=*}" "${v#*=}" & done
+for v in ${VARIANTS:-}; do flags=${v#*=}; build_variant "${v%%=*}" "${flags//,/ }" & done  # flags: comma-separated
 {
   cmake -S . -B build-gpu -DONEFLOW_ROPE_BUILD_ONEFLOW_OPS=OFF -DONEFLOW_ROPE_BUILD_RAW=ON \
     -DONEFLOW_ROPE_WITH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DPython_EXECUTABLE="$(command -v python3)" \

@@ -46,13 +46,17 @@ namespace {
 #define ROPE_PERSISTENT 1
 #endif
 #ifndef ROPE_MIN_BLOCKS
-#define ROPE_MIN_BLOCKS 1
+#define ROPE_MIN_BLOCKS 1  // > 1: blocks of 256 threads that must fit per SM (caps registers)
+#endif
+#ifndef ROPE_LD_HINT
+#define ROPE_LD_HINT 0  // 1: x loads ask L2 for 256-byte lines (sm_80+)
 #endif
 #ifndef ROPE_PREFETCH
 #define ROPE_PREFETCH 1  // prefetch the next batch of items (or the next row's) into L2
 #endif
 constexpr int kBlockThreads = 256;     // threads per block the launch aims for
-constexpr int kMaxBlockThreads = 512;  // launch bound (RopeCudaSetLaunchOverride may ask for 512)
+// launch bound (RopeCudaSetLaunchOverride may ask for 512 unless registers are capped)
+constexpr int kMaxBlockThreads = ROPE_MIN_BLOCKS > 1 ? 256 : 512;
 constexpr int kMaxItems = ROPE_MAX_ITEMS;  // items (heads) per thread and row
 constexpr int kMaxUnitLanes = 256;     // threadIdx.x extent; a thread loops when a head has more units
 
@@ -322,7 +326,14 @@ __device__ __forceinline__ Pack<T, V> LoadVec(const T* ptr, int64_t stride, int 
   Pack<T, V> out;
   if constexpr (kVec) {
     static_assert(sizeof(Pack<T, V>) == 16, "vector variant moves 16 bytes per access");
+#if ROPE_LD_HINT && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    uint4 raw;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w)
+                 : "l"(ptr));
+#else
     const uint4 raw = __ldcs(reinterpret_cast<const uint4*>(ptr));
+#endif
     out = *reinterpret_cast<const Pack<T, V>*>(&raw);
   } else {
 #pragma unroll
@@ -438,7 +449,7 @@ __device__ __forceinline__ Unit UnitAt(const KernelArgs& a, int u, int part, int
 // bandwidth first): the row's cos/sin are made once into registers, then batches of kItems items
 // are loaded (the next batch prefetched into L2 meanwhile), rotated and stored.
 template<typename T, typename TT, int V, bool kVec, bool kPlane, bool kTable, int kItems>
-__global__ void __launch_bounds__(kMaxBlockThreads) RopeKernel(const KernelArgs a) {
+__global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(const KernelArgs a) {
   using C = typename Compute<T>::type;
   using P = Pack<T, V>;
   constexpr bool kFast = sizeof(T) == 2;
