@@ -501,7 +501,10 @@ def plot(rows: List[Dict], path: str) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 5))
     regimes = [g for g in REGIMES if any(r["regime"] == g for r in rows)]
     data = [[r["ratio_to_bound"] for r in rows if r["regime"] == g] for g in regimes]
-    ax1.boxplot(data, labels=regimes, showfliers=True)
+    try:
+        ax1.boxplot(data, tick_labels=regimes, showfliers=True)  # matplotlib >= 3.9
+    except TypeError:
+        ax1.boxplot(data, labels=regimes, showfliers=True)
     ax1.axhline(1.0, color="red", linestyle="--", linewidth=1)
     ax1.set_ylabel("our GPU time / bound  (<= 1 meets it)")
     ax1.set_title("All configurations, per regime")

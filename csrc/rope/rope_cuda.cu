@@ -40,7 +40,7 @@ namespace {
 
 // Compile-time knobs (bench/run_gpu.sh VARIANTS builds alternatives to compare on the device).
 #ifndef ROPE_MAX_ITEMS
-#define ROPE_MAX_ITEMS 4
+#define ROPE_MAX_ITEMS 2  // 2 and 4 measured alike on the H200 (bench/results); 2 uses fewer registers
 #endif
 #ifndef ROPE_PERSISTENT
 #define ROPE_PERSISTENT 1
