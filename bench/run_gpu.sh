@@ -54,11 +54,11 @@ for step in $STEPS; do
       python3 bench/gpu_check.py --build build-gpu --json "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.txt" | tail -n 30 || status=1
       grep -q " 0 failed" "$OUT/gpu_check.txt" || status=1 ;;
     memcheck)
-      compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 \
+      timeout ${SANITIZER_TIMEOUT:-240} compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 \
         python3 bench/gpu_check.py --build build-gpu --subset 37 --no-large >"$OUT/memcheck.txt" 2>&1 || status=1
       tail -n 4 "$OUT/memcheck.txt" ;;
     racecheck)
-      compute-sanitizer --tool racecheck --error-exitcode 3 \
+      timeout ${SANITIZER_TIMEOUT:-240} compute-sanitizer --tool racecheck --error-exitcode 3 \
         python3 bench/gpu_check.py --build build-gpu --subset 97 --no-large --only cases,extensions >"$OUT/racecheck.txt" 2>&1 || status=1
       tail -n 4 "$OUT/racecheck.txt" ;;
     sweep)
