@@ -220,7 +220,10 @@ struct KernelArgs {
   int32_t units_per_part; // rotary units per rotary part
   int32_t rows;           // M when the batch shares positions, else B * M
   int32_t seqs;           // sequences per row: B when the batch shares positions, else 1
-  int32_t chunks;         // row groups (blockDim.z rows each)
+  int32_t seq_chunk;      // sequences of a row one block takes (rows shared by a large batch
+  int32_t seq_chunks;     // are split so that small calls still spread over many blocks)
+  FastDiv div_chunks;     // work piece -> (row group, sequence chunk)
+  int32_t chunks;         // pieces of work: row groups (blockDim.z rows) x sequence chunks
   int32_t pass_units;     // pass-through units; unit c moves vectors c and c + pass_units
   bool batch_shared;
   bool interval_halves;   // interval units pair vector c with the one A/2 further (else c + 1)
@@ -384,11 +387,11 @@ struct Cursor {
 };
 
 __device__ __forceinline__ Cursor FirstItem(const KernelArgs& a, const RopeTensor& t,
-                                            const SegmentSteps& st, int b_row, int m) {
+                                            const SegmentSteps& st, int b_row, int m, int seq0) {
   Cursor c;
-  c.seq = static_cast<int>(st.div_heads.Div(threadIdx.y));
-  c.head = static_cast<int>(threadIdx.y) - c.seq * static_cast<int>(t.H);
-  if (t.H == 0) c.seq = a.seqs;  // no items
+  const int lane_seq = static_cast<int>(st.div_heads.Div(threadIdx.y));
+  c.head = static_cast<int>(threadIdx.y) - lane_seq * static_cast<int>(t.H);
+  c.seq = t.H == 0 ? a.seqs : seq0 + lane_seq;  // no items when the tensor has no heads
   const int64_t b = b_row + c.seq;
   c.x_off = b * t.x_stride_b + m * t.x_stride_m + c.head * t.x_stride_h;
   c.out_off = b * t.out_stride_b + m * t.out_stride_m + c.head * t.out_stride_h;
@@ -467,7 +470,10 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
     const int f1 = kPlane ? f0 : (g.k1 >= 0 ? (g.k1 - g.r * part) / 2 : f0) - V / 2;
 
     for (int w = blockIdx.x; w < a.chunks; w += gridDim.x) {
-      const int row = w * static_cast<int>(blockDim.z) + static_cast<int>(threadIdx.z);
+      const int group = static_cast<int>(a.div_chunks.Div(static_cast<uint32_t>(w)));
+      const int seq0 = (w - group * a.seq_chunks) * a.seq_chunk;
+      const int seq_end = min(a.seqs, seq0 + a.seq_chunk);
+      const int row = group * static_cast<int>(blockDim.z) + static_cast<int>(threadIdx.z);
       if (row >= a.rows) continue;
       int b_row = 0, m = row;
       if (!a.batch_shared) {
@@ -609,17 +615,17 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
       for (int ti = 0; ti < p.num_tensors; ++ti) {
         const RopeTensor& tensor = p.tensors[ti];
         const SegmentSteps& st = a.steps[ti];
-        Cursor cur = FirstItem(a, tensor, st, b_row, m);
+        Cursor cur = FirstItem(a, tensor, st, b_row, m, seq0);
         const T* xbase = static_cast<const T*>(tensor.x);
         T* obase = static_cast<T*>(tensor.out);
         const int64_t xs = kVec ? 1 : tensor.x_stride_k;
-        while (cur.seq < a.seqs) {
+        while (cur.seq < seq_end) {
           T* outp[kItems];
           bool live[kItems];
           P lo[kItems], hi[kItems];
 #pragma unroll
           for (int t = 0; t < kItems; ++t) {
-            live[t] = cur.seq < a.seqs;
+            live[t] = cur.seq < seq_end;
             if (live[t]) {
               outp[t] = obase + cur.out_off;
               load(xbase + cur.x_off, xs, &lo[t], &hi[t]);
@@ -630,23 +636,28 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
           if constexpr (kVec && kItems > 1) {
             // while they fly: ask L2 for the next batch of this tensor, or the next row's first
             Cursor pf = cur;
-            bool ok = cur.seq < a.seqs;
-            if (!ok && ti + 1 == p.num_tensors) {
-              const int next = row + static_cast<int>(gridDim.x * blockDim.z);
+            int pf_end = seq_end;
+            bool ok = cur.seq < seq_end;
+            const int w_next = w + static_cast<int>(gridDim.x);
+            if (!ok && ti + 1 == p.num_tensors && w_next < a.chunks) {
+              const int group_next = static_cast<int>(a.div_chunks.Div(static_cast<uint32_t>(w_next)));
+              const int seq0_next = (w_next - group_next * a.seq_chunks) * a.seq_chunk;
+              const int next = group_next * static_cast<int>(blockDim.z) + static_cast<int>(threadIdx.z);
               if (next < a.rows) {
                 int b_next = 0, m_next = next;
                 if (!a.batch_shared) {
                   b_next = static_cast<int>(a.div_m.Div(static_cast<uint32_t>(next)));
                   m_next = next - b_next * static_cast<int>(p.M);
                 }
-                pf = FirstItem(a, tensor, st, b_next, m_next);
-                ok = pf.seq < a.seqs;
+                pf = FirstItem(a, tensor, st, b_next, m_next, seq0_next);
+                pf_end = min(a.seqs, seq0_next + a.seq_chunk);
+                ok = pf.seq < pf_end;
               }
             }
             if (ok) {
 #pragma unroll
               for (int t = 0; t < kItems; ++t) {
-                if (pf.seq < a.seqs) {
+                if (pf.seq < pf_end) {
                   PrefetchL2(xbase + pf.x_off + g.k0);
                   if (g.k1 >= 0) PrefetchL2(xbase + pf.x_off + g.k1);
                 }
@@ -819,7 +830,16 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
   const LaunchShape shape = ChooseShape(a.units, rows, items, dev);
   a.rows = static_cast<int32_t>(rows);
   a.seqs = static_cast<int32_t>(seqs);
-  a.chunks = static_cast<int32_t>((rows + shape.block.z - 1) / shape.block.z);
+  // A block's item lanes take items_per_thread items each; rows shared by more sequences than
+  // that covers are split into sequence chunks (decode with a large batch, say).
+  const int64_t lane_items = static_cast<int64_t>(shape.block.y) * shape.items_per_thread;
+  const int64_t seq_chunk = std::max<int64_t>(1, std::min<int64_t>(seqs, lane_items / std::max<int64_t>(1, heads)));
+  a.seq_chunk = static_cast<int32_t>(seq_chunk);
+  a.seq_chunks = static_cast<int32_t>((seqs + seq_chunk - 1) / seq_chunk);
+  a.div_chunks = FastDiv(static_cast<uint32_t>(a.seq_chunks));
+  const int64_t chunks = (rows + shape.block.z - 1) / shape.block.z * a.seq_chunks;
+  if (chunks >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
+  a.chunks = static_cast<int32_t>(chunks);
   a.div_m = FastDiv(static_cast<uint32_t>(std::max<int64_t>(1, p.M)));
   for (int i = 0; i < p.num_tensors; ++i) {
     const RopeTensor& t = p.tensors[i];
