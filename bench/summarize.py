@@ -1,37 +1,45 @@
-"""Markdown summary of a bench_gpu.py JSON file: GPU time (us) and fraction of the copy's
-bandwidth per shape and dtype, for BMHK (plane and interval) and the peers that apply.
+"""Markdown summary of a bench_gpu.py JSON file: per regime, our GPU time against the copy of the
+same bytes, torch.compile and the regime's bound; and a table of BMHK calls for one dtype.
 
-    python bench/summarize.py bench/results/h100_2026-11-27/bench.json [--layout BMHK]
+    python bench/summarize.py bench/results/h200_2026-11-28/bench.json [--dtype bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+from collections import defaultdict
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("json")
-    ap.add_argument("--layout", default="BMHK")
+    ap.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
     data = json.load(open(args.json))
     rows = data["rows"]
     print(data["header"].replace("# ", "").replace("\n", "  \n"))
-    impls = ["ours-base", "ours-table", "ours-partial", "compile", "eager", "liger", "torchtune"]
-    for mode in ("plane", "interval"):
-        print(f"\n{args.layout}, {mode}: GPU us (fraction of copy)\n")
-        print("| shape | dtype | copy | " + " | ".join(impls) + " |")
-        print("|---" * (3 + len(impls)) + "|")
-        keys = sorted({(tuple(r["shape"]), r["dtype"]) for r in rows}, key=lambda k: (k[0][0] * k[0][1] * k[0][2], k[0], k[1]))
-        for shape, dtype in keys:
-            def cell(impl, layout=args.layout):
-                m = [r for r in rows if tuple(r["shape"]) == shape and r["dtype"] == dtype and r["impl"] == impl
-                     and r["mode"] in (mode, "-") and r["layout"] in (layout, "-")]
-                if not m and impl == "liger" and layout != "BHMK":  # Liger takes BHMK
-                    return cell(impl, "BHMK")
-                return f"{m[0]['gpu_us']:.1f} ({m[0]['of_copy']:.2f})" if m else "-"
-            print(f"| {shape} | {dtype} | {cell('copy')} | " + " | ".join(cell(i) for i in impls) + " |")
+    print("\n| regime | calls | of copy: min / median / max | our time / bound: median / worst |")
+    print("|---|---|---|---|")
+    groups = defaultdict(list)
+    for r in rows:
+        groups[r["regime"]].append(r)
+    for regime, rs in groups.items():
+        oc = [r["of_copy"] for r in rs]
+        rb = [r["ratio_to_bound"] for r in rs]
+        print(f"| {regime} | {len(rs)} | {min(oc):.2f} / {statistics.median(oc):.2f} / {max(oc):.2f} | "
+              f"{statistics.median(rb):.2f} / {max(rb):.2f} |")
+    print(f"\n{args.dtype}, BMHK, GPU µs (L2 flushed):\n")
+    print("| shape | mode | variant | ours | copy | torch.compile | eager |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r["layout"] != "BMHK" or r["dtype"] != args.dtype or r["regime"] not in ("base", "table", "decode"):
+            continue
+        eager = r["note"].split("eager ")[1].split(" us")[0] if "eager " in r["note"] else "-"
+        comp = f"{r['compile_us']:.1f}" if r["compile_us"] else "-"
+        print(f"| {tuple(r['shape'])} | {r['mode']} | {r['variant']} | {r['ours_us']:.1f} | {r['copy_us']:.1f} | "
+              f"{comp} | {eager} |")
 
 
 if __name__ == "__main__":
