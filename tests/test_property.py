@@ -51,7 +51,7 @@ def rope_calls(draw) -> Dict[str, object]:
     arrays: Dict[str, Optional[np.ndarray]] = {"cos": None, "sin": None, "position_ids": None}
     rows = M + draw(st.integers(0, 3))
     if table:
-        arrays["cos"], arrays["sin"] = random_rope_table(rng, rows, part, mode, dtype)
+        arrays["cos"], arrays["sin"] = random_rope_table(rng, rows=rows, part=part, mode=mode, dtype=dtype)
     else:
         kwargs["base"] = draw(st.sampled_from([10000.0, 500000.0, 10.0, 1.5]))
     if positions != "none":

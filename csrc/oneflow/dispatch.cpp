@@ -84,9 +84,9 @@ PyTypeObject* TensorType() {
 }
 
 // The op has no eager gradient function of its own: a call that needs a gradient goes through
-// the flow.autograd.Function of oneflow_rope.ops, which runs this dispatch with autograd off. A
-// table or positions tensor that requires grad takes none (SPEC: cos, sin, position_ids take no
-// gradient), so autograd is off for every dispatch.
+// RopeOp::ForwardWithGrad (an autograd function of x whose backward is the grad op), which runs
+// this dispatch inside. cos, sin and position_ids take no gradient (docs/operator.md), so
+// autograd is off for every dispatch, whatever their requires_grad.
 class NoGradGuard {
  public:
   NoGradGuard() : previous_(oneflow::autograd::GradMode::is_enabled()) {
