@@ -11,6 +11,9 @@ calling thread per call ("host"), which leaves out the time OneFlow's worker thr
 the kernels (on a machine with few cores they compete with the calling thread for the CPU).
 
     .venv/bin/python -m bench.host_overhead [--shape 1 1 32 128] [--calls 2000] [--rounds 15]
+
+Prints the table (markdown) with the command and the machine in its header; exits 1 when the
+bound does not hold.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ sizes, 1-D and 2-D RoPE.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 from typing import Dict, Tuple
@@ -22,13 +23,21 @@ from hypothesis import strategies as st
 
 import oneflow_rope
 from oneflow_rope import _C
-from oneflow_rope.op_table import INPUT_LAYOUTS, LAYOUTS, OUTPUT_LAYOUTS
+from oneflow_rope.op_table import ATTRIBUTES, INPUT_LAYOUTS, LAYOUTS, OUTPUT_LAYOUTS
 from oneflow_rope.layout import layout_shape
 
 ARGUMENTS = ("layout", "output_layout", "mode", "x", "tensor_index", "position_ids", "cos", "k_size",
              "rotary_size")
 FIELDS = ("batch", "seq_len", "num_heads", "head_size", "rotary_size", "rotary_dim", "tensor_index", "layout",
           "output_layout", "out_shape")
+
+
+def test_both_languages_read_the_same_table():
+    """The C++ table (generated from op_table.json at build time) holds what Python derives from it."""
+    assert [entry["name"] for entry in _C.layouts()] == list(INPUT_LAYOUTS)
+    for entry in _C.layouts():
+        assert entry == dataclasses.asdict(LAYOUTS[entry["name"]]), entry["name"]
+    assert _C.ATTRIBUTE_NAMES == tuple(a.name for a in ATTRIBUTES)
 
 
 def spelled(rng: random.Random, name: str) -> str:
