@@ -8,7 +8,8 @@ PY := $(VENV)/bin/python
 # OneFlow 0.9.0 has wheels for CPython 3.7-3.10 only; find a 3.10.
 PYTHON310 ?= $(shell for p in $$HOME/.pyenv/versions/3.10*/bin/python3.10 $$(command -v python3.10); do \
 	"$$p" -c "import sys; assert sys.version_info[:2] == (3, 10)" 2>/dev/null && { echo "$$p"; break; }; done)
-CSRC := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
+CSRC := $(shell find csrc -type f) CMakeLists.txt pyproject.toml oneflow_rope/op_table.json \
+	oneflow_rope/op_table.py tools/gen_op_table.py
 
 .PHONY: setup build example test test-sanitize bench-gpu clean
 

@@ -12,18 +12,21 @@ from ._loader import preload_cuda_libraries
 
 preload_cuda_libraries()
 
-from .layout import INPUT_LAYOUTS, OUTPUT_LAYOUTS, LayoutInfo, RopeShapes, infer_shapes, parse_layout  # noqa: E402
-from .ops import cos_sin_table, fused_apply_rotary_emb  # noqa: E402
+from .layout import INPUT_LAYOUTS, MODES, OUTPUT_LAYOUTS, LayoutInfo, RopeShapes, infer_shapes, parse_layout  # noqa: E402
+from .ops import cos_sin_table, fused_apply_rotary_emb, position_check_enabled, set_position_check  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "fused_apply_rotary_emb",
     "cos_sin_table",
+    "set_position_check",
+    "position_check_enabled",
     "infer_shapes",
     "parse_layout",
     "RopeShapes",
     "LayoutInfo",
     "INPUT_LAYOUTS",
     "OUTPUT_LAYOUTS",
+    "MODES",
 ]

@@ -3,6 +3,10 @@
 Logical axes: B batch, M sequence position, H heads, K head size. A parenthesised group is one
 tensor axis holding the product of its letters, the rightmost varying fastest; ``2``/``3`` are
 the slots of a packed key-value or query-key-value tensor.
+
+The layouts come from the operator's table (``op_table.json``), which the C++ op reads too. The
+rules below are applied in the same order and with the same messages as the op's C++ inference
+(``csrc/rope/layout.cpp``); ``tests/test_inference_differential.py`` checks that the two agree.
 """
 
 from __future__ import annotations
@@ -10,73 +14,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
+from .op_table import DEFAULT_LAYOUT, INPUT_LAYOUTS, LAYOUTS, MODES, OUTPUT_LAYOUTS, LayoutInfo
+
 __all__ = [
     "LayoutInfo",
     "RopeShapes",
     "INPUT_LAYOUTS",
     "OUTPUT_LAYOUTS",
+    "MODES",
+    "DEFAULT_LAYOUT",
     "parse_layout",
     "infer_shapes",
     "layout_shape",
 ]
 
-
-@dataclass(frozen=True)
-class LayoutInfo:
-    """What a layout name means: which tensor axis holds each logical axis."""
-
-    name: str
-    ndim: int
-    seq_first: bool  # M is the outermost axis (MBHK, MB(...))
-    heads_before_seq: bool  # BHMK
-    fused: bool  # H and K share the last axis
-    slots: int  # 1, or 2 / 3 for packed KV / QKV
-    can_be_output: bool
-
-    @property
-    def batch_axis(self) -> int:
-        return 1 if self.seq_first else 0
-
-    @property
-    def seq_axis(self) -> int:
-        if self.seq_first:
-            return 0
-        return 2 if self.heads_before_seq else 1
-
-    @property
-    def head_axis(self) -> int:
-        """Axis holding H (for fused layouts, the last axis, shared with K)."""
-        if self.fused:
-            return 2
-        return 1 if self.heads_before_seq else 2
-
-    @property
-    def unpacked(self) -> str:
-        """The layout of one selected tensor of a packed layout: BM(H3K) -> BM(HK)."""
-        if self.slots == 1:
-            return self.name
-        return ("MB" if self.seq_first else "BM") + "(HK)"
-
-
-_LAYOUTS = {
-    info.name: info
-    for info in (
-        LayoutInfo("BMHK", 4, False, False, False, 1, True),
-        LayoutInfo("BHMK", 4, False, True, False, 1, True),
-        LayoutInfo("MBHK", 4, True, False, False, 1, True),
-        LayoutInfo("BM(HK)", 3, False, False, True, 1, True),
-        LayoutInfo("MB(HK)", 3, True, False, True, 1, True),
-        LayoutInfo("BM(H2K)", 3, False, False, True, 2, False),
-        LayoutInfo("MB(H2K)", 3, True, False, True, 2, False),
-        LayoutInfo("BM(H3K)", 3, False, False, True, 3, False),
-        LayoutInfo("MB(H3K)", 3, True, False, True, 3, False),
-    )
-}
-
-INPUT_LAYOUTS: Tuple[str, ...] = tuple(_LAYOUTS)
-OUTPUT_LAYOUTS: Tuple[str, ...] = tuple(n for n, i in _LAYOUTS.items() if i.can_be_output)
-
-MODES = ("plane", "interval")
+_MODE_CHOICES = ", ".join(f"'{m}'" for m in MODES[:-1]) + f" or '{MODES[-1]}'" if len(MODES) > 1 else f"'{MODES[0]}'"
 
 
 def parse_layout(layout: object, argument: str = "layout", outputs_only: bool = False) -> LayoutInfo:
@@ -87,11 +39,12 @@ def parse_layout(layout: object, argument: str = "layout", outputs_only: bool = 
     allowed = OUTPUT_LAYOUTS if outputs_only else INPUT_LAYOUTS
     if not isinstance(layout, str):
         raise TypeError(f"{argument}: expected a string, one of {', '.join(allowed)}; got {layout!r}")
-    name = layout.replace(" ", "").upper()
-    info = _LAYOUTS.get(name)
-    if info is None or name not in allowed:
+    info = LAYOUTS.get(layout)
+    if info is None:
+        info = LAYOUTS.get(layout.replace(" ", "").upper())
+    if info is None or info.name not in allowed:
         extra = " (packed layouts are inputs only)" if info is not None else ""
-        raise ValueError(f"{argument}: got {layout!r}{extra}, expected one of {', '.join(allowed)}")
+        raise ValueError(f"{argument}: got '{layout}'{extra}, expected one of {', '.join(allowed)}")
     return info
 
 
@@ -139,7 +92,7 @@ def layout_shape(layout: str, B: int, M: int, H: int, K: int) -> Tuple[int, ...]
     shape[info.batch_axis] = B
     shape[info.seq_axis] = M
     if info.fused:
-        shape[2] = H * info.slots * K
+        shape[info.head_axis] = H * info.slots * K
     else:
         shape[info.head_axis] = H
         shape[3] = K
@@ -159,9 +112,23 @@ def _check_int(value: object, argument: str) -> int:
     return value
 
 
+def _shape(value: Sequence[int], argument: str) -> Tuple[int, ...]:
+    try:
+        return tuple(_check_int(d, argument) for d in value)
+    except TypeError:
+        raise TypeError(f"{argument}: expected a shape (a sequence of ints), got {value!r}") from None
+
+
+def _index_choices(info: LayoutInfo) -> str:
+    if info.slots == 1:
+        return "None or 0 (only packed layouts hold several tensors)"
+    items = [f"{index} ({name})" for index, name in zip(info.tensor_indices, info.tensor_names)]
+    return ", ".join(items[:-1]) + " or " + items[-1]
+
+
 def infer_shapes(
     x_shape: Sequence[int],
-    layout: str = "BMHK",
+    layout: str = DEFAULT_LAYOUT,
     *,
     output_layout: Optional[str] = None,
     mode: str = "plane",
@@ -181,44 +148,39 @@ def infer_shapes(
         >>> infer_shapes((2, 16, 3 * 8 * 64), "BM(H3K)", k_size=64).out_shape
         (2, 16, 512)
     """
+    # Keep in step with rope::InferShapes (csrc/rope/layout.cpp): same rules, order and messages.
     info = parse_layout(layout, "layout")
-    out_info = parse_layout(output_layout if output_layout is not None else info.unpacked,
-                            "output_layout", outputs_only=True)
-    if not isinstance(mode, str) or mode not in MODES:
-        raise ValueError(f"mode: got {mode!r}, expected 'plane' or 'interval'")
-    shape = tuple(int(d) for d in x_shape)
+    out_info = parse_layout(info.unpacked if output_layout is None else output_layout, "output_layout",
+                            outputs_only=True)
+    if not isinstance(mode, str):
+        raise TypeError(f"mode: expected a string, {_MODE_CHOICES}; got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode: got '{mode}', expected {_MODE_CHOICES}")
+
+    shape = _shape(x_shape, "x")
     if len(shape) != info.ndim:
-        raise ValueError(
-            f"x: layout {info.name} needs a {info.ndim}-D tensor, got shape {shape} ({len(shape)}-D)")
+        raise ValueError(f"x: layout {info.name} needs a {info.ndim}-D tensor, got shape {shape} ({len(shape)}-D)")
+    if min(shape, default=0) < 0:
+        raise ValueError(f"x: got shape {shape}, which has a negative size")
 
-    # tensor_index
-    if info.slots == 2:
-        index = 1 if tensor_index is None else _check_int(tensor_index, "tensor_index")
-        if index not in (1, 2):
-            raise ValueError(
-                f"tensor_index: got {index} for layout {info.name}, expected 1 (key) or 2 (value)")
-    elif info.slots == 3:
-        index = 0 if tensor_index is None else _check_int(tensor_index, "tensor_index")
-        if index not in (0, 1, 2):
-            raise ValueError(f"tensor_index: got {index} for layout {info.name}, "
-                             "expected 0 (query), 1 (key) or 2 (value)")
-    else:
-        index = 0 if tensor_index is None else _check_int(tensor_index, "tensor_index")
-        if index != 0:
-            raise ValueError(f"tensor_index: got {index} for unpacked layout {info.name}, "
-                             "expected None (it selects a tensor of a packed H2K / H3K layout)")
+    index = info.default_tensor_index if tensor_index is None else _check_int(tensor_index, "tensor_index")
+    if index not in info.tensor_indices:
+        raise ValueError(f"tensor_index: got {index} for layout {info.name}, expected {_index_choices(info)}")
 
-    # rotary dim from position_ids
     rotary_dim = 1
     if position_ids_shape is not None:
-        pos_shape = tuple(int(d) for d in position_ids_shape)
-        if len(pos_shape) != 3 or pos_shape[1] not in (1, 2):
-            raise ValueError(f"position_ids: got shape {pos_shape}, expected (B, 1, M) or (B, 2, M)")
-        rotary_dim = pos_shape[1]
+        pos = _shape(position_ids_shape, "position_ids")
+        if len(pos) != 3 or pos[1] not in (1, 2):
+            raise ValueError(f"position_ids: got shape {pos}, expected (B, 1, M) or (B, 2, M)")
+        if min(pos) < 0:
+            raise ValueError(f"position_ids: got shape {pos}, which has a negative size")
+        rotary_dim = pos[1]
     if table_shape is not None:
-        table = tuple(int(d) for d in table_shape)
+        table = _shape(table_shape, "cos")
         if len(table) != 2:
             raise ValueError(f"cos: got shape {table}, expected a 2-D table (P, rotary_size / rotary_dim)")
+        if min(table) < 0:
+            raise ValueError(f"cos: got shape {table}, which has a negative size")
     if k_size is not None:
         k_size = _check_int(k_size, "k_size")
         if k_size <= 0:
@@ -232,49 +194,61 @@ def infer_shapes(
     M = shape[info.seq_axis]
     if not info.fused:
         H, K = shape[info.head_axis], shape[3]
+        source = "x"
         if k_size is not None and k_size != K:
-            raise ValueError(f"k_size: got {k_size} but x of layout {info.name} and shape {shape} "
-                             f"has head size {K}")
+            raise ValueError(f"k_size: got {k_size} but x of layout {info.name} and shape {shape} has head size {K}")
+        if K == 0:
+            raise ValueError(f"x: got shape {shape}, whose head size is 0; expected a positive head size")
     else:
         if k_size is not None:
-            K = k_size
+            K, source = k_size, "k_size"
         elif table_shape is not None and rotary_size is None:
-            K = table[1] * rotary_dim
-            if K <= 0:
-                raise ValueError(f"cos: got shape {table}; its width cannot give the head size")
+            K, source = table[1] * rotary_dim, "cos"
+            if K == 0:
+                raise ValueError(f"cos: got shape {table}, whose width 0 gives no head size K")
         else:
-            why = "rotary_size is given, so the cos/sin width does not fix it" if table_shape is not None \
-                else "give k_size or a cos/sin table"
+            why = ("rotary_size is given, so the cos/sin width does not fix it" if table_shape is not None
+                   else "give k_size or a cos/sin table")
             raise ValueError(f"k_size: layout {info.name} needs the head size K ({why}); got k_size=None")
-        last = shape[2]
-        if last % (K * info.slots) != 0:
-            factor = f"{info.slots} * " if info.slots > 1 else ""
-            raise ValueError(f"k_size: last axis of x ({last}) is not a multiple of {factor}K ({K}) "
+        step = K * info.slots
+        if shape[2] % step != 0:
+            given = f"k_size: got {K}" if source == "k_size" else f"cos: got shape {table}, whose width gives K = {K}"
+            multiple = f"{info.slots} * K = {step}" if info.slots > 1 else f"K = {K}"
+            raise ValueError(f"{given}, but the last axis of x ({shape[2]}) is not a multiple of {multiple} "
                              f"for layout {info.name}")
-        H = last // (K * info.slots)
+        H = shape[2] // step
 
     if rotary_size is None:
-        rotary_size = K
-    if rotary_size > K:
-        raise ValueError(f"rotary_size: got {rotary_size}, expected at most the head size K={K}")
-    if rotary_size % (2 * rotary_dim) != 0:
-        raise ValueError(f"rotary_size: got {rotary_size}; with rotary dim {rotary_dim} each rotary part "
-                         f"has rotary_size / {rotary_dim} dims, which must be even")
-    part = rotary_size // rotary_dim
+        rotary = K
+        if rotary % (2 * rotary_dim) != 0:
+            if source == "cos":
+                raise ValueError(f"cos: got shape {table}; its width {table[1]} is the number of dims of each "
+                                 "rotary part, which must be even")
+            lead = f"x: got shape {shape}, whose head size {K}" if source == "x" else f"k_size: got {K}; the head size"
+            raise ValueError(f"{lead} is rotated whole when rotary_size is not given, and with rotary dim "
+                             f"{rotary_dim} it must be a multiple of {2 * rotary_dim} (each rotary part has an "
+                             "even number of dims); give rotary_size to rotate fewer dims")
+    else:
+        rotary = rotary_size
+        if rotary > K:
+            raise ValueError(f"rotary_size: got {rotary}, expected at most the head size K={K}")
+        if rotary % (2 * rotary_dim) != 0:
+            raise ValueError(f"rotary_size: got {rotary}; with rotary dim {rotary_dim} each rotary part has "
+                             f"rotary_size / {rotary_dim} dims, which must be even")
+    part = rotary // rotary_dim
 
-    if position_ids_shape is not None and (pos_shape[0] != B or pos_shape[2] != M):
-        raise ValueError(f"position_ids: got shape {pos_shape}, expected ({B}, {rotary_dim}, {M}) "
-                         f"for x with B={B}, M={M}")
+    if position_ids_shape is not None and (pos[0] != B or pos[2] != M):
+        raise ValueError(f"position_ids: got shape {pos}, expected ({B}, {rotary_dim}, {M}) for x with B={B}, M={M}")
     if table_shape is not None:
         if table[1] != part:
             raise ValueError(f"cos: got shape {table}, expected (P, {part}): width rotary_size / rotary dim "
-                             f"= {rotary_size} / {rotary_dim}")
+                             f"= {rotary} / {rotary_dim}")
         if position_ids_shape is None and table[0] < M:
-            raise ValueError(f"cos: table has {table[0]} rows but x has sequence length M={M}; without "
-                             "position_ids the table needs at least M rows")
+            raise ValueError(f"cos: got shape {table}: {table[0]} rows, but x has sequence length M={M}; "
+                             "without position_ids the table needs at least M rows")
 
     return RopeShapes(
-        batch=B, seq_len=M, num_heads=H, head_size=K, rotary_size=rotary_size,
-        rotary_dim=rotary_dim, tensor_index=index, layout=info.name, output_layout=out_info.name,
+        batch=B, seq_len=M, num_heads=H, head_size=K, rotary_size=rotary, rotary_dim=rotary_dim,
+        tensor_index=index, layout=info.name, output_layout=out_info.name,
         out_shape=layout_shape(out_info.name, B, M, H, K),
     )

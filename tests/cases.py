@@ -92,7 +92,7 @@ def layout_shape(layout: str, B: int, M: int, H: int, K: int) -> Tuple[int, ...]
     return (sizes[first], sizes[second], H * slots * K)
 
 
-def random_rope_table(rng: np.random.Generator, rows: int, part: int, mode: str, dtype: str):
+def random_rope_table(rng: np.random.Generator, *, rows: int, part: int, mode: str, dtype: str):
     """Random cos/sin tables of shape (rows, part) that are a real RoPE table: the two dims of a
     rotated pair share one angle (so the rotation is orthogonal and its gradient is the rotation
     by the negated angle). Values exactly representable in `dtype`."""
@@ -102,7 +102,7 @@ def random_rope_table(rng: np.random.Generator, rows: int, part: int, mode: str,
     return round_to_dtype(np.cos(angle), dtype), round_to_dtype(np.sin(angle), dtype)
 
 
-def make_inputs(case: Case, B: int = 2, M: int = 5, H: int = 3, K: int = 16,
+def make_inputs(case: Case, *, B: int = 2, M: int = 5, H: int = 3, K: int = 16,
                 max_position: int = 4096, rng: Optional[np.random.Generator] = None
                 ) -> Tuple[Dict[str, Optional[np.ndarray]], Dict[str, object]]:
     """Arrays (x, cos, sin, position_ids; None where absent) and keyword arguments of one call."""
@@ -116,7 +116,7 @@ def make_inputs(case: Case, B: int = 2, M: int = 5, H: int = 3, K: int = 16,
         kwargs["output_layout"] = case.output_layout
     rows = M + 4
     if case.table:
-        arrays["cos"], arrays["sin"] = random_rope_table(rng, rows, part, case.mode, case.dtype)
+        arrays["cos"], arrays["sin"] = random_rope_table(rng, rows=rows, part=part, mode=case.mode, dtype=case.dtype)
     if case.positions != "none":
         high = rows if case.table else max_position
         pos = rng.integers(0, high, (B, case.rotary_dim, M))

@@ -1,9 +1,5 @@
-"""Test set-up: make the tests' helper modules importable and load oneflow_rope (which makes
-OneFlow's CUDA libraries loadable) before anything imports oneflow."""
+"""Test set-up: load oneflow_rope (which makes OneFlow's CUDA libraries loadable) before anything
+imports oneflow. The helpers are imported as the package ``tests`` (pytest puts the repository
+root on the path)."""
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
-
-import oneflow_rope  # noqa: E402,F401  (must precede `import oneflow`)
+import oneflow_rope  # noqa: F401  (must precede `import oneflow`)

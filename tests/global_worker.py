@@ -1,5 +1,5 @@
-"""One rank of the global-tensor test (tests/test_global.py starts two; or run it with
-`python -m oneflow.distributed.launch --nproc_per_node 2 tests/global_worker.py`).
+"""One rank of the global-tensor test (tests/test_global.py starts two, as
+`python -m tests.global_worker` from the repository root with the rank's environment).
 
 For x split on B and x split on H, in eager mode and in nn.Graph, checks that the op keeps the
 split (no boxing back to broadcast) and gives the single-rank reference result; also a backward.
@@ -8,18 +8,16 @@ Prints one line per check; exits 1 on any failure.
 
 from __future__ import annotations
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import oneflow_rope  # before oneflow
 
-import oneflow_rope  # noqa: E402  (before oneflow)
 import numpy as np  # noqa: E402
 import oneflow as flow  # noqa: E402
 
-from cases import layout_shape  # noqa: E402
-from flow_helpers import keep_alive  # noqa: E402
-from reference import rope_reference, rope_reference_backward  # noqa: E402
+from tests.cases import layout_shape  # noqa: E402
+from tests.flow_helpers import keep_alive  # noqa: E402
+from tests.reference import rope_reference, rope_reference_backward  # noqa: E402
 
 B, M, H, K = 4, 6, 4, 16
 CHECKS = [

@@ -1,17 +1,35 @@
 """Drives the framework-free kernels (module _rope_raw) with PyTorch tensors or numpy arrays.
 
 Used where OneFlow cannot run: the GPU test bench and benchmarks on the lent H100/H200 (PyTorch
-CUDA tensors), and the sanitizer build on the CPU (numpy arrays). It resolves the call's defaults
-like ``oneflow_rope.fused_apply_rotary_emb`` does, checks shapes with the op's own C++ inference
-(``_rope_raw.infer_sizes``), and maps the tensors' real strides onto the kernel's (b, m, h, k)
+CUDA tensors), and the sanitizer build on the CPU (numpy arrays). The call's defaults and shapes
+come from the op's own C++ rules (``_rope_raw.infer_shapes``, the same code as the op's inference
+and the same rules as ``oneflow_rope.infer_shapes``), the layouts from the operator's table
+(``_rope_raw.layout``); the tensors' real strides are mapped onto the kernel's (b, m, h, k)
 strides, so views run without a copy.
+
+    raw = load_raw("build-gpu")                 # the compiled _rope_raw of a build folder
+    out = rope(raw, x, cos, sin, position_ids, layout="BMHK", mode="plane")
 """
 
 from __future__ import annotations
 
+import glob
+import importlib.util
+import os
 from typing import Any, Optional, Tuple
 
 import numpy as np
+
+
+def load_raw(build_dir: str):
+    """The module _rope_raw built in `build_dir` (CMake option ONEFLOW_ROPE_BUILD_RAW=ON)."""
+    found = sorted(glob.glob(os.path.join(build_dir, "_rope_raw*.so")))
+    if not found:
+        raise FileNotFoundError(f"build_dir: no _rope_raw*.so in {build_dir!r}; build with -DONEFLOW_ROPE_BUILD_RAW=ON")
+    spec = importlib.util.spec_from_file_location("_rope_raw", found[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _is_torch(t: Any) -> bool:
@@ -40,41 +58,23 @@ def _strides(t: Any) -> Tuple[int, ...]:
     return tuple(t.stride()) if _is_torch(t) else tuple(s // t.itemsize for s in t.strides)
 
 
-def _slots(layout: str) -> int:
-    return 3 if "H3K" in layout else (2 if "H2K" in layout else 1)
-
-
-def _unpacked(layout: str) -> str:
-    return layout if _slots(layout) == 1 else layout[:2] + "(HK)"
-
-
-def _logical_strides(t: Any, layout: str, K: int, slot: int) -> Tuple[int, Tuple[int, int, int, int]]:
+def _logical_strides(raw, t: Any, layout: str, K: int, slot: int) -> Tuple[int, Tuple[int, int, int, int]]:
     """(element offset, (b, m, h, k) strides) of a tensor in `layout`."""
+    info = raw.layout(layout)
     st = _strides(t)
-    if "(" not in layout:
-        return 0, tuple(st[layout.index(c)] for c in "BMHK")
-    b = st[layout.index("B")]
-    m = st[layout.index("M")]
+    b, m = st[info["batch_axis"]], st[info["seq_axis"]]
+    if not info["fused"]:
+        return 0, (b, m, st[info["head_axis"]], st[3])
     k = st[2]
-    return slot * K * k, (b, m, _slots(layout) * K * k, k)
+    return slot * K * k, (b, m, info["slots"] * K * k, k)
 
 
-def resolve(x_shape, layout: str, output_layout: Optional[str], tensor_index: Optional[int],
-            k_size: Optional[int], rotary_size: Optional[int], cos_shape, pos_shape):
-    """The call's defaults, as the Python API resolves them: (output_layout, tensor_index, K, rotary_size, R)."""
-    R = 1 if pos_shape is None else pos_shape[1]
-    out_layout = output_layout or _unpacked(layout)
-    slots = _slots(layout)
-    index = tensor_index if tensor_index is not None else (1 if slots == 2 else 0)
-    if "(" not in layout:
-        K = x_shape[3]
-    elif k_size is not None:
-        K = k_size
-    elif cos_shape is not None and rotary_size is None:
-        K = cos_shape[1] * R
-    else:
-        raise ValueError("k_size: needed for fused layouts")
-    return out_layout, index, K, (rotary_size or K), R
+def _infer(raw, x_shape, cos, position_ids, *, layout, output_layout, mode, tensor_index, k_size, rotary_size):
+    """The op's C++ rules on the call (raises ValueError naming the argument)."""
+    return raw.infer_shapes(
+        list(x_shape), layout, output_layout=output_layout, mode=mode, tensor_index=tensor_index,
+        k_size=k_size, rotary_size=rotary_size, table_shape=None if cos is None else list(cos.shape),
+        position_ids_shape=None if position_ids is None else list(position_ids.shape))
 
 
 def rope(raw, x, cos=None, sin=None, position_ids=None, *, layout: str = "BMHK",
@@ -83,17 +83,13 @@ def rope(raw, x, cos=None, sin=None, position_ids=None, *, layout: str = "BMHK",
          out=None, stream: Optional[int] = None, plan_only: bool = False):
     """Forward rotation of x through the raw kernels. Returns the output tensor / array
     (or the params dict when plan_only). CUDA when x is a CUDA tensor, else the CPU kernel."""
-    cos_shape = None if cos is None else tuple(cos.shape)
-    pos_shape = None if position_ids is None else tuple(position_ids.shape)
-    out_layout, index, K, rot, R = resolve(tuple(x.shape), layout, output_layout, tensor_index,
-                                           k_size, rotary_size, cos_shape, pos_shape)
-    B, M, H, K, out_shape = raw.infer_sizes(list(x.shape), layout, out_layout, mode, index, K, rot, R,
-                                            list(cos_shape or ()), list(pos_shape or ()))
+    s = _infer(raw, x.shape, cos, position_ids, layout=layout, output_layout=output_layout, mode=mode,
+               tensor_index=tensor_index, k_size=k_size, rotary_size=rotary_size)
     if out is None:
-        out = _empty_like(x, tuple(out_shape))
-    slot = raw.selected_slot(layout, index)
-    params = _params(raw, x, out, layout, out_layout, K, slot, 0, B, M, H, mode, rot, R, base,
-                     cos, sin, position_ids, inverse=False)
+        out = _empty_like(x, tuple(s["out_shape"]))
+    params = _params(raw, src=x, dst=out, src_layout=s["layout"], dst_layout=s["output_layout"], src_slot=s["slot"],
+                     dst_slot=0, shapes=s, mode=mode, base=base, cos=cos, sin=sin, position_ids=position_ids,
+                     inverse=False)
     if plan_only:
         return params
     _launch(raw, x, params, stream)
@@ -105,29 +101,27 @@ def rope_backward(raw, dy, x_shape, cos=None, sin=None, position_ids=None, *, la
                   tensor_index: Optional[int] = None, k_size: Optional[int] = None,
                   base: float = 10000.0, rotary_size: Optional[int] = None, stream: Optional[int] = None):
     """dx (x's layout and shape, zeros in unselected packed slots) from dy (the output layout)."""
-    cos_shape = None if cos is None else tuple(cos.shape)
-    pos_shape = None if position_ids is None else tuple(position_ids.shape)
-    out_layout, index, K, rot, R = resolve(tuple(x_shape), layout, output_layout, tensor_index,
-                                           k_size, rotary_size, cos_shape, pos_shape)
-    B, M, H, K, _ = raw.infer_sizes(list(x_shape), layout, out_layout, mode, index, K, rot, R,
-                                    list(cos_shape or ()), list(pos_shape or ()))
+    s = _infer(raw, x_shape, cos, position_ids, layout=layout, output_layout=output_layout, mode=mode,
+               tensor_index=tensor_index, k_size=k_size, rotary_size=rotary_size)
     dx = _poisoned(dy, tuple(x_shape))  # every element must be written (packed: zeros by the kernel)
-    slot = raw.selected_slot(layout, index)
-    params = _params(raw, dy, dx, out_layout, layout, K, 0, slot, B, M, H, mode, rot, R, base,
-                     cos, sin, position_ids, inverse=True)
-    slots = _slots(layout)
+    slot, K = s["slot"], s["head_size"]
+    params = _params(raw, src=dy, dst=dx, src_layout=s["output_layout"], dst_layout=s["layout"], src_slot=0,
+                     dst_slot=slot, shapes=s, mode=mode, base=base, cos=cos, sin=sin, position_ids=position_ids,
+                     inverse=True)
+    slots = raw.layout(s["layout"])["slots"]
     if slots > 1:
         k_stride = _strides(dx)[-1]
-        params["zero_slots"] = [(s - slot) * K * k_stride for s in range(slots) if s != slot]
+        params["zero_slots"] = [(other - slot) * K * k_stride for other in range(slots) if other != slot]
     _launch(raw, dy, params, stream)
     return dx
 
 
-def tensor_entry(src, dst, src_layout: str, dst_layout: str, K: int, H: int, src_slot: int = 0,
+def tensor_entry(raw, src, dst, src_layout: str, dst_layout: str, *, K: int, H: int, src_slot: int = 0,
                  dst_slot: int = 0) -> dict:
-    """The params entry of one rotated tensor: src read in src_layout, written to dst in dst_layout."""
-    src_off, src_st = _logical_strides(src, src_layout, K, src_slot)
-    dst_off, dst_st = _logical_strides(dst, dst_layout, K, dst_slot)
+    """The params entry of one rotated tensor: src read in src_layout, written to dst in dst_layout
+    (slots: 0-based positions of the tensor in a packed layout's heads)."""
+    src_off, src_st = _logical_strides(raw, src, src_layout, K, src_slot)
+    dst_off, dst_st = _logical_strides(raw, dst, dst_layout, K, dst_slot)
     es = _elem_size(src)
     return {"x": _ptr(src) + src_off * es, "out": _ptr(dst) + dst_off * es, "H": H,
             "x_strides": src_st, "out_strides": dst_st}
@@ -169,16 +163,19 @@ def launch(raw, x, params, stream=None):
     _launch(raw, x, params, stream)
 
 
-def _params(raw, src, dst, src_layout, dst_layout, K, src_slot, dst_slot, B, M, H, mode, rot, R, base,
-            cos, sin, position_ids, inverse):
-    src_off, src_st = _logical_strides(src, src_layout, K, src_slot)
-    dst_off, dst_st = _logical_strides(dst, dst_layout, K, dst_slot)
+def _params(raw, *, src, dst, src_layout, dst_layout, src_slot, dst_slot, shapes, mode, base, cos, sin, position_ids,
+            inverse):
+    """The params dict of a one-tensor call; `shapes`: what raw.infer_shapes resolved."""
+    K = shapes["head_size"]
+    src_off, src_st = _logical_strides(raw, src, src_layout, K, src_slot)
+    dst_off, dst_st = _logical_strides(raw, dst, dst_layout, K, dst_slot)
     es = _elem_size(src)
     params = {
         "dtype": dtype_name(src), "mode": mode,
         "x": _ptr(src) + src_off * es, "out": _ptr(dst) + dst_off * es,
-        "B": B, "M": M, "H": H, "K": K, "x_strides": src_st, "out_strides": dst_st,
-        "rotary_size": rot, "rotary_dim": R, "base": float(base), "inverse": inverse,
+        "B": shapes["batch"], "M": shapes["seq_len"], "H": shapes["num_heads"], "K": K,
+        "x_strides": src_st, "out_strides": dst_st, "rotary_size": shapes["rotary_size"],
+        "rotary_dim": shapes["rotary_dim"], "base": float(base), "inverse": inverse,
         "cos": _ptr(cos), "sin": _ptr(sin), "table_rows": 0 if cos is None else cos.shape[0],
         "table_strides": (0, 1) if cos is None else _strides(cos),
         "position_ids": _ptr(position_ids), "pos_dtype": "" if position_ids is None else dtype_name(position_ids),

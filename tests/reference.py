@@ -1,4 +1,4 @@
-"""The float64 numpy reference of fused_apply_rotary_emb, written once from SPEC.md.
+"""The float64 numpy reference of fused_apply_rotary_emb, written once from docs/operator.md.
 
 It shares no code with the package: its own layout handling, its own rotation. Every test (CPU,
 GPU bench, property test) compares against these functions.
@@ -64,7 +64,7 @@ def _default_output(layout: str) -> str:
     return layout if slots <= 1 else head + "(HK)"
 
 
-def _rotate(xl: np.ndarray, positions: np.ndarray, mode: str, rotary_size: int, base: float,
+def _rotate(xl: np.ndarray, positions: np.ndarray, *, mode: str, rotary_size: int, base: float,
             cos: Optional[np.ndarray], sin: Optional[np.ndarray], sign: float,
             inv_freq: Optional[np.ndarray] = None, attention_scaling: float = 1.0) -> np.ndarray:
     """The rotation: xl is (B, M, H, K) float64, positions (B, R, M) int. Angles from the
@@ -138,9 +138,9 @@ def rope_reference(x, layout: str = "BMHK", *, cos=None, sin=None, position_ids=
     positions = (default_positions(B, M, seqlen_offsets) if position_ids is None
                  else np.asarray(position_ids))
     rotary = K if rotary_size is None else rotary_size
-    out = _rotate(xl, positions, mode, rotary, base,
-                  None if cos is None else _as_float64(cos), None if sin is None else _as_float64(sin), 1.0,
-                  inv_freq=inv_freq, attention_scaling=attention_scaling)
+    out = _rotate(xl, positions, mode=mode, rotary_size=rotary, base=base,
+                  cos=None if cos is None else _as_float64(cos), sin=None if sin is None else _as_float64(sin),
+                  sign=1.0, inv_freq=inv_freq, attention_scaling=attention_scaling)
     return from_logical(out, output_layout or _default_output(layout))
 
 
@@ -168,12 +168,13 @@ def rope_reference_backward(dy, layout: str = "BMHK", *, cos=None, sin=None, pos
     positions = (np.broadcast_to(np.arange(M), (B, 1, M)) if position_ids is None
                  else np.asarray(position_ids))
     rotary = K if rotary_size is None else rotary_size
-    dx = _rotate(dyl, positions, mode, rotary, base,
-                 None if cos is None else _as_float64(cos), None if sin is None else _as_float64(sin), -1.0)
+    dx = _rotate(dyl, positions, mode=mode, rotary_size=rotary, base=base,
+                 cos=None if cos is None else _as_float64(cos), sin=None if sin is None else _as_float64(sin),
+                 sign=-1.0)
     return from_logical(dx, layout, slot=_slot_of(layout, tensor_index))
 
 
-# SPEC.md "Precision": bound on |out - reference| for |x| <= 1, by dtype and largest position.
+# docs/operator.md, "Precision": bound on |out - reference| for |x| <= 1, by dtype and largest position.
 _TOLERANCE = {
     "float16": (2e-3, 1e-2),
     "bfloat16": (1.6e-2, 2e-2),

@@ -3,22 +3,18 @@ module, over the whole case table (forward and backward), odd sizes, views and p
 the cos/sin table; checks every result against the reference. tests/test_sanitizers.py builds
 the module and runs this under the sanitizer runtime; any bad access aborts the process.
 
-    python tests/sanitize_driver.py BUILD_DIR
+    python -m tests.sanitize_driver BUILD_DIR        (from the repository root)
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-from cases import forward_cases, make_inputs, max_position, output_layout_cases  # noqa: E402
-from raw_driver import rope, rope_backward  # noqa: E402
-from reference import rope_reference, rope_reference_backward, tolerance  # noqa: E402
+from tests.cases import forward_cases, make_inputs, max_position, output_layout_cases
+from tests.raw_driver import load_raw, rope, rope_backward
+from tests.reference import rope_reference, rope_reference_backward, tolerance
 
 
 def bf16_bits(a: np.ndarray) -> np.ndarray:
@@ -45,8 +41,7 @@ def values(a, dtype):
 
 
 def main() -> int:
-    sys.path.insert(0, sys.argv[1])
-    import _rope_raw as raw
+    raw = load_raw(sys.argv[1])
 
     failures, count = [], 0
     for case in forward_cases() + output_layout_cases():

@@ -8,9 +8,9 @@ import oneflow as flow
 import pytest
 
 import oneflow_rope
-from cases import Case, forward_cases, make_inputs, max_position, output_layout_cases, round_to_dtype
-from flow_helpers import keep_alive, to_flow, to_numpy64
-from reference import rope_reference, rope_reference_backward, tolerance
+from tests.cases import Case, forward_cases, make_inputs, max_position, output_layout_cases, round_to_dtype
+from tests.flow_helpers import keep_alive, to_flow, to_numpy64
+from tests.reference import rope_reference, rope_reference_backward, tolerance
 
 CASES = forward_cases()
 # Trained inside one nn.Graph: every 10th float32/float64 case of the table (each layout, mode,

@@ -8,9 +8,9 @@ import oneflow as flow
 import pytest
 
 import oneflow_rope
-from cases import Case, forward_cases, layout_shape, make_inputs, max_position, output_layout_cases
-from flow_helpers import call_op, keep_alive, to_flow, to_numpy64
-from reference import rope_reference, tolerance
+from tests.cases import Case, forward_cases, layout_shape, make_inputs, max_position, output_layout_cases
+from tests.flow_helpers import call_op, keep_alive, to_flow, to_numpy64
+from tests.reference import rope_reference, tolerance
 
 FORWARD_CASES = forward_cases()
 OUTPUT_CASES = output_layout_cases()

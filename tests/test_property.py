@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import oneflow_rope
-from cases import INPUT_LAYOUTS, OUTPUT_LAYOUTS, layout_shape, random_rope_table, round_to_dtype
-from flow_helpers import keep_alive, to_flow, to_numpy64
-from reference import rope_reference, tolerance
+from tests.cases import INPUT_LAYOUTS, OUTPUT_LAYOUTS, layout_shape, random_rope_table, round_to_dtype
+from tests.flow_helpers import keep_alive, to_flow, to_numpy64
+from tests.reference import rope_reference, tolerance
 
 SETTINGS = dict(derandomize=True, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -51,7 +51,7 @@ def rope_calls(draw) -> Dict[str, object]:
     arrays: Dict[str, Optional[np.ndarray]] = {"cos": None, "sin": None, "position_ids": None}
     rows = M + draw(st.integers(0, 3))
     if table:
-        arrays["cos"], arrays["sin"] = random_rope_table(rng, rows, part, mode, dtype)
+        arrays["cos"], arrays["sin"] = random_rope_table(rng, rows=rows, part=part, mode=mode, dtype=dtype)
     else:
         kwargs["base"] = draw(st.sampled_from([10000.0, 500000.0, 10.0, 1.5]))
     if positions != "none":

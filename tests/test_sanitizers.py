@@ -31,6 +31,6 @@ def test_cpu_kernel_is_clean_under_asan_and_ubsan():
     libstdcxx = run(["gcc", "-print-file-name=libstdc++.so.6"]).stdout.strip()
     env = dict(os.environ, LD_PRELOAD=f"{asan} {libstdcxx}", ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
                UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
-    result = run([sys.executable, os.path.join(ROOT, "tests", "sanitize_driver.py"), BUILD], env=env, timeout=1200)
+    result = run([sys.executable, "-m", "tests.sanitize_driver", BUILD], env=env, timeout=1200, cwd=ROOT)
     assert " 0 failed" in result.stdout, result.stdout[-3000:]
     assert "ERROR: AddressSanitizer" not in result.stderr and "runtime error" not in result.stderr, result.stderr[-3000:]

@@ -2,6 +2,7 @@
 // attributes, shape / dtype inference and SBP signatures. Kernels live in rope_kernels.cpp.
 #include "oneflow/core/framework/framework.h"
 #include "oneflow/core/framework/op_generated.h"
+#include "rope/op_attrs.h"
 #include "rope/layout.h"
 
 namespace oneflow {
@@ -16,64 +17,61 @@ std::vector<int64_t> ToVector(const Shape& shape) {
   return v;
 }
 
-template<typename Ctx>
-rope::RopeCall CallFromAttrs(const Ctx* ctx, int32_t rotary_dim) {
-  rope::RopeCall call;
-  call.x_layout = ctx->template Attr<std::string>("x_layout");
-  call.output_layout = ctx->template Attr<std::string>("output_layout");
-  call.mode = ctx->template Attr<std::string>("mode");
-  call.tensor_index = ctx->template Attr<int64_t>("tensor_index");
-  call.k_size = ctx->template Attr<int64_t>("k_size");
-  call.rotary_size = ctx->template Attr<int64_t>("rotary_size");
-  call.rotary_dim = rotary_dim;
-  return call;
-}
+using rope::RopeOpAttrs;
 
-int32_t RotaryDim(user_op::InferContext* ctx) {
-  if (!ctx->has_input("position_ids", 0)) return 1;
-  const Shape& pos = ctx->InputShape("position_ids", 0);
-  return pos.NumAxes() == 3 ? static_cast<int32_t>(pos.At(1)) : 1;
-}
-
-// Sizes of the rotated tensor and the checks shared by forward and backward. For the backward,
-// `rotated` is dy (in output_layout) and the returned shape is dx's (in x_layout).
-Maybe<std::vector<int64_t>> InferRope(user_op::InferContext* ctx, bool backward) {
-  const rope::RopeCall call = CallFromAttrs(ctx, RotaryDim(ctx));
-  rope::RopeSizes sizes;
-  std::string err;
-  if (!backward) {
-    err = rope::InferSizes(ToVector(ctx->InputShape("x", 0)), call, &sizes);
-  } else {
-    rope::RopeCall dy_call = call;
-    dy_call.x_layout = call.output_layout;
-    dy_call.tensor_index = 0;
-    err = rope::InferSizes(ToVector(ctx->InputShape("dy", 0)), dy_call, &sizes);
-    if (err.empty() && rope::FindLayout(call.x_layout) == nullptr) {
-      err = "layout: got '" + call.x_layout + "', expected one of " + rope::LayoutNames(false);
-    }
+// The call the attributes describe, with the optional inputs' shapes. k_size and rotary_size 0
+// mean "not given" (the attributes' defaults); the Python layer always passes them resolved.
+rope::RopeArgs ArgsFromAttrs(const RopeOpAttrs& attrs, user_op::InferContext* ctx, const std::string& in) {
+  rope::RopeArgs args;
+  args.x_shape = ToVector(ctx->InputShape(in, 0));
+  args.layout = attrs.x_layout;
+  args.output_layout = attrs.output_layout;
+  args.mode = attrs.mode;
+  args.tensor_index = attrs.tensor_index;
+  if (attrs.k_size != 0) args.k_size = attrs.k_size;
+  if (attrs.rotary_size != 0) args.rotary_size = attrs.rotary_size;
+  if (ctx->has_input("cos", 0)) args.table_shape = ToVector(ctx->InputShape("cos", 0));
+  if (ctx->has_input("position_ids", 0)) {
+    args.position_ids_shape = ToVector(ctx->InputShape("position_ids", 0));
   }
-  if (!err.empty()) return Error::RuntimeError() << "fused_apply_rotary_emb: " << err;
+  return args;
+}
 
-  std::vector<int64_t> table_shape, pos_shape;
+// Shape of the op's result, after the rules of rope::InferShapes (the same as Python's
+// infer_shapes). For the backward, the input is dy (in output_layout) and the result dx (in
+// x_layout, of the shape x had: the forward's rules are checked on it too).
+Maybe<std::vector<int64_t>> InferRope(user_op::InferContext* ctx, bool backward) {
+  const RopeOpAttrs attrs = rope::ReadRopeOpAttrs(ctx);
   const bool has_cos = ctx->has_input("cos", 0);
   if (has_cos != ctx->has_input("sin", 0)) {
-    return Error::RuntimeError() << "fused_apply_rotary_emb: cos and sin must be given together";
+    return Error::RuntimeError() << "fused_apply_rotary_emb: cos, sin: give both tables or neither";
   }
-  if (has_cos) {
-    table_shape = ToVector(ctx->InputShape("cos", 0));
-    if (ctx->InputShape("sin", 0) != ctx->InputShape("cos", 0)) {
-      return Error::RuntimeError() << "fused_apply_rotary_emb: sin: shape "
-                                   << ctx->InputShape("sin", 0).ToString()
-                                   << " differs from cos shape "
-                                   << ctx->InputShape("cos", 0).ToString();
-    }
+  if (has_cos && ctx->InputShape("sin", 0) != ctx->InputShape("cos", 0)) {
+    return Error::RuntimeError() << "fused_apply_rotary_emb: sin: shape "
+                                 << ctx->InputShape("sin", 0).ToString()
+                                 << " differs from cos shape " << ctx->InputShape("cos", 0).ToString();
   }
-  if (ctx->has_input("position_ids", 0)) pos_shape = ToVector(ctx->InputShape("position_ids", 0));
-  err = rope::CheckOptionalShapes(sizes, call, table_shape, pos_shape);
+  rope::RopeArgs args = ArgsFromAttrs(attrs, ctx, backward ? "dy" : "x");
+  rope::RopeShapes shapes;
+  if (backward) {
+    args.layout = attrs.output_layout;
+    args.tensor_index.reset();
+  }
+  std::string err = rope::InferShapes(args, &shapes);
+  if (err.empty() && backward) {
+    const rope::LayoutDesc* x_layout = rope::FindLayout(attrs.x_layout);
+    rope::RopeSizes sizes;
+    sizes.B = shapes.B;
+    sizes.M = shapes.M;
+    sizes.H = shapes.H;
+    sizes.K = shapes.K;
+    args = ArgsFromAttrs(attrs, ctx, "dy");
+    if (x_layout != nullptr) args.x_shape = rope::LayoutShape(*x_layout, sizes);
+    err = rope::InferShapes(args, &shapes);
+    if (err.empty()) return args.x_shape;
+  }
   if (!err.empty()) return Error::RuntimeError() << "fused_apply_rotary_emb: " << err;
-
-  const std::string& out_layout = backward ? call.x_layout : call.output_layout;
-  return rope::LayoutShape(*rope::FindLayout(out_layout), sizes);
+  return shapes.out_shape;
 }
 
 Maybe<void> InferForwardShape(user_op::InferContext* ctx) {
@@ -133,8 +131,9 @@ user_op::OpArg Arg(const std::string& name) { return user_op::OpArg(std::string(
 Maybe<void> GetRopeSbp(user_op::SbpContext* ctx, bool backward) {
   const std::string in_name = backward ? "dy" : "x";
   const std::string out_name = backward ? "dx" : "out";
-  const auto* x_layout = rope::FindLayout(ctx->Attr<std::string>("x_layout"));
-  const auto* out_layout = rope::FindLayout(ctx->Attr<std::string>("output_layout"));
+  const RopeOpAttrs attrs = rope::ReadRopeOpAttrs(ctx);
+  const auto* x_layout = rope::FindLayout(attrs.x_layout);
+  const auto* out_layout = rope::FindLayout(attrs.output_layout);
   CHECK_OR_RETURN(x_layout != nullptr && out_layout != nullptr)
       << "fused_apply_rotary_emb: unknown layout";
   const auto* in_layout = backward ? out_layout : x_layout;
@@ -153,7 +152,7 @@ Maybe<void> GetRopeSbp(user_op::SbpContext* ctx, bool backward) {
     if (has_pos) builder.Split(Arg("position_ids"), 0);
     builder.Build();
   }
-  const int64_t k_size = ctx->Attr<int64_t>("k_size");
+  const int64_t k_size = attrs.k_size;
   const Shape& in_shape = ctx->LogicalTensorDesc4InputArgNameAndIndex(in_name, 0).shape();
   int64_t heads = 0;
   if (in_layout->fused) {
@@ -184,15 +183,9 @@ Maybe<void> GetRopeSbp(user_op::SbpContext* ctx, bool backward) {
 
 }  // namespace
 
-// The attributes of both ops: the forward call's, so the gradient op can rebuild its layouts.
-#define ROPE_OP_ATTRS                          \
-  Attr<std::string>("x_layout", "BMHK")        \
-      .Attr<std::string>("output_layout", "BMHK") \
-      .Attr<std::string>("mode", "plane")      \
-      .Attr<int64_t>("tensor_index", 0)        \
-      .Attr<int64_t>("k_size", 0)              \
-      .Attr<int64_t>("rotary_size", 0)         \
-      .Attr<double>("base", 10000.0)
+// The attributes of both ops (the forward call's, so the gradient op can rebuild its layouts),
+// declared from the table: .Attr<type>("name", default) for each.
+#define ROPE_DECLARE_ATTR(type, name, default_value) .Attr<type>(#name, default_value)
 
 REGISTER_USER_OP("fused_apply_rotary_emb")
     .Input("x")
@@ -200,7 +193,7 @@ REGISTER_USER_OP("fused_apply_rotary_emb")
     .OptionalInput("sin")
     .OptionalInput("position_ids")
     .Output("out")
-    .ROPE_OP_ATTRS
+    ROPE_OP_ATTRIBUTES(ROPE_DECLARE_ATTR)
     .SetLogicalTensorDescInferFn(InferForwardShape)
     .SetPhysicalTensorDescInferFn(InferForwardShape)
     .SetDataTypeInferFn(InferForwardDataType)
@@ -212,7 +205,7 @@ REGISTER_USER_OP("fused_apply_rotary_emb_grad")
     .OptionalInput("sin")
     .OptionalInput("position_ids")
     .Output("dx")
-    .ROPE_OP_ATTRS
+    ROPE_OP_ATTRIBUTES(ROPE_DECLARE_ATTR)
     .SetLogicalTensorDescInferFn(InferBackwardShape)
     .SetPhysicalTensorDescInferFn(InferBackwardShape)
     .SetDataTypeInferFn(InferBackwardDataType)

@@ -9,6 +9,7 @@
 #include <tuple>
 #include <vector>
 
+#include "binding/layout_binding.h"
 #include "rope/layout.h"
 #include "rope/rope_params.h"
 #ifdef ONEFLOW_ROPE_WITH_CUDA
@@ -29,33 +30,6 @@ DType ParseDType(const std::string& name) {
 }
 
 const void* Ptr(uintptr_t address) { return reinterpret_cast<const void*>(address); }
-
-// Checks shapes like the op's inference does; returns (B, M, H, K, out_shape).
-std::tuple<int64_t, int64_t, int64_t, int64_t, std::vector<int64_t>> InferSizesPy(
-    const std::vector<int64_t>& x_shape, const std::string& x_layout,
-    const std::string& output_layout, const std::string& mode, int64_t tensor_index,
-    int64_t k_size, int64_t rotary_size, int32_t rotary_dim, const std::vector<int64_t>& table_shape,
-    const std::vector<int64_t>& pos_shape) {
-  RopeCall call;
-  call.x_layout = x_layout;
-  call.output_layout = output_layout;
-  call.mode = mode;
-  call.tensor_index = tensor_index;
-  call.k_size = k_size;
-  call.rotary_size = rotary_size;
-  call.rotary_dim = rotary_dim;
-  RopeSizes s;
-  std::string err = InferSizes(x_shape, call, &s);
-  if (err.empty()) err = CheckOptionalShapes(s, call, table_shape, pos_shape);
-  if (!err.empty()) throw py::value_error(err);
-  return {s.B, s.M, s.H, s.K, LayoutShape(*FindLayout(output_layout), s)};
-}
-
-int64_t SelectedSlotPy(const std::string& layout, int64_t tensor_index) {
-  const LayoutDesc* l = FindLayout(layout);
-  if (l == nullptr) throw py::value_error("layout: unknown '" + layout + "'");
-  return SelectedSlot(*l, tensor_index);
-}
 
 IndexType ParseIndexType(const py::dict& d, const char* key) {
   const std::string name = d[key].cast<std::string>();
@@ -184,11 +158,7 @@ std::string KernelName(const py::dict& d) { return RopeCudaKernelName(MakeParams
 
 PYBIND11_MODULE(_rope_raw, m) {
   m.doc() = "oneflow_rope kernels driven by raw pointers (no OneFlow): for tests and benchmarks.";
-  m.def("infer_sizes", &InferSizesPy, py::arg("x_shape"), py::arg("x_layout"),
-        py::arg("output_layout"), py::arg("mode"), py::arg("tensor_index"), py::arg("k_size"),
-        py::arg("rotary_size"), py::arg("rotary_dim"), py::arg("table_shape"),
-        py::arg("pos_shape"));
-  m.def("selected_slot", &SelectedSlotPy);
+  oneflow_rope::binding::DefineLayoutFunctions(m);  // infer_shapes, layout, layouts
   m.def("forward_cpu", &ForwardCpu, "Runs the CPU kernel; returns the number of out-of-table rows.");
   py::class_<Plan> plan(m, "Plan", "A call's parameters, converted once (for timing loops).");
   plan.def(py::init<const py::dict&>(), py::arg("params"));

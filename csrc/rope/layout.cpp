@@ -1,19 +1,19 @@
 #include "rope/layout.h"
 
+#include <algorithm>
+#include <cctype>
 #include <sstream>
 
 namespace oneflow_rope {
 
 namespace {
 
-// name, ndim, seq_first, heads_before_seq, fused, slots, can_be_output
-const LayoutDesc kLayouts[] = {
-    {"BMHK", 4, false, false, false, 1, true},     {"BHMK", 4, false, true, false, 1, true},
-    {"MBHK", 4, true, false, false, 1, true},      {"BM(HK)", 3, false, false, true, 1, true},
-    {"MB(HK)", 3, true, false, true, 1, true},     {"BM(H2K)", 3, false, false, true, 2, false},
-    {"MB(H2K)", 3, true, false, true, 2, false},   {"BM(H3K)", 3, false, false, true, 3, false},
-    {"MB(H3K)", 3, true, false, true, 3, false},
-};
+#define ROPE_LAYOUT_ENTRY(name, ndim, batch, seq, head, fused, slots, i0, i1, i2, t0, t1, t2, \
+                          default_index, unpacked, output)                                   \
+  {name, ndim, batch, seq, head, fused, slots, {i0, i1, i2}, {t0, t1, t2}, default_index,     \
+   unpacked, output},
+const LayoutDesc kLayouts[] = {ROPE_LAYOUTS(ROPE_LAYOUT_ENTRY)};
+#undef ROPE_LAYOUT_ENTRY
 
 std::string ShapeString(const std::vector<int64_t>& shape) {
   std::ostringstream os;
@@ -24,11 +24,67 @@ std::string ShapeString(const std::vector<int64_t>& shape) {
   return os.str();
 }
 
+bool HasNegative(const std::vector<int64_t>& shape) {
+  return std::any_of(shape.begin(), shape.end(), [](int64_t d) { return d < 0; });
+}
+
+// Spaces removed, ASCII letters upper-cased (Python's layout.replace(" ", "").upper()).
+std::string Normalized(const std::string& name) {
+  std::string out;
+  for (char c : name) {
+    if (c == ' ') continue;
+    out += static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  }
+  return out;
+}
+
+// "expected one of ..." for layout arguments; same words as oneflow_rope.layout.parse_layout.
+std::string LayoutError(const std::string& argument, const std::string& given, bool outputs_only) {
+  const LayoutDesc* l = FindLayout(given);
+  std::string extra = (l != nullptr && outputs_only && !l->can_be_output)
+                          ? " (packed layouts are inputs only)" : "";
+  return argument + ": got '" + given + "'" + extra + ", expected one of " + LayoutNames(outputs_only);
+}
+
+std::string ModeChoices() {
+  const std::vector<std::string>& modes = ModeNames();
+  std::string text;
+  for (size_t i = 0; i < modes.size(); ++i) {
+    if (i > 0) text += (i + 1 == modes.size()) ? " or " : ", ";
+    text += "'" + modes[i] + "'";
+  }
+  return text;
+}
+
+// "1 (key) or 2 (value)"; same words as oneflow_rope.layout._index_choices.
+std::string IndexChoices(const LayoutDesc& l) {
+  if (l.slots == 1) return "None or 0 (only packed layouts hold several tensors)";
+  std::string text;
+  for (int s = 0; s < l.slots; ++s) {
+    if (s > 0) text += (s + 1 == l.slots) ? " or " : ", ";
+    text += std::to_string(l.tensor_index[s]) + " (" + l.tensor_name[s] + ")";
+  }
+  return text;
+}
+
 }  // namespace
+
+const std::vector<const LayoutDesc*>& AllLayouts() {
+  static const std::vector<const LayoutDesc*> all = [] {
+    std::vector<const LayoutDesc*> v;
+    for (const LayoutDesc& l : kLayouts) v.push_back(&l);
+    return v;
+  }();
+  return all;
+}
 
 const LayoutDesc* FindLayout(const std::string& name) {
   for (const LayoutDesc& l : kLayouts) {
     if (name == l.name) return &l;
+  }
+  const std::string normalized = Normalized(name);
+  for (const LayoutDesc& l : kLayouts) {
+    if (normalized == l.name) return &l;
   }
   return nullptr;
 }
@@ -43,164 +99,236 @@ std::string LayoutNames(bool outputs_only) {
   return names;
 }
 
-int BatchAxis(const LayoutDesc& l) { return l.seq_first ? 1 : 0; }
-int SeqAxis(const LayoutDesc& l) { return l.seq_first ? 0 : (l.heads_before_seq ? 2 : 1); }
-int HeadAxis(const LayoutDesc& l) { return l.fused ? 2 : (l.heads_before_seq ? 1 : 2); }
+int BatchAxis(const LayoutDesc& l) { return l.batch_axis; }
+int SeqAxis(const LayoutDesc& l) { return l.seq_axis; }
+int HeadAxis(const LayoutDesc& l) { return l.head_axis; }
+
+const std::vector<std::string>& ModeNames() {
+#define ROPE_MODE_NAME(name) name,
+  static const std::vector<std::string> names = {ROPE_MODES(ROPE_MODE_NAME)};
+#undef ROPE_MODE_NAME
+  return names;
+}
 
 Mode ParseMode(const std::string& mode, bool* ok) {
-  *ok = true;
-  if (mode == "plane") return Mode::kPlane;
-  if (mode == "interval") return Mode::kInterval;
+  const std::vector<std::string>& names = ModeNames();
+  for (size_t i = 0; i < names.size(); ++i) {
+    if (mode == names[i]) {
+      *ok = true;
+      return static_cast<Mode>(i);  // the table lists the modes in the order of Mode
+    }
+  }
   *ok = false;
   return Mode::kPlane;
 }
 
 int64_t SelectedSlot(const LayoutDesc& l, int64_t tensor_index) {
-  if (l.slots == 2) return tensor_index - 1;  // 1 = key, 2 = value
-  if (l.slots == 3) return tensor_index;      // 0 = query, 1 = key, 2 = value
-  return 0;
+  for (int s = 0; s < l.slots; ++s) {
+    if (l.tensor_index[s] == tensor_index) return s;
+  }
+  return -1;
 }
 
-std::string InferSizes(const std::vector<int64_t>& x_shape, const RopeCall& call,
-                       RopeSizes* sizes) {
+// The rules, in the order of oneflow_rope.layout.infer_shapes; keep the two in step (the
+// differential test compares every outcome and every message).
+std::string InferShapes(const RopeArgs& args, RopeShapes* shapes) {
   std::ostringstream err;
-  const LayoutDesc* l = FindLayout(call.x_layout);
-  if (l == nullptr) {
-    err << "layout: got '" << call.x_layout << "', expected one of " << LayoutNames(false);
-    return err.str();
-  }
-  const LayoutDesc* o = FindLayout(call.output_layout);
-  if (o == nullptr || !o->can_be_output) {
-    err << "output_layout: got '" << call.output_layout << "', expected one of "
-        << LayoutNames(true);
-    return err.str();
-  }
+  const LayoutDesc* info = FindLayout(args.layout);
+  if (info == nullptr) return LayoutError("layout", args.layout, false);
+  const std::string out_name = args.output_layout ? *args.output_layout : info->unpacked;
+  const LayoutDesc* out_info = FindLayout(out_name);
+  if (out_info == nullptr || !out_info->can_be_output) return LayoutError("output_layout", out_name, true);
   bool mode_ok = false;
-  ParseMode(call.mode, &mode_ok);
-  if (!mode_ok) {
-    err << "mode: got '" << call.mode << "', expected 'plane' or 'interval'";
+  ParseMode(args.mode, &mode_ok);
+  if (!mode_ok) return "mode: got '" + args.mode + "', expected " + ModeChoices();
+
+  const std::vector<int64_t>& shape = args.x_shape;
+  if (static_cast<int>(shape.size()) != info->ndim) {
+    err << "x: layout " << info->name << " needs a " << info->ndim << "-D tensor, got shape "
+        << ShapeString(shape) << " (" << shape.size() << "-D)";
     return err.str();
   }
-  if (static_cast<int>(x_shape.size()) != l->ndim) {
-    err << "x: layout " << l->name << " needs a " << l->ndim << "-D tensor, got shape "
-        << ShapeString(x_shape);
+  if (HasNegative(shape)) return "x: got shape " + ShapeString(shape) + ", which has a negative size";
+
+  const int64_t index = args.tensor_index ? *args.tensor_index : info->default_tensor_index;
+  if (SelectedSlot(*info, index) < 0) {
+    err << "tensor_index: got " << index << " for layout " << info->name << ", expected "
+        << IndexChoices(*info);
     return err.str();
   }
-  for (int64_t d : x_shape) {
-    if (d < 0) {
-      err << "x: negative size in shape " << ShapeString(x_shape);
+
+  int32_t rotary_dim = 1;
+  std::vector<int64_t> pos;
+  if (args.position_ids_shape) {
+    pos = *args.position_ids_shape;
+    if (pos.size() != 3 || (pos[1] != 1 && pos[1] != 2)) {
+      return "position_ids: got shape " + ShapeString(pos) + ", expected (B, 1, M) or (B, 2, M)";
+    }
+    if (HasNegative(pos)) return "position_ids: got shape " + ShapeString(pos) + ", which has a negative size";
+    rotary_dim = static_cast<int32_t>(pos[1]);
+  }
+  std::vector<int64_t> table;
+  if (args.table_shape) {
+    table = *args.table_shape;
+    if (table.size() != 2) {
+      return "cos: got shape " + ShapeString(table) + ", expected a 2-D table (P, rotary_size / rotary_dim)";
+    }
+    if (HasNegative(table)) return "cos: got shape " + ShapeString(table) + ", which has a negative size";
+  }
+  if (args.k_size && *args.k_size <= 0) {
+    return "k_size: got " + std::to_string(*args.k_size) + ", expected a positive head size";
+  }
+  if (args.rotary_size && *args.rotary_size <= 0) {
+    return "rotary_size: got " + std::to_string(*args.rotary_size) + ", expected a positive number of dims";
+  }
+
+  const int64_t B = shape[info->batch_axis];
+  const int64_t M = shape[info->seq_axis];
+  int64_t H = 0, K = 0;
+  enum class Source { kX, kKSize, kTable } source = Source::kX;
+  if (!info->fused) {
+    H = shape[info->head_axis];
+    K = shape[3];
+    if (args.k_size && *args.k_size != K) {
+      err << "k_size: got " << *args.k_size << " but x of layout " << info->name << " and shape "
+          << ShapeString(shape) << " has head size " << K;
       return err.str();
     }
+    if (K == 0) return "x: got shape " + ShapeString(shape) + ", whose head size is 0; expected a positive head size";
+  } else {
+    if (args.k_size) {
+      K = *args.k_size;
+      source = Source::kKSize;
+    } else if (args.table_shape && !args.rotary_size) {
+      K = table[1] * rotary_dim;
+      source = Source::kTable;
+      if (K == 0) return "cos: got shape " + ShapeString(table) + ", whose width 0 gives no head size K";
+    } else {
+      const char* why = args.table_shape
+                            ? "rotary_size is given, so the cos/sin width does not fix it"
+                            : "give k_size or a cos/sin table";
+      err << "k_size: layout " << info->name << " needs the head size K (" << why << "); got k_size=None";
+      return err.str();
+    }
+    const int64_t step = K * info->slots;
+    if (shape[2] % step != 0) {
+      if (source == Source::kKSize) {
+        err << "k_size: got " << K;
+      } else {
+        err << "cos: got shape " << ShapeString(table) << ", whose width gives K = " << K;
+      }
+      err << ", but the last axis of x (" << shape[2] << ") is not a multiple of ";
+      if (info->slots > 1) {
+        err << info->slots << " * K = " << step;
+      } else {
+        err << "K = " << K;
+      }
+      err << " for layout " << info->name;
+      return err.str();
+    }
+    H = shape[2] / step;
   }
-  if (l->slots == 2 && call.tensor_index != 1 && call.tensor_index != 2) {
-    err << "tensor_index: got " << call.tensor_index << " for layout " << l->name
-        << ", expected 1 (key) or 2 (value)";
-    return err.str();
-  }
-  if (l->slots == 3 && (call.tensor_index < 0 || call.tensor_index > 2)) {
-    err << "tensor_index: got " << call.tensor_index << " for layout " << l->name
-        << ", expected 0 (query), 1 (key) or 2 (value)";
-    return err.str();
-  }
-  if (l->slots == 1 && call.tensor_index != 0) {
-    err << "tensor_index: got " << call.tensor_index << " for unpacked layout " << l->name
-        << ", expected none (or 0)";
-    return err.str();
-  }
-  RopeSizes s;
-  s.B = x_shape[BatchAxis(*l)];
-  s.M = x_shape[SeqAxis(*l)];
-  if (!l->fused) {
-    s.H = x_shape[HeadAxis(*l)];
-    s.K = x_shape[3];
-    if (call.k_size > 0 && call.k_size != s.K) {
-      err << "k_size: got " << call.k_size << " but x of layout " << l->name << " and shape "
-          << ShapeString(x_shape) << " has head size " << s.K;
+
+  int64_t rotary = 0;
+  if (!args.rotary_size) {
+    rotary = K;
+    if (rotary % (2 * rotary_dim) != 0) {
+      if (source == Source::kTable) {
+        err << "cos: got shape " << ShapeString(table) << "; its width " << table[1]
+            << " is the number of dims of each rotary part, which must be even";
+        return err.str();
+      }
+      if (source == Source::kX) {
+        err << "x: got shape " << ShapeString(shape) << ", whose head size " << K;
+      } else {
+        err << "k_size: got " << K << "; the head size";
+      }
+      err << " is rotated whole when rotary_size is not given, and with rotary dim " << rotary_dim
+          << " it must be a multiple of " << 2 * rotary_dim
+          << " (each rotary part has an even number of dims); give rotary_size to rotate fewer dims";
       return err.str();
     }
   } else {
-    if (call.k_size <= 0) {
-      err << "k_size: layout " << l->name
-          << " needs the head size; give k_size or a cos/sin table (got k_size=" << call.k_size
-          << ")";
+    rotary = *args.rotary_size;
+    if (rotary > K) {
+      err << "rotary_size: got " << rotary << ", expected at most the head size K=" << K;
       return err.str();
     }
-    s.K = call.k_size;
-    const int64_t last = x_shape[2];
-    if (last % (s.K * l->slots) != 0) {
-      err << "k_size: last axis of x (" << last << ") is not a multiple of "
-          << (l->slots > 1 ? std::to_string(l->slots) + " * " : std::string()) << "k_size ("
-          << s.K << ") for layout " << l->name;
+    if (rotary % (2 * rotary_dim) != 0) {
+      err << "rotary_size: got " << rotary << "; with rotary dim " << rotary_dim
+          << " each rotary part has rotary_size / " << rotary_dim << " dims, which must be even";
       return err.str();
     }
-    s.H = last / (s.K * l->slots);
   }
-  if (s.K <= 0 && s.B * s.M * s.H != 0) {
-    err << "x: head size K must be positive, got " << s.K;
-    return err.str();
-  }
-  const int64_t rotary_size = call.rotary_size > 0 ? call.rotary_size : s.K;
-  if (call.rotary_size < 0 || rotary_size > s.K) {
-    err << "rotary_size: got " << call.rotary_size << ", expected 1.." << s.K
-        << " (at most the head size K)";
-    return err.str();
-  }
-  if (call.rotary_dim != 1 && call.rotary_dim != 2) {
-    err << "position_ids: rotary dim (axis 1) must be 1 or 2, got " << call.rotary_dim;
-    return err.str();
-  }
-  if (s.K > 0 && (rotary_size % (2 * call.rotary_dim)) != 0) {
-    err << "rotary_size: got " << rotary_size << "; with rotary dim " << call.rotary_dim
-        << " each rotary part has rotary_size / " << call.rotary_dim
-        << " dims, which must be even";
-    return err.str();
-  }
-  *sizes = s;
-  return "";
-}
+  const int64_t part = rotary / rotary_dim;
 
-std::string CheckOptionalShapes(const RopeSizes& s, const RopeCall& call,
-                                const std::vector<int64_t>& table_shape,
-                                const std::vector<int64_t>& pos_shape) {
-  std::ostringstream err;
-  const int64_t rotary_size = call.rotary_size > 0 ? call.rotary_size : s.K;
-  const int64_t part = rotary_size / call.rotary_dim;
-  if (!pos_shape.empty()) {
-    if (pos_shape.size() != 3 || pos_shape[0] != s.B || pos_shape[2] != s.M ||
-        (pos_shape[1] != 1 && pos_shape[1] != 2)) {
-      err << "position_ids: got shape " << ShapeString(pos_shape) << ", expected (" << s.B
-          << ", 1, " << s.M << ") or (" << s.B << ", 2, " << s.M << ")";
-      return err.str();
-    }
-    if (pos_shape[1] != call.rotary_dim) {
-      err << "position_ids: axis 1 is " << pos_shape[1] << " but the op's rotary dim is "
-          << call.rotary_dim;
-      return err.str();
-    }
+  if (args.position_ids_shape && (pos[0] != B || pos[2] != M)) {
+    err << "position_ids: got shape " << ShapeString(pos) << ", expected (" << B << ", " << rotary_dim
+        << ", " << M << ") for x with B=" << B << ", M=" << M;
+    return err.str();
   }
-  if (!table_shape.empty()) {
-    if (table_shape.size() != 2 || table_shape[1] != part) {
-      err << "cos: got shape " << ShapeString(table_shape) << ", expected (P, " << part
-          << ") (rotary_size " << rotary_size << " / rotary dim " << call.rotary_dim << ")";
+  if (args.table_shape) {
+    if (table[1] != part) {
+      err << "cos: got shape " << ShapeString(table) << ", expected (P, " << part
+          << "): width rotary_size / rotary dim = " << rotary << " / " << rotary_dim;
       return err.str();
     }
-    if (pos_shape.empty() && table_shape[0] < s.M) {
-      err << "cos: table has " << table_shape[0] << " rows but x has sequence length " << s.M
+    if (!args.position_ids_shape && table[0] < M) {
+      err << "cos: got shape " << ShapeString(table) << ": " << table[0]
+          << " rows, but x has sequence length M=" << M
           << "; without position_ids the table needs at least M rows";
       return err.str();
     }
   }
+
+  RopeShapes s;
+  s.B = B;
+  s.M = M;
+  s.H = H;
+  s.K = K;
+  s.rotary_size = rotary;
+  s.rotary_dim = rotary_dim;
+  s.tensor_index = index;
+  s.layout = info;
+  s.output_layout = out_info;
+  RopeSizes sizes;
+  sizes.B = B;
+  sizes.M = M;
+  sizes.H = H;
+  sizes.K = K;
+  s.out_shape = LayoutShape(*out_info, sizes);
+  *shapes = std::move(s);
   return "";
+}
+
+std::string InferSizes(const std::vector<int64_t>& x_shape, const RopeCall& call, RopeSizes* sizes) {
+  RopeArgs args;
+  args.x_shape = x_shape;
+  args.layout = call.x_layout;
+  args.output_layout = call.output_layout;
+  args.mode = call.mode;
+  args.tensor_index = call.tensor_index;
+  if (call.k_size > 0) args.k_size = call.k_size;
+  if (call.rotary_size > 0) args.rotary_size = call.rotary_size;
+  RopeShapes shapes;
+  const std::string err = InferShapes(args, &shapes);
+  if (err.empty()) {
+    sizes->B = shapes.B;
+    sizes->M = shapes.M;
+    sizes->H = shapes.H;
+    sizes->K = shapes.K;
+  }
+  return err;
 }
 
 std::vector<int64_t> LayoutShape(const LayoutDesc& l, const RopeSizes& s) {
   std::vector<int64_t> shape(l.ndim);
-  shape[BatchAxis(l)] = s.B;
-  shape[SeqAxis(l)] = s.M;
+  shape[l.batch_axis] = s.B;
+  shape[l.seq_axis] = s.M;
   if (l.fused) {
-    shape[2] = s.H * l.slots * s.K;
+    shape[l.head_axis] = s.H * l.slots * s.K;
   } else {
-    shape[HeadAxis(l)] = s.H;
+    shape[l.head_axis] = s.H;
     shape[3] = s.K;
   }
   return shape;
@@ -215,13 +343,13 @@ LayoutStrides ContiguousStrides(const LayoutDesc& l, const RopeSizes& s, int64_t
     acc *= shape[i];
   }
   LayoutStrides st;
-  st.b = stride[BatchAxis(l)];
-  st.m = stride[SeqAxis(l)];
+  st.b = stride[l.batch_axis];
+  st.m = stride[l.seq_axis];
   if (l.fused) {
     st.h = l.slots * s.K;
     st.offset = slot * s.K;
   } else {
-    st.h = stride[HeadAxis(l)];
+    st.h = stride[l.head_axis];
   }
   st.k = 1;
   return st;

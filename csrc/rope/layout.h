@@ -1,12 +1,19 @@
-// Tensor layouts of the operator: parsing, shape inference and contiguous strides.
+// Tensor layouts of the operator: the layout table, shape inference and contiguous strides.
 // Framework-free: shared by the OneFlow op definition and the raw (PyTorch / numpy) binding.
+//
+// The table itself is generated at build time from oneflow_rope/op_table.json (the one definition
+// Python reads too), and InferShapes applies the same rules, in the same order and with the same
+// messages, as oneflow_rope.layout.infer_shapes: tests/test_inference_differential.py runs both
+// over thousands of random calls and requires the same outcome.
 #ifndef ONEFLOW_ROPE_CSRC_ROPE_LAYOUT_H_
 #define ONEFLOW_ROPE_CSRC_ROPE_LAYOUT_H_
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "rope/op_table.h"  // generated: ROPE_LAYOUTS, ROPE_MODES, ROPE_OP_ATTRIBUTES
 #include "rope/rope_params.h"
 
 namespace oneflow_rope {
@@ -14,15 +21,22 @@ namespace oneflow_rope {
 struct LayoutDesc {
   const char* name;  // e.g. "BM(H3K)"
   int ndim;          // number of tensor axes
-  bool seq_first;    // M is the outermost axis (MBHK, MB(...))
-  bool heads_before_seq;  // BHMK
+  int batch_axis;
+  int seq_axis;
+  int head_axis;     // for fused layouts the last axis, shared with K (and the slots)
   bool fused;        // heads and head size share the last axis
   int slots;         // 1, or 2 / 3 for packed KV / QKV
+  int64_t tensor_index[3];     // the tensor_index of each slot (query 0, key 1, value 2)
+  const char* tensor_name[3];  // "query", "key", "value" per slot; nullptr when unpacked
+  int64_t default_tensor_index;
+  const char* unpacked;  // layout of one selected tensor (BM(H3K) -> BM(HK)); itself when unpacked
   bool can_be_output;
 };
 
-// Returns the layout with this exact name, or nullptr.
+// Returns the layout of this name (spaces and case ignored), or nullptr.
 const LayoutDesc* FindLayout(const std::string& name);
+// Every layout, in the table's order.
+const std::vector<const LayoutDesc*>& AllLayouts();
 // "BMHK, BHMK, ..." for error messages.
 std::string LayoutNames(bool outputs_only);
 
@@ -31,30 +45,58 @@ int BatchAxis(const LayoutDesc& l);
 int SeqAxis(const LayoutDesc& l);
 int HeadAxis(const LayoutDesc& l);
 
+// The modes in the order of Mode ("plane", "interval").
+const std::vector<std::string>& ModeNames();
+Mode ParseMode(const std::string& mode, bool* ok);
+
+// The slot a tensor_index selects (0 for unpacked layouts), or -1 when it selects none.
+int64_t SelectedSlot(const LayoutDesc& l, int64_t tensor_index);
+
+// A call's arguments as the user gives them to fused_apply_rotary_emb; nullopt: not given.
+struct RopeArgs {
+  std::vector<int64_t> x_shape;
+  std::string layout = ROPE_DEFAULT_LAYOUT;
+  std::optional<std::string> output_layout;
+  std::string mode = "plane";
+  std::optional<int64_t> tensor_index;
+  std::optional<int64_t> k_size;
+  std::optional<int64_t> rotary_size;
+  std::optional<std::vector<int64_t>> table_shape;         // cos (and sin)
+  std::optional<std::vector<int64_t>> position_ids_shape;
+};
+
+// What the rules resolve for a call.
+struct RopeShapes {
+  int64_t B = 0, M = 0, H = 0, K = 0;
+  int64_t rotary_size = 0;
+  int32_t rotary_dim = 1;
+  int64_t tensor_index = 0;
+  const LayoutDesc* layout = nullptr;
+  const LayoutDesc* output_layout = nullptr;
+  std::vector<int64_t> out_shape;
+};
+
+// Checks every rule that depends only on shapes and arguments and resolves the defaults. Returns
+// "" and fills `shapes`, or a message "argument: ..." naming the argument and the value given.
+std::string InferShapes(const RopeArgs& args, RopeShapes* shapes);
+
 struct RopeSizes {
   int64_t B = 0, M = 0, H = 0, K = 0;
 };
 
-// Everything a call is made of, as the op's attributes give it (sizes already resolved).
+// A call as the op's attributes give it (sizes already resolved), for the kernels.
 struct RopeCall {
   std::string x_layout;
   std::string output_layout;
   std::string mode;
   int64_t tensor_index = 0;
-  int64_t k_size = 0;       // head size; required for fused layouts, checked for the others
-  int64_t rotary_size = 0;  // resolved (== K when the user gave none)
+  int64_t k_size = 0;       // head size; 0: from x's shape (unfused layouts only)
+  int64_t rotary_size = 0;  // 0: K
   int32_t rotary_dim = 1;
 };
 
-// Infers B, M, H, K from x's shape and checks every rule that depends only on shapes and
-// attributes. Returns "" on success or a message naming the argument and the value given.
-std::string InferSizes(const std::vector<int64_t>& x_shape, const RopeCall& call,
-                       RopeSizes* sizes);
-// Checks the optional inputs' shapes against the sizes. table_shape empty means no table;
-// pos_shape empty means no position_ids.
-std::string CheckOptionalShapes(const RopeSizes& sizes, const RopeCall& call,
-                                const std::vector<int64_t>& table_shape,
-                                const std::vector<int64_t>& pos_shape);
+// B, M, H, K of x under the call's attributes (InferShapes without the optional inputs).
+std::string InferSizes(const std::vector<int64_t>& x_shape, const RopeCall& call, RopeSizes* sizes);
 
 // Shape of a contiguous tensor of this layout holding B, M, H, K (slots for packed layouts).
 std::vector<int64_t> LayoutShape(const LayoutDesc& l, const RopeSizes& s);
@@ -66,11 +108,6 @@ struct LayoutStrides {
 // Strides of the logical (b, m, h, k) axes in a contiguous tensor of this layout; slot selects
 // the packed tensor (0-based).
 LayoutStrides ContiguousStrides(const LayoutDesc& l, const RopeSizes& s, int64_t slot);
-
-// The slot a packed layout's tensor_index selects (0 for unpacked layouts).
-int64_t SelectedSlot(const LayoutDesc& l, int64_t tensor_index);
-
-Mode ParseMode(const std::string& mode, bool* ok);
 
 }  // namespace oneflow_rope
 
