@@ -16,7 +16,7 @@ Liger-Kernel and torchtune where installed). GPU time: L2 flushed (256 MiB zeroe
 call, one CUDA event pair per call, median. b2b: wall time per call of many calls in a row, no
 flush (host dispatch included; ours through a prepared raw.Plan).
 
-    python bench/bench_gpu.py --build build-gpu [--quick] [--json out.json] [--plot out.png]
+    python3 -m bench.bench_gpu --build build-gpu [--quick] [--json out.json] [--plot out.png]
            [--regimes base,table,...] [--compile-layouts BMHK,BM(H3K)] [--no-compile]
 """
 
@@ -33,9 +33,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-from raw_driver import extended_params, rope, tensor_entry  # noqa: E402
+from tests.raw_driver import extended_params, load_raw, rope, tensor_entry
 
 LARGE_SHAPES = [(1, 4096, 32, 128), (4, 4096, 32, 128), (2, 8192, 8, 128), (16, 4096, 4, 128)]
 DECODE_BATCHES = (1, 4, 16, 64)
@@ -330,7 +328,7 @@ class Bench:
             params = rope(self.raw, dy, tables.get("cos"), tables.get("sin"), tables.get("position_ids"),
                           layout=out_layout, out=x, mode=mode, plan_only=True, k_size=K)
             # re-point the output at x's selected slot, in x's layout, with zeros in the others
-            entry = tensor_entry(dy, x, out_layout, layout, K, H, 0, slot)
+            entry = tensor_entry(self.raw, dy, x, out_layout, layout, K=K, H=H, dst_slot=slot)
             params.update(entry)
             params["inverse"] = True
             if slots_of(layout) > 1:
@@ -379,7 +377,7 @@ class Bench:
                 for layout in ("BM(H3K)", "MB(H3K)"):
                     x = alloc(layout, B, M, H, K, dtype)
                     outs = [alloc(unpacked(layout), B, M, H, K, dtype) for _ in range(2)]
-                    tensors = [tensor_entry(x, outs[s], layout, unpacked(layout), K, H, src_slot=s) for s in range(2)]
+                    tensors = [tensor_entry(self.raw, x, outs[s], layout, unpacked(layout), K=K, H=H, src_slot=s) for s in range(2)]
                     for mode in MODES:
                         params = extended_params(self.raw, tensors, dtype=dname, B=B, M=M, K=K, mode=mode)
                         fn, kname = self.ours(params)
@@ -402,13 +400,13 @@ class Bench:
                 lens = torch.randint(0, 8192, (B,), device=DEVICE)
                 nbytes = 2 * (q.numel() + k.numel()) * esize
                 copy = self.copy_us(nbytes, dtype)
-                both = extended_params(self.raw, [tensor_entry(q, oq, "BMHK", "BMHK", K, 32),
-                                                  tensor_entry(k, ok_, "BMHK", "BMHK", K, 8)],
+                both = extended_params(self.raw, [tensor_entry(self.raw, q, oq, "BMHK", "BMHK", K=K, H=32),
+                                                  tensor_entry(self.raw, k, ok_, "BMHK", "BMHK", K=K, H=8)],
                                        dtype=dname, B=B, M=1, K=K, seqlen_offsets=lens)
                 fn, kname = self.ours(both)
                 one = self.timer.gpu_us(fn), self.timer.b2b_us(fn)
                 plans = [self.raw.Plan(extended_params(self.raw, [e], dtype=dname, B=B, M=1, K=K, seqlen_offsets=lens))
-                         for e in (tensor_entry(q, oq, "BMHK", "BMHK", K, 32), tensor_entry(k, ok_, "BMHK", "BMHK", K, 8))]
+                         for e in (tensor_entry(self.raw, q, oq, "BMHK", "BMHK", K=K, H=32), tensor_entry(self.raw, k, ok_, "BMHK", "BMHK", K=K, H=8))]
 
                 def two():
                     if DEVICE != "cuda":
@@ -435,7 +433,7 @@ class Bench:
             for mode in MODES:
                 c32, s32 = rope_tables(M, K, mode, torch.float32)
                 inv = (1.0 / (10000.0 ** (torch.arange(0, K, 2, device=DEVICE, dtype=torch.float64) / K))).float()
-                entries = [tensor_entry(x, out, "BMHK", "BMHK", K, H)]
+                entries = [tensor_entry(self.raw, x, out, "BMHK", "BMHK", K=K, H=H)]
                 for variant, params in (
                         ("f32 table+pos", extended_params(self.raw, entries, dtype=dname, B=B, M=M, K=K, mode=mode,
                                                           cos=c32, sin=s32, position_ids=pos)),
@@ -460,7 +458,7 @@ class Bench:
             copy = self.copy_us(nbytes, dtype)
             x = alloc("BMHK", 1, T, H, K, dtype)  # (T, H, K) as B = 1, M = T
             out = torch.empty_like(x)
-            entries = [tensor_entry(x, out, "BMHK", "BMHK", K, H)]
+            entries = [tensor_entry(self.raw, x, out, "BMHK", "BMHK", K=K, H=H)]
             for mode in MODES:
                 cos, sin = rope_tables(T, K, mode, dtype)
                 for variant, kw in (("base", {}), ("table", dict(cos=cos, sin=sin))):
@@ -545,8 +543,7 @@ def main() -> int:
     DEVICE = args.device
     if args.decode_batches:
         DECODE_BATCHES = tuple(int(v) for v in args.decode_batches.split(","))
-    sys.path.insert(0, args.build)
-    import _rope_raw as raw
+    raw = load_raw(args.build)
 
     global LARGE_SHAPES
     if args.shapes:

@@ -1,14 +1,14 @@
-"""GPU test bench: the CUDA kernels against the float64 reference, with no OneFlow.
+"""GPU test bench: the CUDA kernels against the float64 reference (tests/reference.py), no OneFlow.
 
 Runs on the device machine (PyTorch + the raw binding built by bench/run_gpu.sh):
   - every case of tests/cases.py (forward and backward), the output-layout cases;
-  - precision at positions up to 65535 (SPEC.md bounds), every dtype and mode;
+  - precision at positions up to 65535 and up to 2^24 (docs/operator.md bounds), every dtype and mode;
   - views with non-default strides, misaligned pointers (generic kernel), empty tensors;
   - positions outside the cos/sin table (NaN, no out-of-bounds read: run under compute-sanitizer);
   - a tensor of more than 2^31 elements (64-bit indexing), unless --subset.
 Prints one line per group and a final 'N passed, N failed' line; exits 1 on any failure.
 
-    python bench/gpu_check.py --build build-gpu [--subset 40] [--json out.json]
+    python3 -m bench.gpu_check --build build-gpu [--subset 40] [--json out.json]   (from the repo root)
 """
 
 from __future__ import annotations
@@ -23,12 +23,9 @@ import traceback
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-
-from cases import Case, forward_cases, make_inputs, max_position, output_layout_cases, round_to_dtype  # noqa: E402
-from raw_driver import extended_params, launch, rope, rope_backward, tensor_entry  # noqa: E402
-from reference import positions_from_cu_seqlens, rope_reference, rope_reference_backward, tolerance  # noqa: E402
+from tests.cases import Case, forward_cases, make_inputs, max_position, output_layout_cases, round_to_dtype
+from tests.raw_driver import extended_params, launch, load_raw, rope, rope_backward, tensor_entry
+from tests.reference import positions_from_cu_seqlens, rope_reference, rope_reference_backward, tolerance
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
                 "bfloat16": torch.bfloat16}
@@ -89,7 +86,7 @@ def run_case(raw, res, group, case: Case, M=5, K=16, max_pos=4096, backward=True
         dy = round_to_dtype(rng.uniform(-1, 1, expected.shape), case.dtype)
         dx = rope_backward(raw, to_torch(dy, case.dtype), tuple(arrays["x"].shape), t["cos"], t["sin"],
                            t["position_ids"], **kwargs)
-        torch.cuda.synchronize()
+        sync()
         exp_dx = rope_reference_backward(dy, cos=arrays["cos"], sin=arrays["sin"],
                                          position_ids=arrays["position_ids"], x_shape=arrays["x"].shape, **kwargs)
         err = float(np.max(np.abs(to_np64(dx) - exp_dx))) if exp_dx.size else 0.0
@@ -225,7 +222,7 @@ def check_extensions(raw, res, K=128):
                 tq, tk = to_torch(q, dtype), to_torch(k, dtype)
                 oq = torch.full_like(tq, float("nan"))
                 ok_ = torch.full_like(tk, float("nan"))
-                tensors = [tensor_entry(tq, oq, "BMHK", "BMHK", Kh, Hq), tensor_entry(tk, ok_, "BMHK", "BMHK", Kh, Hk)]
+                tensors = [tensor_entry(raw, tq, oq, "BMHK", "BMHK", K=Kh, H=Hq), tensor_entry(raw, tk, ok_, "BMHK", "BMHK", K=Kh, H=Hk)]
                 tol = tolerance(dtype, 4096 + 64)
                 tag = f"{dtype}-{mode}-K{Kh}"
                 # 1. per-sequence offsets (int32 / int64) and a scalar offset, computed angles, q+k
@@ -279,7 +276,7 @@ def check_extensions(raw, res, K=128):
         qkv = round_to_dtype(rng.uniform(-1, 1, (B, M, H * 3 * K)), dtype)
         t = to_torch(qkv, dtype)
         outs = [torch.full((B, H, M, K), float("nan"), dtype=tdt, device=DEVICE) for _ in range(2)]
-        tensors = [tensor_entry(t, outs[s], "BM(H3K)", "BHMK", K, H, src_slot=s) for s in range(2)]
+        tensors = [tensor_entry(raw, t, outs[s], "BM(H3K)", "BHMK", K=K, H=H, src_slot=s) for s in range(2)]
         for mode in ("plane", "interval"):
             params = extended_params(raw, tensors, dtype=dtype, B=B, M=M, K=K, mode=mode, seqlen_offset=100)
             exp = [rope_reference(qkv, "BM(H3K)", tensor_index=s, k_size=K, mode=mode, output_layout="BHMK",
@@ -291,7 +288,7 @@ def check_extensions(raw, res, K=128):
         xs = round_to_dtype(rng.uniform(-1, 1, (1, T, H, K)), dtype)
         tx = to_torch(xs, dtype)
         out = torch.full_like(tx, float("nan"))
-        tensors = [tensor_entry(tx, out, "BMHK", "BMHK", K, H)]
+        tensors = [tensor_entry(raw, tx, out, "BMHK", "BMHK", K=K, H=H)]
         lengths = rng.integers(0, 40, 12)
         lengths[-1] = T - lengths[:-1].sum() if lengths[:-1].sum() < T else 0
         cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -316,7 +313,7 @@ def check_extensions(raw, res, K=128):
         t_dec = to_torch(dec)
         params = extended_params(raw, tensors, dtype=dtype, B=1, M=T, K=K, cu_seqlens=t_dec)
         launch(raw, tx, params)
-        torch.cuda.synchronize()
+        sync()
         got = to_np64(out)
         exp = rope_reference(xs, position_ids=positions_from_cu_seqlens(cu, T))
         lo_t, hi_t = int(min(cu[2], dec[3], dec[4])), int(max(cu[5], cu[4] + 2, dec[3], dec[4]))
@@ -337,7 +334,7 @@ def check_large(raw, res):
         x = flat[misalign:].view(shape)  # misalign=1 forces the generic kernel
         assert x.numel() > 2**31
         out = rope(raw, x, layout=layout)
-        torch.cuda.synchronize()
+        sync()
         tail = slice(M - 8, M)
         xs = x[:, tail] if layout == "BMHK" else x[:, :, tail]
         # reference positions of the tail rows are M-8..M-1: shift via position_ids
@@ -364,8 +361,7 @@ def main() -> int:
     args = ap.parse_args()
     global DEVICE
     DEVICE = args.device
-    sys.path.insert(0, args.build)
-    import _rope_raw as raw
+    raw = load_raw(args.build)
 
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (CPU kernel)"
     print(f"device: {name}  torch {torch.__version__}  cmd: {' '.join(sys.argv)}")

@@ -51,30 +51,30 @@ for step in $STEPS; do
   t0=$(date +%s)
   case $step in
     check)
-      python3 bench/gpu_check.py --build build-gpu --json "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.txt" | tail -n 30 || status=1
+      python3 -m bench.gpu_check --build build-gpu --json "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.txt" | tail -n 30 || status=1
       grep -q " 0 failed" "$OUT/gpu_check.txt" || status=1 ;;
     memcheck)
       timeout ${SANITIZER_TIMEOUT:-240} compute-sanitizer --tool memcheck --leak-check no --error-exitcode 3 \
-        python3 bench/gpu_check.py --build build-gpu --subset 37 --no-large >"$OUT/memcheck.txt" 2>&1 || status=1
+        python3 -m bench.gpu_check --build build-gpu --subset 37 --no-large >"$OUT/memcheck.txt" 2>&1 || status=1
       tail -n 4 "$OUT/memcheck.txt" ;;
     racecheck)
       timeout ${SANITIZER_TIMEOUT:-240} compute-sanitizer --tool racecheck --error-exitcode 3 \
-        python3 bench/gpu_check.py --build build-gpu --subset 97 --no-large --only cases,extensions >"$OUT/racecheck.txt" 2>&1 || status=1
+        python3 -m bench.gpu_check --build build-gpu --subset 97 --no-large --only cases,extensions >"$OUT/racecheck.txt" 2>&1 || status=1
       tail -n 4 "$OUT/racecheck.txt" ;;
     sweep)
-      python3 bench/sweep_launch.py --build build-gpu 2>&1 | tee "$OUT/sweep_launch.txt" || status=1 ;;
+      python3 -m bench.sweep_launch --build build-gpu 2>&1 | tee "$OUT/sweep_launch.txt" || status=1 ;;
     variants)
       for v in ${VARIANTS:-}; do
         echo "== variant ${v%%=*}: ${v#*=}" | tee -a "$OUT/variants.txt"
-        python3 bench/sweep_launch.py --build "build-gpu-${v%%=*}" --settings "0,0" 2>&1 | tail -n 1 | tee -a "$OUT/variants.txt"
+        python3 -m bench.sweep_launch --build "build-gpu-${v%%=*}" --settings "0,0" 2>&1 | tail -n 1 | tee -a "$OUT/variants.txt"
       done ;;
     ncu)
       ncu --clock-control none --kernel-name regex:RopeKernel --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
-        python3 bench/sweep_launch.py --build build-gpu --once >"$OUT/ncu.txt" 2>&1 || status=1
+        python3 -m bench.sweep_launch --build build-gpu --once >"$OUT/ncu.txt" 2>&1 || status=1
       grep -E "RopeKernel|Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|No Eligible|Block Size|Grid Size" "$OUT/ncu.txt" | head -150 ;;
     bench)
-      python3 bench/bench_gpu.py --build build-gpu ${BENCH_ARGS:-} --json "$OUT/bench.json" --plot "$OUT/bench.png" \
+      python3 -m bench.bench_gpu --build build-gpu ${BENCH_ARGS:-} --json "$OUT/bench.json" --plot "$OUT/bench.png" \
         >"$OUT/bench.txt" 2>&1 || status=1
       grep -A 20 "^# per regime" "$OUT/bench.txt"; grep "^# elapsed" "$OUT/bench.txt"
       if [ "${SAVE_INDUCTOR_CACHE:-0}" = 1 ]; then

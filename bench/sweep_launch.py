@@ -3,7 +3,7 @@ _rope_raw.set_launch_override) over representative calls, against the built-in r
 process. Prints one row per setting: GPU us of each call (L2 flushed, median) and its fraction of
 a copy of the same bytes.
 
-    python bench/sweep_launch.py --build build-gpu
+    python3 -m bench.sweep_launch --build build-gpu
 """
 
 from __future__ import annotations
@@ -14,12 +14,8 @@ import sys
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from bench_gpu import Timer, alloc, rope_tables  # noqa: E402
-
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-from raw_driver import rope  # noqa: E402
+from bench.bench_gpu import Timer, alloc, rope_tables
+from tests.raw_driver import load_raw, rope
 
 CONFIGS = [  # (shape, dtype, layout, mode, variant)
     ((4, 4096, 32, 128), "bfloat16", "BMHK", "plane", "base"),
@@ -44,8 +40,7 @@ def main() -> int:
     ap.add_argument("--once", action="store_true", help="launch each config once, no timing (for ncu)")
     args = ap.parse_args()
     settings = SETTINGS if not args.settings else [tuple(int(v) for v in t.split(",")) for t in args.settings.split(";")]
-    sys.path.insert(0, args.build)
-    import _rope_raw as raw
+    raw = load_raw(args.build)
 
     timer = Timer(reps=20, b2b_reps=20)
     stream = torch.cuda.current_stream().cuda_stream
