@@ -9,7 +9,6 @@ a copy of the same bytes.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
