@@ -52,7 +52,7 @@ namespace {
 #define ROPE_LD_HINT 0  // 1: x loads ask L2 for 256-byte lines (sm_80+)
 #endif
 #ifndef ROPE_PREFETCH
-#define ROPE_PREFETCH 1  // L2 prefetch distance, in pieces of work (rows), of a thread's next items
+#define ROPE_PREFETCH 1  // prefetch the next batch of items (or the next row's) into L2
 #endif
 constexpr int kBlockThreads = 256;     // threads per block the launch aims for
 // launch bound (RopeCudaSetLaunchOverride may ask for 512 unless registers are capped)
@@ -634,10 +634,27 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
           }
 #if ROPE_PREFETCH
           if constexpr (kVec && kItems > 1) {
-            // while they fly: ask L2 for the next batch of this tensor; when the tensor's items of
-            // this row are done, for the first batch of the row ROPE_PREFETCH pieces of work ahead
-            // (and, on the first piece, of those in between)
-            auto prefetch_batch = [&](Cursor pf, int pf_end) {
+            // while they fly: ask L2 for the next batch of this tensor, or the next row's first
+            Cursor pf = cur;
+            int pf_end = seq_end;
+            bool ok = cur.seq < seq_end;
+            const int w_next = w + static_cast<int>(gridDim.x);
+            if (!ok && ti + 1 == p.num_tensors && w_next < a.chunks) {
+              const int group_next = static_cast<int>(a.div_chunks.Div(static_cast<uint32_t>(w_next)));
+              const int seq0_next = (w_next - group_next * a.seq_chunks) * a.seq_chunk;
+              const int next = group_next * static_cast<int>(blockDim.z) + static_cast<int>(threadIdx.z);
+              if (next < a.rows) {
+                int b_next = 0, m_next = next;
+                if (!a.batch_shared) {
+                  b_next = static_cast<int>(a.div_m.Div(static_cast<uint32_t>(next)));
+                  m_next = next - b_next * static_cast<int>(p.M);
+                }
+                pf = FirstItem(a, tensor, st, b_next, m_next, seq0_next);
+                pf_end = min(a.seqs, seq0_next + a.seq_chunk);
+                ok = pf.seq < pf_end;
+              }
+            }
+            if (ok) {
 #pragma unroll
               for (int t = 0; t < kItems; ++t) {
                 if (pf.seq < pf_end) {
@@ -645,25 +662,6 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
                   if (g.k1 >= 0) PrefetchL2(xbase + pf.x_off + g.k1);
                 }
                 Advance(st, &pf);
-              }
-            };
-            if (cur.seq < seq_end) {
-              prefetch_batch(cur, seq_end);
-            } else if (ti + 1 == p.num_tensors) {
-              for (int d = w == static_cast<int>(blockIdx.x) ? 1 : ROPE_PREFETCH; d <= ROPE_PREFETCH; ++d) {
-                const int w_next = w + d * static_cast<int>(gridDim.x);
-                if (w_next >= a.chunks) break;
-                const int group_next = static_cast<int>(a.div_chunks.Div(static_cast<uint32_t>(w_next)));
-                const int seq0_next = (w_next - group_next * a.seq_chunks) * a.seq_chunk;
-                const int next = group_next * static_cast<int>(blockDim.z) + static_cast<int>(threadIdx.z);
-                if (next >= a.rows) break;
-                int b_next = 0, m_next = next;
-                if (!a.batch_shared) {
-                  b_next = static_cast<int>(a.div_m.Div(static_cast<uint32_t>(next)));
-                  m_next = next - b_next * static_cast<int>(p.M);
-                }
-                prefetch_batch(FirstItem(a, tensor, st, b_next, m_next, seq0_next),
-                               min(a.seqs, seq0_next + a.seq_chunk));
               }
             }
           }
