@@ -3,7 +3,9 @@
     >>> import oneflow_rope
     >>> out = oneflow_rope.fused_apply_rotary_emb(x, layout="BMHK", mode="plane")
 
-``fused_apply_rotary_emb`` matches ``oneflow._C.fused_apply_rotary_emb`` of newer OneFlow releases.
+``fused_apply_rotary_emb`` computes what ``oneflow._C.fused_apply_rotary_emb`` of newer OneFlow
+releases computes; ``patch_oneflow()`` installs that function, with upstream's signature and
+defaults, into ``oneflow._C``.
 Import this package before ``oneflow`` (or after it, if OneFlow's CUDA libraries are already on
 the loader path): it makes the CUDA libraries of the nvidia-* wheels loadable first.
 """
@@ -14,6 +16,7 @@ preload_cuda_libraries()
 
 from .layout import INPUT_LAYOUTS, MODES, OUTPUT_LAYOUTS, LayoutInfo, RopeShapes, infer_shapes, parse_layout  # noqa: E402
 from .ops import cos_sin_table, fused_apply_rotary_emb, position_check_enabled, set_position_check  # noqa: E402
+from .compat import patch_oneflow  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -22,6 +25,7 @@ __all__ = [
     "cos_sin_table",
     "set_position_check",
     "position_check_enabled",
+    "patch_oneflow",
     "infer_shapes",
     "parse_layout",
     "RopeShapes",
