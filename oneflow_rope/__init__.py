@@ -14,6 +14,7 @@ preload_cuda_libraries()
 
 from .layout import INPUT_LAYOUTS, MODES, OUTPUT_LAYOUTS, LayoutInfo, RopeShapes, infer_shapes, parse_layout  # noqa: E402
 from .ops import cos_sin_table, fused_apply_rotary_emb, position_check_enabled, set_position_check  # noqa: E402
+from .rotary_embedding import RotaryEmbedding  # noqa: E402
 
 __version__ = "0.1.0"
 
