@@ -36,6 +36,7 @@ import numpy as np
 import oneflow as flow
 import oneflow.nn as nn
 
+from llama_attention import rotate_half
 from train_tiny_llama import RMSNorm, SwiGLU
 
 VOCAB_SIZE = 128
@@ -88,12 +89,6 @@ def llama3_inverse_frequencies() -> flow.Tensor:
     blended = (1 - smooth) * inverse / factor + smooth * inverse
     scaled = flow.where(wavelength > original / low, inverse / factor, blended)
     return flow.where(wavelength < original / high, inverse, scaled)
-
-
-def rotate_half(x: flow.Tensor) -> flow.Tensor:
-    """(x1, x2) -> (-x2, x1) along the last dim, the two halves being its first and second half."""
-    half = x.shape[-1] // 2
-    return flow.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
 class PlainRope(nn.Module):

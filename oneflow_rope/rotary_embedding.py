@@ -16,12 +16,11 @@ import oneflow as flow
 import oneflow.nn as nn
 
 from .layout import MODES, LayoutInfo, parse_layout
-from .ops import fused_apply_rotary_emb
+from .ops import _FLOAT_DTYPES, _INDEX_DTYPES, _check_tensor, fused_apply_rotary_emb
 from .rope_scaling import RopeScaling, parse_rope_scaling
 
 __all__ = ["RotaryEmbedding"]
 
-_INDEX_DTYPES = (flow.int32, flow.int64)
 # The longest position of a call: a Python int when the call's shapes fix it, else a 0-d tensor.
 _Position = Union[int, flow.Tensor]
 
@@ -184,13 +183,13 @@ class RotaryEmbedding(nn.Module):
             >>> q_rot, k_rot = rope(q, k, position_ids=flow.arange(10).reshape(1, 10))
         """
         info = parse_layout(layout, "layout")
-        _check_tensor(q, "q")
+        _check_tensor(q, "q", _FLOAT_DTYPES, "float16, bfloat16, float32 or float64")
         if k is None:
             if info.slots != 3:
                 raise ValueError(f"k: got None with layout {info.name}; only a packed query-key-value q "
                                  "(layout BM(H3K) or MB(H3K)) holds its own keys")
         else:
-            _check_tensor(k, "k")
+            _check_tensor(k, "k", _FLOAT_DTYPES, "float16, bfloat16, float32 or float64")
             if info.slots != 1:
                 raise ValueError(f"k: got a tensor with the packed layout {info.name}; pass k=None to rotate "
                                  "the query and key slots of a packed q")
@@ -223,18 +222,11 @@ class RotaryEmbedding(nn.Module):
                           attention_scaling=self.attention_scaling)
 
 
-def _check_tensor(value: object, argument: str) -> None:
-    if not isinstance(value, flow.Tensor):
-        raise TypeError(f"{argument}: expected a oneflow.Tensor, got {type(value).__name__}")
-
-
 def _op_position_ids(position_ids: Optional[flow.Tensor]) -> Optional[flow.Tensor]:
     """(B, M) or (B, 1, M) integer positions as the op's (B, 1, M)."""
     if position_ids is None:
         return None
-    _check_tensor(position_ids, "position_ids")
-    if position_ids.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"position_ids: dtype {position_ids.dtype} is not supported, expected int32 or int64")
+    _check_tensor(position_ids, "position_ids", _INDEX_DTYPES, "int32 or int64")
     shape = tuple(position_ids.shape)
     if len(shape) == 2:
         return position_ids.unsqueeze(1)
