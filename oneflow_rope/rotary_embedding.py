@@ -15,7 +15,7 @@ import numpy as np
 import oneflow as flow
 import oneflow.nn as nn
 
-from .layout import MODES, LayoutInfo, parse_layout
+from .layout import MODES, parse_layout
 from .ops import _FLOAT_DTYPES, _INDEX_DTYPES, _check_tensor, fused_apply_rotary_emb
 from .rope_scaling import RopeScaling, parse_rope_scaling
 
