@@ -34,3 +34,5 @@ __all__ = [
     "OUTPUT_LAYOUTS",
     "MODES",
 ]
+
+from .rotary_embedding import RotaryEmbedding  # noqa: E402,F401  (to list in __all__ on merge)
