@@ -17,6 +17,7 @@ preload_cuda_libraries()
 from .layout import INPUT_LAYOUTS, MODES, OUTPUT_LAYOUTS, LayoutInfo, RopeShapes, infer_shapes, parse_layout  # noqa: E402
 from .ops import cos_sin_table, fused_apply_rotary_emb, position_check_enabled, set_position_check  # noqa: E402
 from .compat import patch_oneflow  # noqa: E402
+from .rotary_embedding import RotaryEmbedding  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "set_position_check",
     "position_check_enabled",
     "patch_oneflow",
+    "RotaryEmbedding",
     "infer_shapes",
     "parse_layout",
     "RopeShapes",
@@ -34,5 +36,3 @@ __all__ = [
     "OUTPUT_LAYOUTS",
     "MODES",
 ]
-
-from .rotary_embedding import RotaryEmbedding  # noqa: E402,F401  (to list in __all__ on merge)

@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.parametrize("script,expected", [
     ("llama_attention.py", ["eager: max |fused - plain|", "graph: max |fused - plain|", "OK"]),
     ("train_tiny_llama.py", ["eager loss", "graph loss", "OK: loss fell"]),
+    ("generate_llama.py", ["eager fused RoPE:", "nn.Graph fused RoPE:", "tokens match", "OK"]),
 ])
 def test_example_runs_and_passes_its_checks(script, expected):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script)], capture_output=True,
