@@ -119,7 +119,8 @@ def direct(inputs, *, x_layout="BMHK", output_layout="BMHK", mode="plane", tenso
     op = _C.RopeOp(_op_expr("fused_apply_rotary_emb", "x", "out", has_table, has_pos),
                    _op_expr("fused_apply_rotary_emb_grad", "dy", "dx", has_table, has_pos), has_table, has_pos,
                    x_layout=x_layout, output_layout=output_layout, mode=mode, tensor_index=tensor_index,
-                   k_size=k_size, rotary_size=rotary_size, base=base)
+                   k_size=k_size, rotary_size=rotary_size, base=base, seqlen_offset=0, attention_scaling=1.0,
+                   packed_qk=False)
     cos, sin = (inputs[1], inputs[2]) if has_table else (None, None)
     return op.forward(inputs[0], cos, sin, inputs[-1] if has_pos else None)
 
@@ -154,7 +155,7 @@ def test_op_attributes_are_passed_by_name():
     op_expr = _op_expr("fused_apply_rotary_emb", "x", "out", False, False)
     grad_expr = _op_expr("fused_apply_rotary_emb_grad", "dy", "dx", False, False)
     attrs = dict(x_layout="BMHK", output_layout="BHMK", mode="interval", tensor_index=0, k_size=16, rotary_size=8,
-                 base=500.0)
+                 base=500.0, seqlen_offset=3, attention_scaling=0.5, packed_qk=False)
     op = _C.RopeOp(op_expr, grad_expr, False, False, **attrs)
     assert op.attrs == attrs
     with pytest.raises(TypeError, match="rotary_size is missing"):
