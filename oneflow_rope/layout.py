@@ -129,6 +129,16 @@ _QK_LAYOUTS = " or ".join(name for name, info in LAYOUTS.items()
                           if "query" in info.tensor_names and "key" in info.tensor_names)
 
 
+def _vector_shape(value: Sequence[int], argument: str, expected: str) -> Tuple[int, ...]:
+    """The shape of a 1-D input (seqlen_offsets, inv_freq); its length is checked later."""
+    shape = _shape(value, argument)
+    if len(shape) != 1:
+        raise ValueError(f"{argument}: got shape {shape}, expected {expected}")
+    if shape[0] < 0:
+        raise ValueError(f"{argument}: got shape {shape}, which has a negative size")
+    return shape
+
+
 def _index_choices(info: LayoutInfo) -> str:
     if info.slots == 1:
         return "None or 0 (only packed layouts hold several tensors)"
@@ -235,20 +245,12 @@ def infer_shapes(
         if seqlen_offset is not None:
             seqlen_offset = _check_int(seqlen_offset, "seqlen_offsets")
         else:
-            offsets = _shape(seqlen_offsets_shape, "seqlen_offsets")
-            if len(offsets) != 1:
-                raise ValueError(f"seqlen_offsets: got shape {offsets}, expected (B,): one offset per sequence")
-            if offsets[0] < 0:
-                raise ValueError(f"seqlen_offsets: got shape {offsets}, which has a negative size")
+            offsets = _vector_shape(seqlen_offsets_shape, "seqlen_offsets", "(B,): one offset per sequence")
     if inv_freq_shape is not None:
         if table_shape is not None:
             raise ValueError("inv_freq: given together with cos/sin tables; inv_freq gives the frequencies of "
                              "computed angles (instead of base), give it or the tables")
-        inv = _shape(inv_freq_shape, "inv_freq")
-        if len(inv) != 1:
-            raise ValueError(f"inv_freq: got shape {inv}, expected a 1-D tensor (rotary_size / rotary_dim / 2,)")
-        if inv[0] < 0:
-            raise ValueError(f"inv_freq: got shape {inv}, which has a negative size")
+        inv = _vector_shape(inv_freq_shape, "inv_freq", "a 1-D tensor (rotary_size / rotary_dim / 2,)")
     if k_size is not None:
         k_size = _check_int(k_size, "k_size")
         if k_size <= 0:

@@ -243,11 +243,9 @@ def _check_positions_now(x, cos, position_ids, seqlen_offsets, layout, x_layout,
         _check_offsets_range(seqlen_offsets, int(x.shape[parse_layout(name).seq_axis]), int(cos.shape[0]))
 
 
-def _offsets_key(seqlen_offsets) -> object:
-    """The part of a call signature for seqlen_offsets: an int's value is passed at each call, so
-    only its class counts; a tensor's shape does."""
-    if seqlen_offsets is None:
-        return None
+def _offsets_key(seqlen_offsets) -> tuple:
+    """The part of a call signature for a given seqlen_offsets: an int's value is passed at each
+    call, so only its class counts; a tensor's shape does."""
     return (seqlen_offsets.__class__, getattr(seqlen_offsets, "shape", None))
 
 
@@ -342,7 +340,8 @@ def fused_apply_rotary_emb(
         signature = (x.shape, None if cos is None else cos.shape,
                      None if position_ids is None else position_ids.shape, layout, x_layout, output_layout,
                      mode, tensor_index, k_size, base, rotary_size, tensor_index.__class__, k_size.__class__,
-                     base.__class__, rotary_size.__class__, _offsets_key(seqlen_offsets),
+                     base.__class__, rotary_size.__class__,
+                     None if seqlen_offsets is None else _offsets_key(seqlen_offsets),
                      None if inv_freq is None else inv_freq.shape, attention_scaling, attention_scaling.__class__)
         op = _PLANS[signature]
     except KeyError:
@@ -465,8 +464,9 @@ def fused_apply_rotary_emb_qk(
         signature = ("qk", q.shape, None if k is None else k.shape, None if cos is None else cos.shape,
                      None if position_ids is None else position_ids.shape, layout, output_layout, mode, k_size,
                      base, rotary_size, k_size.__class__, base.__class__, rotary_size.__class__,
-                     _offsets_key(seqlen_offsets), None if inv_freq is None else inv_freq.shape, attention_scaling,
-                     attention_scaling.__class__, inplace)
+                     None if seqlen_offsets is None else _offsets_key(seqlen_offsets),
+                     None if inv_freq is None else inv_freq.shape, attention_scaling, attention_scaling.__class__,
+                     inplace)
         op = _PLANS[signature]
     except KeyError:
         op = _prepare_qk(q, k, cos, sin, position_ids, layout=layout, output_layout=output_layout, mode=mode,

@@ -106,13 +106,8 @@ rope::RopeParams MakeParams(user_op::KernelComputeContext* ctx, bool backward) {
 
   // The slots of x that are rotated: the selected one, and the key for packed_qk.
   const int64_t query_slot = rope::SelectedSlot(*x_layout, call.tensor_index);
-  int64_t key_slot = -1;
-  if (packed_qk) {
-    for (int s = 0; s < x_layout->slots; ++s) {
-      if (x_layout->tensor_name[s] != nullptr && std::string(x_layout->tensor_name[s]) == "key") key_slot = s;
-    }
-    CHECK(key_slot >= 0) << "fused_apply_rotary_emb: packed_qk needs a layout with a key slot";
-  }
+  const int64_t key_slot = packed_qk ? rope::SlotNamed(*x_layout, "key") : -1;
+  CHECK(!packed_qk || key_slot >= 0) << "fused_apply_rotary_emb: packed_qk needs a layout with a key slot";
   const size_t elem = GetSizeOfDataType(in->data_type());
   // Fills tensors[t]: `from` read in its layout at `x_slot` (forward) and written to `to`.
   auto fill = [&](int t, const user_op::Tensor* from, user_op::Tensor* to, int64_t heads, int64_t x_slot) {

@@ -85,10 +85,11 @@ Maybe<std::pair<std::vector<int64_t>, std::vector<int64_t>>> InferRope(user_op::
   }
   const bool has_in_k = ctx->has_input(names.in_k, 0);
   const bool has_res_k = ctx->has_output(names.res_k, 0);
-  // forward: k_out exactly when there is a second tensor; backward: dk_out then, and dk for a k.
-  const bool two = backward ? has_in_k : has_res_k;
-  if (two != (attrs.packed_qk || (backward ? has_res_k : has_in_k))
-      || (backward && attrs.packed_qk && has_res_k)) {
+  // forward: k_out exactly when k is given or packed_qk; backward: dk_out exactly when the forward
+  // had two results, dk exactly when it had a k.
+  const bool consistent = backward ? has_in_k == (has_res_k || attrs.packed_qk) && !(attrs.packed_qk && has_res_k)
+                                   : has_res_k == (has_in_k || attrs.packed_qk);
+  if (!consistent) {
     return Error::RuntimeError() << "fused_apply_rotary_emb: k: the op's tensors do not match the call: "
                                  << names.in_k << (has_in_k ? " given" : " absent") << ", " << names.res_k
                                  << (has_res_k ? " given" : " absent") << ", packed_qk "

@@ -67,14 +67,18 @@ std::string IndexChoices(const LayoutDesc& l) {
   return text;
 }
 
+// The rule of a 1-D input (seqlen_offsets, inv_freq), as oneflow_rope.layout._vector_shape: "" or
+// the message.
+std::string VectorShapeError(const std::vector<int64_t>& shape, const std::string& argument,
+                             const std::string& expected) {
+  if (shape.size() != 1) return argument + ": got shape " + ShapeString(shape) + ", expected " + expected;
+  if (shape[0] < 0) return argument + ": got shape " + ShapeString(shape) + ", which has a negative size";
+  return "";
+}
+
 // Layouts holding one tensor ("BMHK, ..."), and packed ones holding a query and a key ("BM(H3K) or
 // MB(H3K)"); same words as oneflow_rope.layout's _SINGLE_LAYOUTS and _QK_LAYOUTS.
-bool HasTensor(const LayoutDesc& l, const char* name) {
-  for (int s = 0; s < l.slots; ++s) {
-    if (l.tensor_name[s] != nullptr && std::string(l.tensor_name[s]) == name) return true;
-  }
-  return false;
-}
+bool HoldsQueryAndKey(const LayoutDesc& l) { return SlotNamed(l, "query") >= 0 && SlotNamed(l, "key") >= 0; }
 
 std::string SingleLayouts() {
   std::string names;
@@ -89,18 +93,18 @@ std::string SingleLayouts() {
 std::string QkLayouts() {
   std::string names;
   for (const LayoutDesc& l : kLayouts) {
-    if (!HasTensor(l, "query") || !HasTensor(l, "key")) continue;
+    if (!HoldsQueryAndKey(l)) continue;
     if (!names.empty()) names += " or ";
     names += l.name;
   }
   return names;
 }
 
+// The tensor_index of the query (the table's tensor_indices["query"]).
 int64_t QueryIndex() {
   for (const LayoutDesc& l : kLayouts) {
-    for (int s = 0; s < l.slots; ++s) {
-      if (l.tensor_name[s] != nullptr && std::string(l.tensor_name[s]) == "query") return l.tensor_index[s];
-    }
+    const int64_t slot = SlotNamed(l, "query");
+    if (slot >= 0) return l.tensor_index[slot];
   }
   return 0;
 }
@@ -167,6 +171,13 @@ int64_t SelectedSlot(const LayoutDesc& l, int64_t tensor_index) {
   return -1;
 }
 
+int64_t SlotNamed(const LayoutDesc& l, const char* name) {
+  for (int s = 0; s < l.slots; ++s) {
+    if (l.tensor_name[s] != nullptr && std::string(l.tensor_name[s]) == name) return s;
+  }
+  return -1;
+}
+
 // The rules, in the order of oneflow_rope.layout.infer_shapes; keep the two in step (the
 // differential test compares every outcome and every message).
 std::string InferShapes(const RopeArgs& args, RopeShapes* shapes) {
@@ -200,7 +211,7 @@ std::string InferShapes(const RopeArgs& args, RopeShapes* shapes) {
       return "k: got shape " + ShapeString(*args.k_shape)
              + ", but q is a packed query-key-value tensor whose key is rotated with its query; give k=None";
     }
-    if (!HasTensor(*info, "query") || !HasTensor(*info, "key")) {
+    if (!HoldsQueryAndKey(*info)) {
       err << "k: got None with layout " << info->name << "; without k, q must be a packed query-key-value tensor ("
           << QkLayouts() << ") whose query and key are rotated";
       return err.str();
@@ -257,10 +268,8 @@ std::string InferShapes(const RopeArgs& args, RopeShapes* shapes) {
     }
     if (args.seqlen_offsets_shape) {
       offsets = *args.seqlen_offsets_shape;
-      if (offsets.size() != 1) {
-        return "seqlen_offsets: got shape " + ShapeString(offsets) + ", expected (B,): one offset per sequence";
-      }
-      if (offsets[0] < 0) return "seqlen_offsets: got shape " + ShapeString(offsets) + ", which has a negative size";
+      const std::string bad = VectorShapeError(offsets, "seqlen_offsets", "(B,): one offset per sequence");
+      if (!bad.empty()) return bad;
     }
   }
   std::vector<int64_t> inv;
@@ -270,10 +279,8 @@ std::string InferShapes(const RopeArgs& args, RopeShapes* shapes) {
              "(instead of base), give it or the tables";
     }
     inv = *args.inv_freq_shape;
-    if (inv.size() != 1) {
-      return "inv_freq: got shape " + ShapeString(inv) + ", expected a 1-D tensor (rotary_size / rotary_dim / 2,)";
-    }
-    if (inv[0] < 0) return "inv_freq: got shape " + ShapeString(inv) + ", which has a negative size";
+    const std::string bad = VectorShapeError(inv, "inv_freq", "a 1-D tensor (rotary_size / rotary_dim / 2,)");
+    if (!bad.empty()) return bad;
   }
   if (args.k_size && *args.k_size <= 0) {
     return "k_size: got " + std::to_string(*args.k_size) + ", expected a positive head size";

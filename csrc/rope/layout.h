@@ -51,6 +51,8 @@ Mode ParseMode(const std::string& mode, bool* ok);
 
 // The slot a tensor_index selects (0 for unpacked layouts), or -1 when it selects none.
 int64_t SelectedSlot(const LayoutDesc& l, int64_t tensor_index);
+// The slot holding the tensor of this name ("query", "key", "value"), or -1 when none does.
+int64_t SlotNamed(const LayoutDesc& l, const char* name);
 
 // A call's arguments as the user gives them to fused_apply_rotary_emb; nullopt: not given.
 struct RopeArgs {
