@@ -4,7 +4,8 @@
 For x split on B and x split on H, in eager mode and in nn.Graph, checks that the op keeps the
 split (no boxing back to broadcast) and gives the single-rank reference result; also a backward.
 Then the same for the LLM inputs: a tensor of seqlen_offsets (split with B, or broadcast with H
-split), and q+k calls (q and k of different head counts split on B or H, a packed q split on B).
+split), and q+k calls (q and k of different head counts split on B or H, a packed q split on B;
+in place, split on B or H).
 Prints one line per check; exits 1 on any failure.
 """
 
@@ -76,7 +77,8 @@ def main() -> int:
         if rank == 0:
             print(f"{'ok  ' if ok else 'FAIL'} {layout:8s} x split({axis}) [{kind}] backward: grad sbp {xg.grad.sbp}, "
                   f"max err {err:.2e}", flush=True)
-    return 1 if failures + llm_checks(rank, placement) else 0
+    failures += llm_checks(rank, placement) + inplace_checks(rank, placement)
+    return 1 if failures else 0
 
 
 # name, layout, split axis of the inputs, kind, expected split axis of the outputs, q heads, k heads
@@ -157,6 +159,29 @@ def llm_checks(rank: int, placement) -> int:
         if rank == 0:
             print(f"{'ok  ' if ok else 'FAIL'} {name:7s} {layout:8s} split({axis}) [{kind}] backward: grad sbp "
                   f"{[t.grad.sbp for t in tensors]}, max err {err:.2e}", flush=True)
+    return failures
+
+
+def inplace_checks(rank: int, placement) -> int:
+    """q and k (split on B or H) rotated in place keep their split and hold the reference result."""
+    failures = 0
+    rng = np.random.default_rng(2)
+    q_np = rng.uniform(-1, 1, (B, M, 4, K)).astype(np.float32)
+    k_np = rng.uniform(-1, 1, (B, M, 2, K)).astype(np.float32)
+    offsets_np = rng.integers(0, 3000, (B,)).astype(np.int64)
+    offsets = flow.tensor(offsets_np, placement=placement, sbp=flow.sbp.broadcast)
+    for axis in (0, 2):
+        q, k = (flow.tensor(a, placement=placement, sbp=flow.sbp.broadcast).to_global(sbp=flow.sbp.split(axis))
+                for a in (q_np, k_np))
+        q_rot, k_rot = oneflow_rope.fused_apply_rotary_emb_qk(q, k, seqlen_offsets=offsets, inplace=True)
+        err = max(float(np.max(np.abs(t.to_global(sbp=flow.sbp.broadcast).to_local().numpy()
+                                      - rope_reference(a, seqlen_offsets=offsets_np))))
+                  for t, a in ((q, q_np), (k, k_np)))
+        ok = q_rot is q and k_rot is k and q.sbp == k.sbp == (flow.sbp.split(axis),) and err < 1e-5
+        failures += not ok
+        if rank == 0:
+            print(f"{'ok  ' if ok else 'FAIL'} inplace BMHK     split({axis}): sbp {q.sbp}, max err {err:.2e}",
+                  flush=True)
     return failures
 
 
