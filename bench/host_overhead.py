@@ -2,8 +2,13 @@
 
 The bound (issue 9): each of our calls costs at most twice one flow.mul on the same tensor, in
 the same process: for angles from base, cos/sin tables, and tables with position_ids, without
-grad against flow.mul, with x.requires_grad against flow.mul with grad. Also one LLaMA decode step
-of RoPE (q of one token, a cos/sin cache, position_ids) written with plain OneFlow ops against ours.
+grad against flow.mul, with x.requires_grad against flow.mul with grad; the same for the LLM inputs
+(issue 12): a tensor of seqlen_offsets, inv_freq with attention_scaling, and q and k (GQA: a
+quarter of the heads) in one call, also in place. Not bound, shown for what they cost: an int
+seqlen_offsets whose value changes at every call (each new value is an attribute OneFlow's eager
+inference cache has not seen: one shape inference per call; a decode loop should pass a tensor),
+and the opt-in position check. Also one LLaMA decode step of RoPE (q of one token, a cos/sin
+cache, position_ids) written with plain OneFlow ops against ours.
 
 Each row is timed back to back (calls in a loop, results dropped), in rounds that interleave all
 rows; a row's figure is its best round. Two clocks: the wall time per call, and the CPU time of the
@@ -92,20 +97,32 @@ def main() -> int:
 
     B, M, H, K = args.shape
     rope = oneflow_rope.fused_apply_rotary_emb
+    rope_qk = oneflow_rope.fused_apply_rotary_emb_qk
     x = flow.randn(B, M, H, K, device=args.device)
     x_grad = flow.randn(B, M, H, K, device=args.device).requires_grad_(True)
     cos, sin = oneflow_rope.cos_sin_table(args.table_rows, K, device=args.device)
     position_ids = flow.full((B, 1, M), args.table_rows - 1, dtype=flow.int64, device=args.device)
+    offsets = flow.full((B,), 17, dtype=flow.int32, device=args.device)
+    k = flow.randn(B, M, max(1, H // 4), K, device=args.device)
+    k_grad = flow.randn(B, M, max(1, H // 4), K, device=args.device).requires_grad_(True)
+    inv_freq = 1.0 / (10000.0 ** (flow.arange(0, K, 2, dtype=flow.float32, device=args.device) / K))
+    step = iter(range(1, 1 << 62))  # an int seqlen_offsets that changes at every call
 
     rows = {
         "flow.mul": lambda: flow.mul(x, x),
         "ours, base": lambda: rope(x),
         "ours, table": lambda: rope(x, cos, sin),
         "ours, table + position_ids": lambda: rope(x, cos, sin, position_ids),
+        "ours, seqlen_offsets (B,) tensor": lambda: rope(x, seqlen_offsets=offsets),
+        "ours, seqlen_offsets int, new value each call": lambda: rope(x, seqlen_offsets=next(step)),
+        "ours, inv_freq + attention_scaling": lambda: rope(x, inv_freq=inv_freq, attention_scaling=0.9),
+        "ours, q+k (GQA) + seqlen_offsets": lambda: rope_qk(x, k, seqlen_offsets=offsets),
+        "ours, q+k (GQA) + seqlen_offsets, in place": lambda: rope_qk(x, k, seqlen_offsets=offsets, inplace=True),
         "flow.mul, with grad": lambda: flow.mul(x_grad, x_grad),
         "ours, base, with grad": lambda: rope(x_grad),
         "ours, table, with grad": lambda: rope(x_grad, cos, sin),
         "ours, table + position_ids, with grad": lambda: rope(x_grad, cos, sin, position_ids),
+        "ours, q+k (GQA) + seqlen_offsets, with grad": lambda: rope_qk(x_grad, k_grad, seqlen_offsets=offsets),
         "ours, table + position_ids, check_positions=True": lambda: rope(x, cos, sin, position_ids,
                                                                          check_positions=True),
         "LLaMA decode RoPE, plain ops": lambda: plain_decode_rope(x, cos, sin, position_ids),
@@ -126,7 +143,8 @@ def main() -> int:
           f"{args.calls} calls per row")
     for line in table_lines(results, baselines=baselines):
         print(line)
-    checked = [n for n in baselines if "check_positions" not in n and not n.startswith("LLaMA")]
+    checked = [n for n in baselines
+               if "check_positions" not in n and "new value each call" not in n and not n.startswith("LLaMA")]
     worst = max(results[n][1] / results[baselines[n]][1] for n in checked)
     verdict = "holds" if worst <= BOUND else "does NOT hold"
     print(f"# bound: host time <= {BOUND:g}x flow.mul (with grad: flow.mul with grad) {verdict}; "

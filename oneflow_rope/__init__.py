@@ -15,7 +15,13 @@ from ._loader import preload_cuda_libraries
 preload_cuda_libraries()
 
 from .layout import INPUT_LAYOUTS, MODES, OUTPUT_LAYOUTS, LayoutInfo, RopeShapes, infer_shapes, parse_layout  # noqa: E402
-from .ops import cos_sin_table, fused_apply_rotary_emb, position_check_enabled, set_position_check  # noqa: E402
+from .ops import (  # noqa: E402
+    cos_sin_table,
+    fused_apply_rotary_emb,
+    fused_apply_rotary_emb_qk,
+    position_check_enabled,
+    set_position_check,
+)
 from .compat import patch_oneflow  # noqa: E402
 from .rotary_embedding import RotaryEmbedding  # noqa: E402
 
@@ -23,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "fused_apply_rotary_emb",
+    "fused_apply_rotary_emb_qk",
     "cos_sin_table",
     "set_position_check",
     "position_check_enabled",

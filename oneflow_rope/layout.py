@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
-from .op_table import DEFAULT_LAYOUT, INPUT_LAYOUTS, LAYOUTS, MODES, OUTPUT_LAYOUTS, LayoutInfo
+from .op_table import DEFAULT_LAYOUT, INPUT_LAYOUTS, LAYOUTS, MODES, OUTPUT_LAYOUTS, TENSOR_INDICES, LayoutInfo
 
 __all__ = [
     "LayoutInfo",
@@ -62,6 +62,10 @@ class RopeShapes:
     layout: str
     output_layout: str
     out_shape: Tuple[int, ...]
+    # q+k calls (a tensor k, or a packed x whose query and key are both rotated): the second
+    # tensor's head count and output shape; None when the call rotates one tensor.
+    k_num_heads: Optional[int] = None
+    k_out_shape: Optional[Tuple[int, ...]] = None
 
     @property
     def B(self) -> int:
@@ -119,6 +123,22 @@ def _shape(value: Sequence[int], argument: str) -> Tuple[int, ...]:
         raise TypeError(f"{argument}: expected a shape (a sequence of ints), got {value!r}") from None
 
 
+# Layouts holding one tensor (q and k of a q+k call), and packed layouts holding a query and a key.
+_SINGLE_LAYOUTS = ", ".join(name for name, info in LAYOUTS.items() if info.slots == 1)
+_QK_LAYOUTS = " or ".join(name for name, info in LAYOUTS.items()
+                          if "query" in info.tensor_names and "key" in info.tensor_names)
+
+
+def _vector_shape(value: Sequence[int], argument: str, expected: str) -> Tuple[int, ...]:
+    """The shape of a 1-D input (seqlen_offsets, inv_freq); its length is checked later."""
+    shape = _shape(value, argument)
+    if len(shape) != 1:
+        raise ValueError(f"{argument}: got shape {shape}, expected {expected}")
+    if shape[0] < 0:
+        raise ValueError(f"{argument}: got shape {shape}, which has a negative size")
+    return shape
+
+
 def _index_choices(info: LayoutInfo) -> str:
     if info.slots == 1:
         return "None or 0 (only packed layouts hold several tensors)"
@@ -137,16 +157,29 @@ def infer_shapes(
     rotary_size: Optional[int] = None,
     table_shape: Optional[Sequence[int]] = None,
     position_ids_shape: Optional[Sequence[int]] = None,
+    k_shape: Optional[Sequence[int]] = None,
+    packed_qk: bool = False,
+    seqlen_offset: Optional[int] = None,
+    seqlen_offsets_shape: Optional[Sequence[int]] = None,
+    inv_freq_shape: Optional[Sequence[int]] = None,
 ) -> RopeShapes:
     """Parses ``layout`` and infers B, M, H, K, the rotary sizes and the output shape.
 
     Checks every rule of the operator that depends only on shapes and arguments, and raises
     ValueError / TypeError naming the argument, the value given and what was expected.
 
+    The q+k form (:func:`fused_apply_rotary_emb_qk`): ``x_shape`` is q's shape and ``k_shape``
+    k's (same layout, B, M and K; any head count), or ``packed_qk=True`` for a packed
+    query-key-value x whose query and key are both rotated; the result then also has
+    ``k_num_heads`` and ``k_out_shape``. ``seqlen_offset`` is an int ``seqlen_offsets``,
+    ``seqlen_offsets_shape`` the shape of a tensor one; ``inv_freq_shape`` the shape of inv_freq.
+
     Example::
 
         >>> infer_shapes((2, 16, 3 * 8 * 64), "BM(H3K)", k_size=64).out_shape
         (2, 16, 512)
+        >>> infer_shapes((2, 16, 32, 64), "BMHK", k_shape=(2, 16, 8, 64)).k_out_shape
+        (2, 16, 8, 64)
     """
     # Keep in step with rope::InferShapes (csrc/rope/layout.cpp): same rules, order and messages.
     info = parse_layout(layout, "layout")
@@ -167,6 +200,27 @@ def infer_shapes(
     if index not in info.tensor_indices:
         raise ValueError(f"tensor_index: got {index} for layout {info.name}, expected {_index_choices(info)}")
 
+    if packed_qk:
+        if k_shape is not None:
+            raise ValueError(f"k: got shape {_shape(k_shape, 'k')}, but q is a packed query-key-value tensor "
+                             "whose key is rotated with its query; give k=None")
+        if "query" not in info.tensor_names or "key" not in info.tensor_names:
+            raise ValueError(f"k: got None with layout {info.name}; without k, q must be a packed "
+                             f"query-key-value tensor ({_QK_LAYOUTS}) whose query and key are rotated")
+        query = TENSOR_INDICES["query"]
+        if index != query:
+            raise ValueError(f"tensor_index: got {index}, but a packed q+k call rotates the query and the key; "
+                             f"expected {query} (query)")
+    if k_shape is not None:
+        k = _shape(k_shape, "k")
+        if info.slots > 1:
+            raise ValueError(f"k: layout {info.name} is packed; q and k must each be one tensor ({_SINGLE_LAYOUTS}), "
+                             "or give the packed query-key-value tensor as q with k=None")
+        if len(k) != info.ndim:
+            raise ValueError(f"k: layout {info.name} needs a {info.ndim}-D tensor, got shape {k} ({len(k)}-D)")
+        if min(k, default=0) < 0:
+            raise ValueError(f"k: got shape {k}, which has a negative size")
+
     rotary_dim = 1
     if position_ids_shape is not None:
         pos = _shape(position_ids_shape, "position_ids")
@@ -181,6 +235,22 @@ def infer_shapes(
             raise ValueError(f"cos: got shape {table}, expected a 2-D table (P, rotary_size / rotary_dim)")
         if min(table) < 0:
             raise ValueError(f"cos: got shape {table}, which has a negative size")
+    if seqlen_offset is not None or seqlen_offsets_shape is not None:
+        if seqlen_offset is not None and seqlen_offsets_shape is not None:
+            raise ValueError(f"seqlen_offsets: got an int offset ({seqlen_offset}) and a tensor of offsets; "
+                             "give one of them")
+        if position_ids_shape is not None:
+            raise ValueError("seqlen_offsets: given together with position_ids; token m of sequence b is at "
+                             "seqlen_offsets[b] + m only without position_ids, give one of them")
+        if seqlen_offset is not None:
+            seqlen_offset = _check_int(seqlen_offset, "seqlen_offsets")
+        else:
+            offsets = _vector_shape(seqlen_offsets_shape, "seqlen_offsets", "(B,): one offset per sequence")
+    if inv_freq_shape is not None:
+        if table_shape is not None:
+            raise ValueError("inv_freq: given together with cos/sin tables; inv_freq gives the frequencies of "
+                             "computed angles (instead of base), give it or the tables")
+        inv = _vector_shape(inv_freq_shape, "inv_freq", "a 1-D tensor (rotary_size / rotary_dim / 2,)")
     if k_size is not None:
         k_size = _check_int(k_size, "k_size")
         if k_size <= 0:
@@ -218,6 +288,20 @@ def infer_shapes(
                              f"for layout {info.name}")
         H = shape[2] // step
 
+    k_heads = H if packed_qk else None
+    if k_shape is not None:
+        if k[info.batch_axis] != B or k[info.seq_axis] != M:
+            raise ValueError(f"k: got shape {k}; q and k need the same B and M, q has B={B}, M={M}")
+        if not info.fused:
+            if k[3] != K:
+                raise ValueError(f"k: got shape {k}, whose head size {k[3]} differs from q's head size K={K}")
+            k_heads = k[info.head_axis]
+        else:
+            if k[2] % K != 0:
+                raise ValueError(f"k: got shape {k}, whose last axis ({k[2]}) is not a multiple of the head size "
+                                 f"K = {K} for layout {info.name}")
+            k_heads = k[2] // K
+
     if rotary_size is None:
         rotary = K
         if rotary % (2 * rotary_dim) != 0:
@@ -243,12 +327,26 @@ def infer_shapes(
         if table[1] != part:
             raise ValueError(f"cos: got shape {table}, expected (P, {part}): width rotary_size / rotary dim "
                              f"= {rotary} / {rotary_dim}")
-        if position_ids_shape is None and table[0] < M:
-            raise ValueError(f"cos: got shape {table}: {table[0]} rows, but x has sequence length M={M}; "
-                             "without position_ids the table needs at least M rows")
+        if position_ids_shape is None and seqlen_offsets_shape is None:
+            # the positions are known: 0..M-1, or seqlen_offset + (0..M-1) (a tensor of offsets or
+            # position_ids: known only at run time, NaN rows outside the table)
+            offset = 0 if seqlen_offset is None else seqlen_offset
+            if offset == 0 and table[0] < M:
+                raise ValueError(f"cos: got shape {table}: {table[0]} rows, but x has sequence length M={M}; "
+                                 "without position_ids the table needs at least M rows")
+            if offset != 0 and M > 0 and (offset < 0 or offset + M > table[0]):
+                raise ValueError(f"seqlen_offsets: got {offset}: the M={M} tokens of each sequence are at positions "
+                                 f"{offset} to {offset + M - 1}, outside the cos/sin table's rows 0 to {table[0] - 1}")
+    if seqlen_offsets_shape is not None and offsets[0] != B:
+        raise ValueError(f"seqlen_offsets: got shape {offsets}, expected ({B},) for x with B={B}")
+    if inv_freq_shape is not None and inv[0] != part // 2:
+        raise ValueError(f"inv_freq: got shape {inv}, expected ({part // 2},): one frequency per pair of the {part} "
+                         f"dims of a rotary part (rotary_size / rotary dim = {rotary} / {rotary_dim})")
 
     return RopeShapes(
         batch=B, seq_len=M, num_heads=H, head_size=K, rotary_size=rotary, rotary_dim=rotary_dim,
         tensor_index=index, layout=info.name, output_layout=out_info.name,
         out_shape=layout_shape(out_info.name, B, M, H, K),
+        k_num_heads=k_heads,
+        k_out_shape=None if k_heads is None else layout_shape(out_info.name, B, M, k_heads, K),
     )

@@ -44,7 +44,7 @@ class LayoutInfo:
 @dataclass(frozen=True)
 class Attribute:
     name: str
-    type: str  # "string", "int64" or "double"
+    type: str  # "string", "int64", "double" or "bool"
     default: object
 
 

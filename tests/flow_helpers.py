@@ -6,6 +6,7 @@ from typing import Dict, Optional
 
 import numpy as np
 import oneflow as flow
+import pytest
 
 import oneflow_rope
 
@@ -31,6 +32,17 @@ def call_op(arrays: Dict[str, Optional[np.ndarray]], kwargs: dict, dtype: str, x
     return oneflow_rope.fused_apply_rotary_emb(
         x, to_flow(arrays["cos"], dtype), to_flow(arrays["sin"], dtype),
         to_flow(arrays["position_ids"]), **kwargs)
+
+
+def assert_rejects(call, exc, words) -> None:
+    """call() raises exc whose message starts with the argument words[0] names ("words[0]:" or
+    "words[0],") and contains every one of words."""
+    with pytest.raises(exc) as info:
+        call()
+    message = str(info.value)
+    assert message.startswith((words[0] + ":", words[0] + ",")), f"{message!r} does not start with {words[0]!r}"
+    for word in words:
+        assert word in message, f"{word!r} not in {message!r}"
 
 
 # OneFlow 0.9.0 can crash (SIGSEGV in vm::LazyJobStreamPolicy::DequeueNNGraph, on an actor

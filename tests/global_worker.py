@@ -3,6 +3,9 @@
 
 For x split on B and x split on H, in eager mode and in nn.Graph, checks that the op keeps the
 split (no boxing back to broadcast) and gives the single-rank reference result; also a backward.
+Then the same for the LLM inputs: a tensor of seqlen_offsets (split with B, or broadcast with H
+split), and q+k calls (q and k of different head counts split on B or H, a packed q split on B;
+in place, split on B or H).
 Prints one line per check; exits 1 on any failure.
 """
 
@@ -74,7 +77,112 @@ def main() -> int:
         if rank == 0:
             print(f"{'ok  ' if ok else 'FAIL'} {layout:8s} x split({axis}) [{kind}] backward: grad sbp {xg.grad.sbp}, "
                   f"max err {err:.2e}", flush=True)
+    failures += llm_checks(rank, placement) + inplace_checks(rank, placement)
     return 1 if failures else 0
+
+
+# name, layout, split axis of the inputs, kind, expected split axis of the outputs, q heads, k heads
+# (None: one tensor; 0: a packed q, k=None), extra kwargs
+LLM_CHECKS = [
+    ("offsets", "BMHK", 0, "B", 0, 4, None, {}),
+    ("offsets", "BHMK", 1, "H", 2, 4, None, {"output_layout": "BMHK"}),
+    ("qk", "BMHK", 0, "B", 0, 4, 2, {"mode": "interval"}),
+    ("qk", "BMHK", 2, "H", 2, 4, 2, {}),
+    ("qk", "MB(HK)", 2, "H", 2, 4, 2, {"k_size": K}),
+    ("qk", "BM(H3K)", 0, "B", 0, 4, 0, {"k_size": K, "output_layout": "BHMK"}),
+]
+
+
+def llm_checks(rank: int, placement) -> int:
+    failures = 0
+    rng = np.random.default_rng(1)  # same data on both ranks
+    for name, layout, axis, kind, out_axis, heads, k_heads, kwargs in LLM_CHECKS:
+        offsets_np = rng.integers(0, 3000, (B,)).astype(np.int32)
+        offsets_sbp = flow.sbp.split(0) if kind == "B" else flow.sbp.broadcast
+        arrays = [rng.uniform(-1, 1, layout_shape(layout, B, M, heads, K)).astype(np.float32)]
+        if k_heads:
+            arrays.append(rng.uniform(-1, 1, layout_shape(layout, B, M, k_heads, K)).astype(np.float32))
+
+        def to_global(a, requires_grad=False):
+            t = flow.tensor(a, placement=placement, sbp=flow.sbp.broadcast).to_global(sbp=flow.sbp.split(axis))
+            return t.requires_grad_(True) if requires_grad else t
+
+        offsets = flow.tensor(offsets_np, placement=placement, sbp=flow.sbp.broadcast).to_global(sbp=offsets_sbp)
+        kw = dict(layout=layout, **kwargs)
+        if k_heads is None:
+            expected = [rope_reference(arrays[0], seqlen_offsets=offsets_np, **kw)]
+        elif k_heads == 0:
+            expected = [rope_reference(arrays[0], seqlen_offsets=offsets_np, tensor_index=i, **kw) for i in (0, 1)]
+        else:
+            expected = [rope_reference(a, seqlen_offsets=offsets_np, **kw) for a in arrays]
+
+        def call(tensors, offsets):
+            if k_heads is None:
+                return (oneflow_rope.fused_apply_rotary_emb(tensors[0], seqlen_offsets=offsets, **kw),)
+            k = tensors[1] if k_heads else None
+            return oneflow_rope.fused_apply_rotary_emb_qk(tensors[0], k, seqlen_offsets=offsets, **kw)
+
+        class LlmGraph(flow.nn.Graph):
+            def build(self, offsets, *tensors):
+                return call(tensors, offsets)
+
+        tensors = [to_global(a) for a in arrays]
+        for mode_name, run in (("eager", lambda: call(tensors, offsets)),
+                               ("graph", lambda: keep_alive(LlmGraph())(offsets, *tensors))):
+            outs = run()
+            sbp_ok = all(o.sbp == (flow.sbp.split(out_axis),) for o in outs)
+            err = max(float(np.max(np.abs(o.to_global(sbp=flow.sbp.broadcast).to_local().numpy() - e)))
+                      for o, e in zip(outs, expected))
+            ok = sbp_ok and err < 1e-5
+            failures += not ok
+            if rank == 0:
+                print(f"{'ok  ' if ok else 'FAIL'} {name:7s} {layout:8s} split({axis}) [{kind}] {mode_name}: "
+                      f"out sbp {[o.sbp for o in outs]}, max err {err:.2e}", flush=True)
+        # backward: the gradients keep the inputs' split and match the reference
+        tensors = [to_global(a, requires_grad=True) for a in arrays]
+        outs = call(tensors, offsets)
+        total = outs[0].sum()
+        for o in outs[1:]:
+            total = total + 2 * o.sum()
+        total.backward()
+        ref_kw = dict(seqlen_offsets=offsets_np, **kw)
+        if k_heads == 0:
+            exp_grads = [rope_reference_backward(np.ones(expected[0].shape), tensor_index=0, **ref_kw)
+                         + rope_reference_backward(2 * np.ones(expected[1].shape), tensor_index=1, **ref_kw)]
+        else:
+            exp_grads = [rope_reference_backward(w * np.ones(e.shape), x_shape=a.shape, **ref_kw)
+                         for w, e, a in zip((1, 2), expected, arrays)]
+        err = max(float(np.max(np.abs(t.grad.to_global(sbp=flow.sbp.broadcast).to_local().numpy() - g)))
+                  for t, g in zip(tensors, exp_grads))
+        ok = all(t.grad.sbp == (flow.sbp.split(axis),) for t in tensors) and err < 1e-5
+        failures += not ok
+        if rank == 0:
+            print(f"{'ok  ' if ok else 'FAIL'} {name:7s} {layout:8s} split({axis}) [{kind}] backward: grad sbp "
+                  f"{[t.grad.sbp for t in tensors]}, max err {err:.2e}", flush=True)
+    return failures
+
+
+def inplace_checks(rank: int, placement) -> int:
+    """q and k (split on B or H) rotated in place keep their split and hold the reference result."""
+    failures = 0
+    rng = np.random.default_rng(2)
+    q_np = rng.uniform(-1, 1, (B, M, 4, K)).astype(np.float32)
+    k_np = rng.uniform(-1, 1, (B, M, 2, K)).astype(np.float32)
+    offsets_np = rng.integers(0, 3000, (B,)).astype(np.int64)
+    offsets = flow.tensor(offsets_np, placement=placement, sbp=flow.sbp.broadcast)
+    for axis in (0, 2):
+        q, k = (flow.tensor(a, placement=placement, sbp=flow.sbp.broadcast).to_global(sbp=flow.sbp.split(axis))
+                for a in (q_np, k_np))
+        q_rot, k_rot = oneflow_rope.fused_apply_rotary_emb_qk(q, k, seqlen_offsets=offsets, inplace=True)
+        err = max(float(np.max(np.abs(t.to_global(sbp=flow.sbp.broadcast).to_local().numpy()
+                                      - rope_reference(a, seqlen_offsets=offsets_np))))
+                  for t, a in ((q, q_np), (k, k_np)))
+        ok = q_rot is q and k_rot is k and q.sbp == k.sbp == (flow.sbp.split(axis),) and err < 1e-5
+        failures += not ok
+        if rank == 0:
+            print(f"{'ok  ' if ok else 'FAIL'} inplace BMHK     split({axis}): sbp {q.sbp}, max err {err:.2e}",
+                  flush=True)
+    return failures
 
 
 if __name__ == "__main__":

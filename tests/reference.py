@@ -148,10 +148,12 @@ def rope_reference_backward(dy, layout: str = "BMHK", *, cos=None, sin=None, pos
                             output_layout: Optional[str] = None, mode: str = "plane",
                             tensor_index: Optional[int] = None, k_size: Optional[int] = None,
                             base: float = 10000.0, rotary_size: Optional[int] = None,
-                            x_shape: Optional[Tuple[int, ...]] = None) -> np.ndarray:
-    """dL/dx for dL/dout = dy: rotation by the negated angle, written back into x's layout
-    (zeros in the slots of a packed input that were not selected). x_shape gives K when neither
-    the output layout, k_size nor a table does (a 4-D x written to a fused output layout)."""
+                            x_shape: Optional[Tuple[int, ...]] = None, seqlen_offsets=None, inv_freq=None,
+                            attention_scaling: float = 1.0) -> np.ndarray:
+    """dL/dx for dL/dout = dy: rotation by the negated angle (cos and sin still times
+    attention_scaling: the transpose of the forward), written back into x's layout (zeros in the
+    slots of a packed input that were not selected). x_shape gives K when neither the output
+    layout, k_size nor a table does (a 4-D x written to a fused output layout)."""
     dy = _as_float64(dy)
     out_layout = output_layout or _default_output(layout)
     R = 1 if position_ids is None else np.asarray(position_ids).shape[1]
@@ -165,12 +167,12 @@ def rope_reference_backward(dy, layout: str = "BMHK", *, cos=None, sin=None, pos
         K = np.asarray(cos).shape[1] * R
     dyl = to_logical(dy, out_layout, K, 0)
     B, M, H, K = dyl.shape
-    positions = (np.broadcast_to(np.arange(M), (B, 1, M)) if position_ids is None
+    positions = (default_positions(B, M, seqlen_offsets) if position_ids is None
                  else np.asarray(position_ids))
     rotary = K if rotary_size is None else rotary_size
     dx = _rotate(dyl, positions, mode=mode, rotary_size=rotary, base=base,
                  cos=None if cos is None else _as_float64(cos), sin=None if sin is None else _as_float64(sin),
-                 sign=-1.0)
+                 sign=-1.0, inv_freq=inv_freq, attention_scaling=attention_scaling)
     return from_logical(dx, layout, slot=_slot_of(layout, tensor_index))
 
 

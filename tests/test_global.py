@@ -1,5 +1,6 @@
 """Global tensors on 2 CPU ranks: x split on B or on H, eager and nn.Graph, keeps the split and
-matches the single-rank reference (tests/global_worker.py does the checks on each rank)."""
+matches the single-rank reference (tests/global_worker.py does the checks on each rank); the same
+for seqlen_offsets and q+k calls, in place too."""
 
 from __future__ import annotations
 
@@ -37,4 +38,4 @@ def test_two_ranks_split_on_batch_and_heads():
     report = "\n".join(line for line in outputs[0].splitlines() if line[:4] in ("ok  ", "FAIL"))
     print(report)
     assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-2000:]
-    assert report.count("ok  ") == 3 * 7 and "FAIL" not in report
+    assert report.count("ok  ") == 3 * 7 + 3 * 6 + 2 and "FAIL" not in report

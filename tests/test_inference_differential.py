@@ -6,7 +6,9 @@ shape, or the exact error message (which starts with the argument it names).
 The calls are built from sizes in a layout and then bent: unknown or oddly spelled layout names,
 packed output layouts, bad modes, tensor_index outside the slots, zero, negative, odd or too
 large k_size / rotary_size, tables and position_ids of the wrong rank, width or size, negative
-sizes, 1-D and 2-D RoPE.
+sizes, 1-D and 2-D RoPE; and the LLM inputs: a k of q+k calls (other head counts, wrong B / M / K,
+packed layouts), packed q+k, int and tensor seqlen_offsets (with position_ids, outside the table,
+wrong shape) and inv_freq (with tables, wrong shape).
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from oneflow_rope.op_table import ATTRIBUTES, INPUT_LAYOUTS, LAYOUTS, OUTPUT_LAY
 from oneflow_rope.layout import layout_shape
 
 ARGUMENTS = ("layout", "output_layout", "mode", "x", "tensor_index", "position_ids", "cos", "k_size",
-             "rotary_size")
+             "rotary_size", "k", "seqlen_offsets", "inv_freq")
 FIELDS = ("batch", "seq_len", "num_heads", "head_size", "rotary_size", "rotary_dim", "tensor_index", "layout",
-          "output_layout", "out_shape")
+          "output_layout", "out_shape", "k_num_heads", "k_out_shape")
 
 
 def test_both_languages_read_the_same_table():
@@ -95,6 +97,23 @@ def random_call(rng: random.Random) -> Dict[str, object]:
         call["table_shape"] = bent(rng, (M + rng.randint(-1, 3), part), 0.15)
     if R == 2 or rng.random() < 0.5:
         call["position_ids_shape"] = bent(rng, (B, R, M) if rng.random() < 0.95 else (B, 3, M), 0.1)
+    # the LLM inputs: q+k, seqlen_offsets, inv_freq
+    roll = rng.random()
+    if roll < 0.2 and (info.slots == 1 or rng.random() < 0.1):
+        call["k_shape"] = bent(rng, layout_shape(layout, B, M, rng.randint(0, 4), K), 0.15)
+    elif roll < 0.3 and (info.slots == 3 or rng.random() < 0.1):
+        call["packed_qk"] = True
+        if rng.random() < 0.05:
+            call["k_shape"] = layout_shape(layout, B, M, H, K)
+    roll = rng.random() if "position_ids_shape" not in call or rng.random() < 0.1 else 1.0
+    if roll < 0.15:
+        call["seqlen_offset"] = rng.choice([0, 1, 3, -2, M, 1 << 40])
+    elif roll < 0.3:
+        call["seqlen_offsets_shape"] = bent(rng, (B,), 0.15)
+    elif roll < 0.32:
+        call["seqlen_offset"], call["seqlen_offsets_shape"] = 2, (B,)
+    if rng.random() < 0.15:
+        call["inv_freq_shape"] = bent(rng, (part // 2,), 0.2)
     return call
 
 
@@ -108,7 +127,7 @@ def python_outcome(call: Dict[str, object]):
 
 def cpp_outcome(call: Dict[str, object]):
     args = dict(call)
-    for name in ("x_shape", "table_shape", "position_ids_shape"):
+    for name in ("x_shape", "table_shape", "position_ids_shape", "k_shape", "seqlen_offsets_shape", "inv_freq_shape"):
         if name in args:
             args[name] = list(args[name])
     try:
@@ -124,6 +143,8 @@ def resolved_call(call: Dict[str, object], shapes: Tuple) -> Dict[str, object]:
     resolved = dict(call, layout=values["layout"], output_layout=values["output_layout"],
                     tensor_index=values["tensor_index"], k_size=values["head_size"],
                     rotary_size=values["rotary_size"])
+    if resolved.get("seqlen_offset") == 0:  # the attribute's default: "not given"
+        del resolved["seqlen_offset"]
     return resolved
 
 
@@ -173,7 +194,8 @@ def small_valid_calls(count: int):
 
 
 def test_op_output_shape_matches_inference():
-    """The op itself, dispatched on real tensors for 200 small valid calls, gives the inferred shape."""
+    """The op itself, dispatched on real tensors for 200 small valid calls, gives the inferred shapes
+    (q+k calls through fused_apply_rotary_emb_qk)."""
     for call, shapes in small_valid_calls(200):
         values = dict(zip(FIELDS, shapes))
         x = flow.zeros(*call["x_shape"])
@@ -182,7 +204,19 @@ def test_op_output_shape_matches_inference():
             cos = sin = flow.zeros(*call["table_shape"])
         if "position_ids_shape" in call:
             positions = flow.zeros(*call["position_ids_shape"], dtype=flow.int64)
-        kwargs = {k: call[k] for k in ("layout", "output_layout", "mode", "tensor_index", "k_size", "rotary_size")
-                  if k in call}
-        out = oneflow_rope.fused_apply_rotary_emb(x, cos, sin, positions, **kwargs)
+        kwargs = {k: call[k] for k in ("layout", "output_layout", "mode", "k_size", "rotary_size") if k in call}
+        if "seqlen_offset" in call:
+            kwargs["seqlen_offsets"] = call["seqlen_offset"]
+        if "seqlen_offsets_shape" in call:
+            kwargs["seqlen_offsets"] = flow.zeros(*call["seqlen_offsets_shape"], dtype=flow.int32)
+        if "inv_freq_shape" in call:
+            kwargs["inv_freq"] = flow.ones(*call["inv_freq_shape"])
+        if "k_shape" in call or call.get("packed_qk"):
+            k = flow.zeros(*call["k_shape"]) if "k_shape" in call else None
+            out, k_out = oneflow_rope.fused_apply_rotary_emb_qk(x, k, cos, sin, positions, **kwargs)
+            assert tuple(k_out.shape) == values["k_out_shape"], call
+        else:
+            if "tensor_index" in call:
+                kwargs["tensor_index"] = call["tensor_index"]
+            out = oneflow_rope.fused_apply_rotary_emb(x, cos, sin, positions, **kwargs)
         assert tuple(out.shape) == values["out_shape"], call

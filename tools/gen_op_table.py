@@ -15,7 +15,7 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CXX_TYPES = {"string": "std::string", "int64": "int64_t", "double": "double"}
+CXX_TYPES = {"string": "std::string", "int64": "int64_t", "double": "double", "bool": "bool"}
 
 
 def load_table_module():

@@ -48,7 +48,11 @@ inline py::dict InferShapesPy(const std::vector<int64_t>& x_shape, const std::st
                               std::optional<int64_t> tensor_index, std::optional<int64_t> k_size,
                               std::optional<int64_t> rotary_size,
                               const std::optional<std::vector<int64_t>>& table_shape,
-                              const std::optional<std::vector<int64_t>>& position_ids_shape) {
+                              const std::optional<std::vector<int64_t>>& position_ids_shape,
+                              const std::optional<std::vector<int64_t>>& k_shape, bool packed_qk,
+                              std::optional<int64_t> seqlen_offset,
+                              const std::optional<std::vector<int64_t>>& seqlen_offsets_shape,
+                              const std::optional<std::vector<int64_t>>& inv_freq_shape) {
   RopeArgs args;
   args.x_shape = x_shape;
   args.layout = layout;
@@ -59,6 +63,11 @@ inline py::dict InferShapesPy(const std::vector<int64_t>& x_shape, const std::st
   args.rotary_size = rotary_size;
   args.table_shape = table_shape;
   args.position_ids_shape = position_ids_shape;
+  args.k_shape = k_shape;
+  args.packed_qk = packed_qk;
+  args.seqlen_offset = seqlen_offset;
+  args.seqlen_offsets_shape = seqlen_offsets_shape;
+  args.inv_freq_shape = inv_freq_shape;
   RopeShapes s;
   const std::string err = InferShapes(args, &s);
   if (!err.empty()) throw py::value_error(err);
@@ -74,6 +83,8 @@ inline py::dict InferShapesPy(const std::vector<int64_t>& x_shape, const std::st
   d["output_layout"] = s.output_layout->name;
   d["out_shape"] = py::tuple(py::cast(s.out_shape));
   d["slot"] = SelectedSlot(*s.layout, s.tensor_index);
+  d["k_num_heads"] = s.k_num_heads ? py::object(py::int_(*s.k_num_heads)) : py::object(py::none());
+  d["k_out_shape"] = s.k_out_shape ? py::object(py::tuple(py::cast(*s.k_out_shape))) : py::object(py::none());
   return d;
 }
 
@@ -82,7 +93,9 @@ inline void DefineLayoutFunctions(py::module_& m) {
         py::kw_only(), py::arg("output_layout") = py::none(), py::arg("mode") = "plane",
         py::arg("tensor_index") = py::none(), py::arg("k_size") = py::none(),
         py::arg("rotary_size") = py::none(), py::arg("table_shape") = py::none(),
-        py::arg("position_ids_shape") = py::none(),
+        py::arg("position_ids_shape") = py::none(), py::arg("k_shape") = py::none(),
+        py::arg("packed_qk") = false, py::arg("seqlen_offset") = py::none(),
+        py::arg("seqlen_offsets_shape") = py::none(), py::arg("inv_freq_shape") = py::none(),
         "The C++ shape rules (rope::InferShapes, the op's inference) on a call's arguments: a dict of "
         "what they resolve, or ValueError naming the argument.");
   m.def(

@@ -34,6 +34,9 @@ class OpInterpUtil {
  public:
   template<typename T>
   static Maybe<T> Dispatch(const OpExpr& op_expr, const TensorTuple& inputs, const AttrMap& attrs);
+  // Runs the op into `outputs`: entries already set are the tensors to write (in place).
+  static Maybe<void> Dispatch(const OpExpr& op_expr, const TensorTuple& inputs, TensorTuple* outputs,
+                              const AttrMap& attrs);
 };
 
 PyObject* PyTensor_New(const std::shared_ptr<Tensor>& data);
@@ -121,16 +124,34 @@ std::shared_ptr<oneflow::one::OpExpr> UnpackOpExpr(py::handle op_expr, const cha
   return op;
 }
 
+bool IsTensor(py::handle obj) { return PyObject_TypeCheck(obj.ptr(), TensorType()) != 0; }
+
+const std::shared_ptr<Tensor>& TensorOf(py::handle obj) {
+  return reinterpret_cast<PyTensorObject*>(obj.ptr())->data;
+}
+
+py::object Wrap(const std::shared_ptr<Tensor>& t) {
+  return py::reinterpret_steal<py::object>(oneflow::one::PyTensor_New(t));
+}
+
+using oneflow::one::TensorTuple;
+using AutogradFn = oneflow::one::AutogradFunctionBase::FType;
+
 class RopeOp {
  public:
   // forward / backward: the UserOpExprs of fused_apply_rotary_emb(_grad) with inputs x (dy),
-  // [cos, sin], [position_ids]; attrs: every attribute of the table, by name.
-  RopeOp(py::handle forward, py::handle backward, bool has_table, bool has_positions,
-         const py::kwargs& attrs)
+  // [k (dk_out)], [cos, sin], [position_ids], [seqlen_offsets], [inv_freq] and outputs out (dx),
+  // [k_out (dk)]; attrs: every attribute of the table, by name. has_offsets: seqlen_offsets is a
+  // tensor input (an int seqlen_offsets is the attribute seqlen_offset, which a call may change).
+  RopeOp(py::handle forward, py::handle backward, bool has_table, bool has_positions, bool has_k,
+         bool has_offsets, bool has_inv_freq, const py::kwargs& attrs)
       : forward_(UnpackOpExpr(forward, "forward")),
         backward_(UnpackOpExpr(backward, "backward")),
         has_table_(has_table),
-        has_positions_(has_positions) {
+        has_positions_(has_positions),
+        has_k_(has_k),
+        has_offsets_(has_offsets),
+        has_inv_freq_(has_inv_freq) {
 #define ROPE_TAKE_ATTR(type, name, default_value) values_.name = TakeAttr<type>(attrs, #name);
     ROPE_OP_ATTRIBUTES(ROPE_TAKE_ATTR)
 #undef ROPE_TAKE_ATTR
@@ -143,44 +164,74 @@ class RopeOp {
         }
       }
     }
-    oneflow::MutableAttrMap map(AttributeNames());
-#define ROPE_SET_ATTR(type, name, default_value) map.SetAttr<type>(#name, values_.name);
+    if (has_k_ && values_.packed_qk) {
+      throw py::type_error("oneflow_rope._C.RopeOp: k: a packed q+k call (packed_qk) takes no k");
+    }
+    call_attrs_ = std::make_unique<oneflow::MutableAttrMap>(AttributeNames());
+#define ROPE_SET_ATTR(type, name, default_value) call_attrs_->SetAttr<type>(#name, values_.name);
     ROPE_OP_ATTRIBUTES(ROPE_SET_ATTR)
 #undef ROPE_SET_ATTR
-    attr_map_ = oneflow::AttrMap(map);
+    attr_map_ = oneflow::AttrMap(*call_attrs_);
   }
 
-  py::object Forward(py::handle x, py::handle cos, py::handle sin, py::handle position_ids) const {
-    return Run(*forward_, x, "x", cos, sin, position_ids);
+  // The forward: out, or (out, k_out) for a q+k call. seqlen_offsets: a tensor, an int (the
+  // attribute seqlen_offset for this call) or None.
+  py::object Forward(py::handle x, py::handle cos, py::handle sin, py::handle position_ids, py::handle k,
+                     py::handle seqlen_offsets, py::handle inv_freq) const {
+    TensorTuple extras;
+    const oneflow::AttrMap attrs = CollectExtras(&extras, cos, sin, position_ids, seqlen_offsets, inv_freq);
+    TensorTuple inputs;
+    AddFirst(&inputs, x, k, "x", "k");
+    TensorTuple outputs(num_outputs());
+    DispatchOrThrow(*forward_, inputs, extras, attrs, &outputs);
+    return Result(outputs);
   }
 
-  py::object Backward(py::handle dy, py::handle cos, py::handle sin, py::handle position_ids) const {
-    return Run(*backward_, dy, "dy", cos, sin, position_ids);
+  // The grad op: dx, or (dx, dk) for a q+k call with k (dx alone for packed_qk).
+  py::object Backward(py::handle dy, py::handle cos, py::handle sin, py::handle position_ids, py::handle dk_out,
+                      py::handle seqlen_offsets, py::handle inv_freq) const {
+    TensorTuple extras;
+    const oneflow::AttrMap attrs = CollectExtras(&extras, cos, sin, position_ids, seqlen_offsets, inv_freq);
+    TensorTuple inputs;
+    Add(&inputs, dy, "dy");
+    if (num_outputs() == 2) {
+      Add(&inputs, dk_out, "dk_out");
+    } else if (!dk_out.is_none()) {
+      throw py::type_error("dk_out: this call was prepared for one tensor");
+    }
+    TensorTuple outputs(has_k_ ? 2 : 1);
+    DispatchOrThrow(*backward_, inputs, extras, attrs, &outputs);
+    return Result(outputs);
   }
 
-  // The forward recorded for autograd: an autograd function of x alone whose backward is the
-  // grad op. cos, sin and position_ids are held by the two closures, not inputs of the
-  // function, so they take no gradient whatever their requires_grad.
-  py::object ForwardWithGrad(py::handle x, py::handle cos, py::handle sin, py::handle position_ids) const {
-    oneflow::one::TensorTuple extras;
-    CollectExtras(&extras, cos, sin, position_ids);
-    oneflow::one::TensorTuple inputs;
-    Add(&inputs, x, "x");
-    auto forward = [op = forward_, attrs = attr_map_, extras](
-                       const std::shared_ptr<oneflow::one::FunctionAutoGradCaptureState>&,
-                       const oneflow::one::TensorTuple& in) {
-      return DispatchOrThrow(*op, in.at(0), extras, attrs);
-    };
-    auto backward = [op = backward_, attrs = attr_map_, extras](
-                        const std::shared_ptr<oneflow::one::FunctionAutoGradCaptureState>&,
-                        const oneflow::one::TensorTuple& out_grads) {
-      return DispatchOrThrow(*op, out_grads.at(0), extras, attrs);
-    };
-    oneflow::Maybe<oneflow::one::TensorTuple> result = oneflow::one::AutogradFunctionBase::Apply(
-        "fused_apply_rotary_emb", forward, backward, inputs);
-    if (!result.IsOk()) throw std::runtime_error(result.GetSerializedError());
-    std::shared_ptr<oneflow::one::TensorTuple> outputs = result.GetDataPtrAndStackedError().first;
-    return py::reinterpret_steal<py::object>(oneflow::one::PyTensor_New(outputs->at(0)));
+  // The forward recorded for autograd: an autograd function of x (and k) whose backward is the
+  // grad op. cos, sin, position_ids, seqlen_offsets and inv_freq are held by the two closures, not
+  // inputs of the function, so they take no gradient whatever their requires_grad.
+  py::object ForwardWithGrad(py::handle x, py::handle cos, py::handle sin, py::handle position_ids, py::handle k,
+                             py::handle seqlen_offsets, py::handle inv_freq) const {
+    return RecordForGrad(x, cos, sin, position_ids, k, seqlen_offsets, inv_freq, false);
+  }
+
+  // The forward written into x (and k) themselves; output_layout must be x_layout (checked here,
+  // with the other conditions the op's contiguous kernels need). Returns x, or (x, k).
+  py::object ForwardInplace(py::handle x, py::handle cos, py::handle sin, py::handle position_ids, py::handle k,
+                            py::handle seqlen_offsets, py::handle inv_freq) const {
+    CheckInplace(x, k);
+    TensorTuple extras;
+    const oneflow::AttrMap attrs = CollectExtras(&extras, cos, sin, position_ids, seqlen_offsets, inv_freq);
+    TensorTuple inputs;
+    AddFirst(&inputs, x, k, "x", "k");
+    TensorTuple outputs(inputs);
+    DispatchOrThrow(*forward_, inputs, extras, attrs, &outputs);
+    return Result(outputs);
+  }
+
+  // ForwardInplace recorded for autograd: x (and k) get the function's node as their producer;
+  // their values before the call receive the gradient.
+  py::object ForwardInplaceWithGrad(py::handle x, py::handle cos, py::handle sin, py::handle position_ids,
+                                    py::handle k, py::handle seqlen_offsets, py::handle inv_freq) const {
+    CheckInplace(x, k);
+    return RecordForGrad(x, cos, sin, position_ids, k, seqlen_offsets, inv_freq, true);
   }
 
   py::dict Attrs() const {
@@ -193,33 +244,57 @@ class RopeOp {
 
   bool has_table() const { return has_table_; }
   bool has_positions() const { return has_positions_; }
+  bool has_k() const { return has_k_; }
+  bool has_offsets() const { return has_offsets_; }
+  bool has_inv_freq() const { return has_inv_freq_; }
+  int num_outputs() const { return (has_k_ || values_.packed_qk) ? 2 : 1; }
 
  private:
-  static void Add(oneflow::one::TensorTuple* tensors, py::handle obj, const char* argument) {
-    if (!PyObject_TypeCheck(obj.ptr(), TensorType())) {
+  static void Add(TensorTuple* tensors, py::handle obj, const char* argument) {
+    if (!IsTensor(obj)) {
       throw py::type_error(std::string(argument) + ": expected a oneflow.Tensor, got "
                            + Py_TYPE(obj.ptr())->tp_name);
     }
-    tensors->emplace_back(reinterpret_cast<PyTensorObject*>(obj.ptr())->data);
+    tensors->emplace_back(TensorOf(obj));
   }
 
-  // x (or dy) followed by the optional inputs, dispatched with autograd off; throws on error.
-  static std::shared_ptr<oneflow::one::TensorTuple> DispatchOrThrow(
-      const oneflow::one::OpExpr& op, const std::shared_ptr<Tensor>& first,
-      const oneflow::one::TensorTuple& extras, const oneflow::AttrMap& attrs) {
-    oneflow::one::TensorTuple tensors;
-    tensors.emplace_back(first);
+  // x, then k for a call prepared with k.
+  void AddFirst(TensorTuple* tensors, py::handle x, py::handle k, const char* x_name, const char* k_name) const {
+    Add(tensors, x, x_name);
+    if (has_k_) {
+      Add(tensors, k, k_name);
+    } else if (!k.is_none()) {
+      throw py::type_error(std::string(k_name) + ": this call was prepared without k");
+    }
+  }
+
+  // The attribute map of a call with another int seqlen_offsets: only that attribute changes in
+  // the kept mutable map (the others keep their values, no allocation).
+  oneflow::AttrMap AttrMapWithOffset(int64_t seqlen_offset) const {
+    call_attrs_->SetAttr<int64_t>("seqlen_offset", seqlen_offset);
+    return oneflow::AttrMap(*call_attrs_);
+  }
+
+  py::object Result(const TensorTuple& outputs) const {
+    if (outputs.size() == 1) return Wrap(outputs.at(0));
+    return py::make_tuple(Wrap(outputs.at(0)), Wrap(outputs.at(1)));
+  }
+
+  // The inputs plus the optional ones, dispatched with autograd off into `outputs` (entries
+  // already set are written in place); throws on error.
+  static void DispatchOrThrow(const oneflow::one::OpExpr& op, const TensorTuple& first, const TensorTuple& extras,
+                              const oneflow::AttrMap& attrs, TensorTuple* outputs) {
+    TensorTuple tensors(first);
     for (const auto& t : extras) tensors.emplace_back(t);
     NoGradGuard no_grad;
-    oneflow::Maybe<Tensor> result = oneflow::one::OpInterpUtil::Dispatch<Tensor>(op, tensors, attrs);
+    oneflow::Maybe<void> result = oneflow::one::OpInterpUtil::Dispatch(op, tensors, outputs, attrs);
     if (!result.IsOk()) throw std::runtime_error(result.GetSerializedError());
-    auto outputs = std::make_shared<oneflow::one::TensorTuple>();
-    outputs->emplace_back(result.GetDataPtrAndStackedError().first);
-    return outputs;
   }
 
-  void CollectExtras(oneflow::one::TensorTuple* extras, py::handle cos, py::handle sin,
-                     py::handle position_ids) const {
+  // The optional inputs in the op's order, checked against what the call was prepared with;
+  // returns the attribute map of the call (a new one when an int seqlen_offsets differs).
+  oneflow::AttrMap CollectExtras(TensorTuple* extras, py::handle cos, py::handle sin, py::handle position_ids,
+                                 py::handle seqlen_offsets, py::handle inv_freq) const {
     if (cos.is_none() == has_table_ || sin.is_none() == has_table_) {
       throw py::type_error(has_table_ ? "cos, sin: this call was prepared with cos/sin tables"
                                       : "cos, sin: this call was prepared without cos/sin tables");
@@ -228,29 +303,90 @@ class RopeOp {
       throw py::type_error(has_positions_ ? "position_ids: this call was prepared with position_ids"
                                           : "position_ids: this call was prepared without position_ids");
     }
+    if (inv_freq.is_none() == has_inv_freq_) {
+      throw py::type_error(has_inv_freq_ ? "inv_freq: this call was prepared with inv_freq"
+                                         : "inv_freq: this call was prepared without inv_freq");
+    }
+    int64_t offset = values_.seqlen_offset;
+    if (has_offsets_) {
+      if (seqlen_offsets.is_none() || !IsTensor(seqlen_offsets)) {
+        throw py::type_error("seqlen_offsets: this call was prepared with a tensor of offsets");
+      }
+    } else if (!seqlen_offsets.is_none()) {
+      if (IsTensor(seqlen_offsets) || PyBool_Check(seqlen_offsets.ptr()) || !PyIndex_Check(seqlen_offsets.ptr())) {
+        throw py::type_error("seqlen_offsets: this call was prepared with an int or no seqlen_offsets");
+      }
+      offset = py::cast<int64_t>(py::reinterpret_borrow<py::object>(seqlen_offsets).attr("__index__")());
+    }
     if (has_table_) {
       Add(extras, cos, "cos");
       Add(extras, sin, "sin");
     }
     if (has_positions_) Add(extras, position_ids, "position_ids");
+    if (has_offsets_) Add(extras, seqlen_offsets, "seqlen_offsets");
+    if (has_inv_freq_) Add(extras, inv_freq, "inv_freq");
+    return offset == values_.seqlen_offset ? attr_map_ : AttrMapWithOffset(offset);
   }
 
-  py::object Run(const oneflow::one::OpExpr& op, py::handle first, const char* first_name,
-                 py::handle cos, py::handle sin, py::handle position_ids) const {
-    oneflow::one::TensorTuple tensors;
-    Add(&tensors, first, first_name);
-    oneflow::one::TensorTuple extras;
-    CollectExtras(&extras, cos, sin, position_ids);
-    std::shared_ptr<oneflow::one::TensorTuple> outputs = DispatchOrThrow(op, tensors.at(0), extras, attr_map_);
-    return py::reinterpret_steal<py::object>(oneflow::one::PyTensor_New(outputs->at(0)));
+  // In place: the result has x's layout and x (and k) can take it as is.
+  void CheckInplace(py::handle x, py::handle k) const {
+    if (values_.output_layout != values_.x_layout) {
+      throw py::value_error("inplace: output_layout " + values_.output_layout + " differs from layout "
+                            + values_.x_layout + "; the result can be written into q and k only in their layout");
+    }
+    if (values_.packed_qk) {
+      throw py::value_error("inplace: a packed query-key-value tensor cannot hold the separate results");
+    }
+    for (py::handle t : {x, k}) {
+      if (t.is_none() || !IsTensor(t)) continue;
+      if (!py::cast<bool>(py::reinterpret_borrow<py::object>(t).attr("is_contiguous")())) {
+        throw py::value_error("inplace: q and k must be contiguous to be written in place");
+      }
+    }
+    if (has_k_ && IsTensor(x) && IsTensor(k) && TensorOf(x) == TensorOf(k)) {
+      throw py::value_error("inplace: q and k are the same tensor");
+    }
+  }
+
+  py::object RecordForGrad(py::handle x, py::handle cos, py::handle sin, py::handle position_ids, py::handle k,
+                           py::handle seqlen_offsets, py::handle inv_freq, bool inplace) const {
+    TensorTuple extras;
+    const oneflow::AttrMap attrs = CollectExtras(&extras, cos, sin, position_ids, seqlen_offsets, inv_freq);
+    TensorTuple inputs;
+    AddFirst(&inputs, x, k, "x", "k");
+    const int outputs = num_outputs();
+    AutogradFn forward = [op = forward_, attrs, extras, outputs, inplace](
+                             const std::shared_ptr<oneflow::one::FunctionAutoGradCaptureState>&,
+                             const TensorTuple& in) {
+      auto result = std::make_shared<TensorTuple>(outputs);
+      if (inplace) *result = in;
+      DispatchOrThrow(*op, in, extras, attrs, result.get());
+      return result;
+    };
+    const int grads = static_cast<int>(inputs.size());
+    AutogradFn backward = [op = backward_, attrs, extras, grads](
+                              const std::shared_ptr<oneflow::one::FunctionAutoGradCaptureState>&,
+                              const TensorTuple& out_grads) {
+      auto result = std::make_shared<TensorTuple>(grads);
+      DispatchOrThrow(*op, out_grads, extras, attrs, result.get());
+      return result;
+    };
+    oneflow::Maybe<TensorTuple> result =
+        oneflow::one::AutogradFunctionBase::Apply("fused_apply_rotary_emb", forward, backward, inputs);
+    if (!result.IsOk()) throw std::runtime_error(result.GetSerializedError());
+    return Result(*result.GetDataPtrAndStackedError().first);
   }
 
   std::shared_ptr<oneflow::one::OpExpr> forward_;
   std::shared_ptr<oneflow::one::OpExpr> backward_;
   bool has_table_;
   bool has_positions_;
+  bool has_k_;
+  bool has_offsets_;
+  bool has_inv_freq_;
   oneflow_rope::RopeOpAttrs values_;
-  oneflow::AttrMap attr_map_;
+  oneflow::AttrMap attr_map_;  // of every call, except one with another int seqlen_offsets
+  std::unique_ptr<oneflow::MutableAttrMap> call_attrs_;  // used under the GIL only
 };
 
 }  // namespace
@@ -258,22 +394,32 @@ class RopeOp {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "Compiled part of oneflow_rope: the fused_apply_rotary_emb user ops, their dispatch and "
             "the C++ shape rules.";
+#define ROPE_CALL_ARGS(first, second)                                                          \
+  py::arg(first), py::arg("cos"), py::arg("sin"), py::arg("position_ids"), py::arg(second) = py::none(), \
+      py::arg("seqlen_offsets") = py::none(), py::arg("inv_freq") = py::none()
   py::class_<RopeOp>(m, "RopeOp",
                      "The op expressions and attributes of one kind of call, prepared once; "
-                     "forward / backward run the op on tensors (None where a table or position_ids "
-                     "is absent) with autograd off.")
-      .def(py::init<py::handle, py::handle, bool, bool, const py::kwargs&>(), py::arg("forward"),
-           py::arg("backward"), py::arg("has_table"), py::arg("has_positions"))
-      .def("forward", &RopeOp::Forward, py::arg("x"), py::arg("cos"), py::arg("sin"),
-           py::arg("position_ids"))
-      .def("backward", &RopeOp::Backward, py::arg("dy"), py::arg("cos"), py::arg("sin"),
-           py::arg("position_ids"))
-      .def("forward_with_grad", &RopeOp::ForwardWithGrad, py::arg("x"), py::arg("cos"), py::arg("sin"),
-           py::arg("position_ids"),
-           "forward, recorded for autograd (the gradient flows to x only; the backward is the grad op).")
+                     "forward / backward run the op on tensors (None where an optional input is "
+                     "absent) with autograd off; a q+k call returns two tensors.")
+      .def(py::init<py::handle, py::handle, bool, bool, bool, bool, bool, const py::kwargs&>(),
+           py::arg("forward"), py::arg("backward"), py::arg("has_table"), py::arg("has_positions"),
+           py::arg("has_k") = false, py::arg("has_offsets") = false, py::arg("has_inv_freq") = false)
+      .def("forward", &RopeOp::Forward, ROPE_CALL_ARGS("x", "k"))
+      .def("backward", &RopeOp::Backward, ROPE_CALL_ARGS("dy", "dk_out"))
+      .def("forward_with_grad", &RopeOp::ForwardWithGrad, ROPE_CALL_ARGS("x", "k"),
+           "forward, recorded for autograd (the gradient flows to x and k only; the backward is the grad op).")
+      .def("forward_inplace", &RopeOp::ForwardInplace, ROPE_CALL_ARGS("x", "k"),
+           "forward written into x (and k); returns them.")
+      .def("forward_inplace_with_grad", &RopeOp::ForwardInplaceWithGrad, ROPE_CALL_ARGS("x", "k"),
+           "forward_inplace, recorded for autograd.")
       .def_property_readonly("attrs", &RopeOp::Attrs, "The attributes, by name.")
       .def_property_readonly("has_table", &RopeOp::has_table)
-      .def_property_readonly("has_positions", &RopeOp::has_positions);
+      .def_property_readonly("has_positions", &RopeOp::has_positions)
+      .def_property_readonly("has_k", &RopeOp::has_k)
+      .def_property_readonly("has_offsets", &RopeOp::has_offsets)
+      .def_property_readonly("has_inv_freq", &RopeOp::has_inv_freq)
+      .def_property_readonly("num_outputs", &RopeOp::num_outputs);
+#undef ROPE_CALL_ARGS
   m.attr("ATTRIBUTE_NAMES") = py::tuple(py::cast(AttributeNames()));
   oneflow_rope::binding::DefineLayoutFunctions(m);
 }

@@ -44,11 +44,30 @@ std::vector<int64_t> ToVector(const ShapeView& shape) {
   return v;
 }
 
+rope::IndexType ToIndexType(DataType dtype) {
+  return dtype == DataType::kInt32 ? rope::IndexType::kInt32 : rope::IndexType::kInt64;
+}
+
+// Heads of the second tensor of a q+k call, from its shape in `layout` (K known).
+int64_t HeadsOf(const rope::LayoutDesc& layout, const ShapeView& shape, int64_t K) {
+  return layout.fused ? shape.At(2) / (K * layout.slots) : shape.At(rope::HeadAxis(layout));
+}
+
 // Builds the kernel parameters. Inputs arrive contiguous (the op does not declare support for
-// non-contiguous tensors), so the strides follow from the layouts.
+// non-contiguous tensors), so the strides follow from the layouts. Forward: x [k] -> out [k_out];
+// backward: dy [dk_out] -> dx [dk]. A q+k call fills tensors[1]: from k, or (packed_qk) from the
+// key slot of the packed x. Backward of a packed input: the slots that take no gradient get zeros,
+// written by the kernel with tensors[0].
 rope::RopeParams MakeParams(user_op::KernelComputeContext* ctx, bool backward) {
-  const user_op::Tensor* in = ctx->Tensor4ArgNameAndIndex(backward ? "dy" : "x", 0);
-  user_op::Tensor* res = ctx->Tensor4ArgNameAndIndex(backward ? "dx" : "out", 0);
+  const char* in_name = backward ? "dy" : "x";
+  const char* in_k_name = backward ? "dk_out" : "k";
+  const char* res_name = backward ? "dx" : "out";
+  const char* res_k_name = backward ? "dk" : "k_out";
+  const user_op::Tensor* in = ctx->Tensor4ArgNameAndIndex(in_name, 0);
+  user_op::Tensor* res = ctx->Tensor4ArgNameAndIndex(res_name, 0);
+  const user_op::Tensor* in_k = ctx->has_input(in_k_name, 0) ? ctx->Tensor4ArgNameAndIndex(in_k_name, 0) : nullptr;
+  user_op::Tensor* res_k = ctx->has_output(res_k_name, 0) ? ctx->Tensor4ArgNameAndIndex(res_k_name, 0) : nullptr;
+  const bool packed_qk = ctx->Attr<bool>("packed_qk");
   rope::RopeCall call;
   call.x_layout = ctx->Attr<std::string>("x_layout");
   call.output_layout = ctx->Attr<std::string>("output_layout");
@@ -81,30 +100,54 @@ rope::RopeParams MakeParams(user_op::KernelComputeContext* ctx, bool backward) {
   p.rotary_size = call.rotary_size > 0 ? call.rotary_size : sizes.K;
   p.rotary_dim = call.rotary_dim;
   p.base = ctx->Attr<double>("base");
+  p.attention_scaling = ctx->Attr<double>("attention_scaling");
   p.inverse = backward;
   p.num_threads = 1;
 
-  const rope::LayoutStrides xs =
-      rope::ContiguousStrides(*x_layout, sizes, rope::SelectedSlot(*x_layout, call.tensor_index));
-  const rope::LayoutStrides os = rope::ContiguousStrides(*out_layout, sizes, 0);
-  const rope::LayoutStrides& in_s = backward ? os : xs;
-  const rope::LayoutStrides& res_s = backward ? xs : os;
+  // The slots of x that are rotated: the selected one, and the key for packed_qk.
+  const int64_t query_slot = rope::SelectedSlot(*x_layout, call.tensor_index);
+  const int64_t key_slot = packed_qk ? rope::SlotNamed(*x_layout, "key") : -1;
+  CHECK(!packed_qk || key_slot >= 0) << "fused_apply_rotary_emb: packed_qk needs a layout with a key slot";
   const size_t elem = GetSizeOfDataType(in->data_type());
-  rope::RopeTensor& t = p.tensors[0];
-  t.H = sizes.H;
-  t.x = static_cast<const char*>(in->raw_dptr()) + in_s.offset * elem;
-  t.out = static_cast<char*>(res->mut_raw_dptr()) + res_s.offset * elem;
-  t.x_stride_b = in_s.b;
-  t.x_stride_m = in_s.m;
-  t.x_stride_h = in_s.h;
-  t.out_stride_b = res_s.b;
-  t.out_stride_m = res_s.m;
-  t.out_stride_h = res_s.h;
+  // Fills tensors[t]: `from` read in its layout at `x_slot` (forward) and written to `to`.
+  auto fill = [&](int t, const user_op::Tensor* from, user_op::Tensor* to, int64_t heads, int64_t x_slot) {
+    rope::RopeSizes s = sizes;
+    s.H = heads;
+    const rope::LayoutStrides xs = rope::ContiguousStrides(*x_layout, s, x_slot);
+    const rope::LayoutStrides os = rope::ContiguousStrides(*out_layout, s, 0);
+    const rope::LayoutStrides& in_s = backward ? os : xs;
+    const rope::LayoutStrides& res_s = backward ? xs : os;
+    rope::RopeTensor& tensor = p.tensors[t];
+    tensor.H = heads;
+    tensor.x = static_cast<const char*>(from->raw_dptr()) + in_s.offset * elem;
+    tensor.out = static_cast<char*>(to->mut_raw_dptr()) + res_s.offset * elem;
+    tensor.x_stride_b = in_s.b;
+    tensor.x_stride_m = in_s.m;
+    tensor.x_stride_h = in_s.h;
+    tensor.out_stride_b = res_s.b;
+    tensor.out_stride_m = res_s.m;
+    tensor.out_stride_h = res_s.h;
+  };
+  fill(0, in, res, sizes.H, query_slot);
+  if (packed_qk) {
+    // forward: both read from x, written to out and k_out; backward: from dy and dk_out into dx
+    if (backward) {
+      fill(1, in_k, res, sizes.H, key_slot);
+    } else {
+      fill(1, in, res_k, sizes.H, key_slot);
+    }
+    p.num_tensors = 2;
+  } else if (in_k != nullptr) {
+    fill(1, in_k, res_k, HeadsOf(backward ? *out_layout : *x_layout, in_k->shape_view(), sizes.K), 0);
+    p.num_tensors = 2;
+  }
   if (backward && x_layout->slots > 1) {
-    // the gradient of a packed input has zeros in the slots that were not selected
-    const int64_t selected = rope::SelectedSlot(*x_layout, call.tensor_index);
+    // the gradient of a packed input has zeros in the slots that were not rotated
+    rope::RopeTensor& t = p.tensors[0];
     for (int64_t slot = 0; slot < x_layout->slots; ++slot) {
-      if (slot != selected) t.zero_slot_offset[t.num_zero_slots++] = (slot - selected) * sizes.K;
+      if (slot != query_slot && slot != key_slot) {
+        t.zero_slot_offset[t.num_zero_slots++] = (slot - query_slot) * sizes.K;
+      }
     }
   }
 
@@ -118,11 +161,22 @@ rope::RopeParams MakeParams(user_op::KernelComputeContext* ctx, bool backward) {
   }
   if (pos != nullptr) {
     p.position_ids = pos->raw_dptr();
-    p.pos_type = pos->data_type() == DataType::kInt32 ? rope::IndexType::kInt32
-                                                       : rope::IndexType::kInt64;
+    p.pos_type = ToIndexType(pos->data_type());
     p.pos_stride_b = pos->shape_view().At(1) * pos->shape_view().At(2);
     p.pos_stride_r = pos->shape_view().At(2);
     p.pos_stride_m = 1;
+  }
+  p.seqlen_offset = ctx->Attr<int64_t>("seqlen_offset");
+  if (ctx->has_input("seqlen_offsets", 0)) {
+    const user_op::Tensor* offsets = ctx->Tensor4ArgNameAndIndex("seqlen_offsets", 0);
+    p.seqlen_offsets = offsets->raw_dptr();
+    p.offsets_type = ToIndexType(offsets->data_type());
+    p.offsets_stride = 1;
+  }
+  if (ctx->has_input("inv_freq", 0)) {
+    const user_op::Tensor* inv_freq = ctx->Tensor4ArgNameAndIndex("inv_freq", 0);
+    p.inv_freq = inv_freq->raw_dptr();
+    p.inv_freq_dtype = ToRopeDType(inv_freq->data_type());
   }
   return p;
 }

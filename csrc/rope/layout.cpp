@@ -67,6 +67,48 @@ std::string IndexChoices(const LayoutDesc& l) {
   return text;
 }
 
+// The rule of a 1-D input (seqlen_offsets, inv_freq), as oneflow_rope.layout._vector_shape: "" or
+// the message.
+std::string VectorShapeError(const std::vector<int64_t>& shape, const std::string& argument,
+                             const std::string& expected) {
+  if (shape.size() != 1) return argument + ": got shape " + ShapeString(shape) + ", expected " + expected;
+  if (shape[0] < 0) return argument + ": got shape " + ShapeString(shape) + ", which has a negative size";
+  return "";
+}
+
+// Layouts holding one tensor ("BMHK, ..."), and packed ones holding a query and a key ("BM(H3K) or
+// MB(H3K)"); same words as oneflow_rope.layout's _SINGLE_LAYOUTS and _QK_LAYOUTS.
+bool HoldsQueryAndKey(const LayoutDesc& l) { return SlotNamed(l, "query") >= 0 && SlotNamed(l, "key") >= 0; }
+
+std::string SingleLayouts() {
+  std::string names;
+  for (const LayoutDesc& l : kLayouts) {
+    if (l.slots != 1) continue;
+    if (!names.empty()) names += ", ";
+    names += l.name;
+  }
+  return names;
+}
+
+std::string QkLayouts() {
+  std::string names;
+  for (const LayoutDesc& l : kLayouts) {
+    if (!HoldsQueryAndKey(l)) continue;
+    if (!names.empty()) names += " or ";
+    names += l.name;
+  }
+  return names;
+}
+
+// The tensor_index of the query (the table's tensor_indices["query"]).
+int64_t QueryIndex() {
+  for (const LayoutDesc& l : kLayouts) {
+    const int64_t slot = SlotNamed(l, "query");
+    if (slot >= 0) return l.tensor_index[slot];
+  }
+  return 0;
+}
+
 }  // namespace
 
 const std::vector<const LayoutDesc*>& AllLayouts() {
@@ -129,6 +171,13 @@ int64_t SelectedSlot(const LayoutDesc& l, int64_t tensor_index) {
   return -1;
 }
 
+int64_t SlotNamed(const LayoutDesc& l, const char* name) {
+  for (int s = 0; s < l.slots; ++s) {
+    if (l.tensor_name[s] != nullptr && std::string(l.tensor_name[s]) == name) return s;
+  }
+  return -1;
+}
+
 // The rules, in the order of oneflow_rope.layout.infer_shapes; keep the two in step (the
 // differential test compares every outcome and every message).
 std::string InferShapes(const RopeArgs& args, RopeShapes* shapes) {
@@ -157,6 +206,38 @@ std::string InferShapes(const RopeArgs& args, RopeShapes* shapes) {
     return err.str();
   }
 
+  if (args.packed_qk) {
+    if (args.k_shape) {
+      return "k: got shape " + ShapeString(*args.k_shape)
+             + ", but q is a packed query-key-value tensor whose key is rotated with its query; give k=None";
+    }
+    if (!HoldsQueryAndKey(*info)) {
+      err << "k: got None with layout " << info->name << "; without k, q must be a packed query-key-value tensor ("
+          << QkLayouts() << ") whose query and key are rotated";
+      return err.str();
+    }
+    if (index != QueryIndex()) {
+      err << "tensor_index: got " << index << ", but a packed q+k call rotates the query and the key; expected "
+          << QueryIndex() << " (query)";
+      return err.str();
+    }
+  }
+  std::vector<int64_t> k;
+  if (args.k_shape) {
+    k = *args.k_shape;
+    if (info->slots > 1) {
+      err << "k: layout " << info->name << " is packed; q and k must each be one tensor (" << SingleLayouts()
+          << "), or give the packed query-key-value tensor as q with k=None";
+      return err.str();
+    }
+    if (static_cast<int>(k.size()) != info->ndim) {
+      err << "k: layout " << info->name << " needs a " << info->ndim << "-D tensor, got shape " << ShapeString(k)
+          << " (" << k.size() << "-D)";
+      return err.str();
+    }
+    if (HasNegative(k)) return "k: got shape " + ShapeString(k) + ", which has a negative size";
+  }
+
   int32_t rotary_dim = 1;
   std::vector<int64_t> pos;
   if (args.position_ids_shape) {
@@ -174,6 +255,32 @@ std::string InferShapes(const RopeArgs& args, RopeShapes* shapes) {
       return "cos: got shape " + ShapeString(table) + ", expected a 2-D table (P, rotary_size / rotary_dim)";
     }
     if (HasNegative(table)) return "cos: got shape " + ShapeString(table) + ", which has a negative size";
+  }
+  std::vector<int64_t> offsets;
+  if (args.seqlen_offset || args.seqlen_offsets_shape) {
+    if (args.seqlen_offset && args.seqlen_offsets_shape) {
+      return "seqlen_offsets: got an int offset (" + std::to_string(*args.seqlen_offset)
+             + ") and a tensor of offsets; give one of them";
+    }
+    if (args.position_ids_shape) {
+      return "seqlen_offsets: given together with position_ids; token m of sequence b is at seqlen_offsets[b] + m "
+             "only without position_ids, give one of them";
+    }
+    if (args.seqlen_offsets_shape) {
+      offsets = *args.seqlen_offsets_shape;
+      const std::string bad = VectorShapeError(offsets, "seqlen_offsets", "(B,): one offset per sequence");
+      if (!bad.empty()) return bad;
+    }
+  }
+  std::vector<int64_t> inv;
+  if (args.inv_freq_shape) {
+    if (args.table_shape) {
+      return "inv_freq: given together with cos/sin tables; inv_freq gives the frequencies of computed angles "
+             "(instead of base), give it or the tables";
+    }
+    inv = *args.inv_freq_shape;
+    const std::string bad = VectorShapeError(inv, "inv_freq", "a 1-D tensor (rotary_size / rotary_dim / 2,)");
+    if (!bad.empty()) return bad;
   }
   if (args.k_size && *args.k_size <= 0) {
     return "k_size: got " + std::to_string(*args.k_size) + ", expected a positive head size";
@@ -229,6 +336,30 @@ std::string InferShapes(const RopeArgs& args, RopeShapes* shapes) {
     H = shape[2] / step;
   }
 
+  std::optional<int64_t> k_heads;
+  if (args.packed_qk) k_heads = H;
+  if (args.k_shape) {
+    if (k[info->batch_axis] != B || k[info->seq_axis] != M) {
+      err << "k: got shape " << ShapeString(k) << "; q and k need the same B and M, q has B=" << B << ", M=" << M;
+      return err.str();
+    }
+    if (!info->fused) {
+      if (k[3] != K) {
+        err << "k: got shape " << ShapeString(k) << ", whose head size " << k[3] << " differs from q's head size K="
+            << K;
+        return err.str();
+      }
+      k_heads = k[info->head_axis];
+    } else {
+      if (k[2] % K != 0) {
+        err << "k: got shape " << ShapeString(k) << ", whose last axis (" << k[2]
+            << ") is not a multiple of the head size K = " << K << " for layout " << info->name;
+        return err.str();
+      }
+      k_heads = k[2] / K;
+    }
+  }
+
   int64_t rotary = 0;
   if (!args.rotary_size) {
     rotary = K;
@@ -273,12 +404,31 @@ std::string InferShapes(const RopeArgs& args, RopeShapes* shapes) {
           << "): width rotary_size / rotary dim = " << rotary << " / " << rotary_dim;
       return err.str();
     }
-    if (!args.position_ids_shape && table[0] < M) {
-      err << "cos: got shape " << ShapeString(table) << ": " << table[0]
-          << " rows, but x has sequence length M=" << M
-          << "; without position_ids the table needs at least M rows";
-      return err.str();
+    if (!args.position_ids_shape && !args.seqlen_offsets_shape) {
+      // the positions are known: 0..M-1, or seqlen_offset + (0..M-1)
+      const int64_t offset = args.seqlen_offset ? *args.seqlen_offset : 0;
+      if (offset == 0 && table[0] < M) {
+        err << "cos: got shape " << ShapeString(table) << ": " << table[0]
+            << " rows, but x has sequence length M=" << M
+            << "; without position_ids the table needs at least M rows";
+        return err.str();
+      }
+      if (offset != 0 && M > 0 && (offset < 0 || offset > table[0] - M)) {
+        err << "seqlen_offsets: got " << offset << ": the M=" << M << " tokens of each sequence are at positions "
+            << offset << " to " << offset + M - 1 << ", outside the cos/sin table's rows 0 to " << table[0] - 1;
+        return err.str();
+      }
     }
+  }
+  if (args.seqlen_offsets_shape && offsets[0] != B) {
+    err << "seqlen_offsets: got shape " << ShapeString(offsets) << ", expected (" << B << ",) for x with B=" << B;
+    return err.str();
+  }
+  if (args.inv_freq_shape && inv[0] != part / 2) {
+    err << "inv_freq: got shape " << ShapeString(inv) << ", expected (" << part / 2
+        << ",): one frequency per pair of the " << part << " dims of a rotary part (rotary_size / rotary dim = "
+        << rotary << " / " << rotary_dim << ")";
+    return err.str();
   }
 
   RopeShapes s;
@@ -297,6 +447,11 @@ std::string InferShapes(const RopeArgs& args, RopeShapes* shapes) {
   sizes.H = H;
   sizes.K = K;
   s.out_shape = LayoutShape(*out_info, sizes);
+  if (k_heads) {
+    s.k_num_heads = k_heads;
+    sizes.H = *k_heads;
+    s.k_out_shape = LayoutShape(*out_info, sizes);
+  }
   *shapes = std::move(s);
   return "";
 }

@@ -51,6 +51,8 @@ Mode ParseMode(const std::string& mode, bool* ok);
 
 // The slot a tensor_index selects (0 for unpacked layouts), or -1 when it selects none.
 int64_t SelectedSlot(const LayoutDesc& l, int64_t tensor_index);
+// The slot holding the tensor of this name ("query", "key", "value"), or -1 when none does.
+int64_t SlotNamed(const LayoutDesc& l, const char* name);
 
 // A call's arguments as the user gives them to fused_apply_rotary_emb; nullopt: not given.
 struct RopeArgs {
@@ -63,6 +65,13 @@ struct RopeArgs {
   std::optional<int64_t> rotary_size;
   std::optional<std::vector<int64_t>> table_shape;         // cos (and sin)
   std::optional<std::vector<int64_t>> position_ids_shape;
+  // q+k calls: k's shape (same layout as x, which is q), or packed_qk: x is a packed
+  // query-key-value tensor whose query and key are both rotated.
+  std::optional<std::vector<int64_t>> k_shape;
+  bool packed_qk = false;
+  std::optional<int64_t> seqlen_offset;                      // seqlen_offsets given as an int
+  std::optional<std::vector<int64_t>> seqlen_offsets_shape;  // seqlen_offsets given as a tensor
+  std::optional<std::vector<int64_t>> inv_freq_shape;
 };
 
 // What the rules resolve for a call.
@@ -74,6 +83,9 @@ struct RopeShapes {
   const LayoutDesc* layout = nullptr;
   const LayoutDesc* output_layout = nullptr;
   std::vector<int64_t> out_shape;
+  // q+k calls: the second tensor's head count and output shape (unset for one tensor).
+  std::optional<int64_t> k_num_heads;
+  std::optional<std::vector<int64_t>> k_out_shape;
 };
 
 // Checks every rule that depends only on shapes and arguments and resolves the defaults. Returns
