@@ -16,7 +16,7 @@ import oneflow as flow
 import oneflow.nn as nn
 
 from .layout import MODES, parse_layout
-from .ops import _FLOAT_DTYPES, _INDEX_DTYPES, _check_tensor, fused_apply_rotary_emb
+from .ops import _FLOAT_DTYPES, _INDEX_DTYPES, _check_tensor, fused_apply_rotary_emb_qk
 from .rope_scaling import RopeScaling, parse_rope_scaling
 
 __all__ = ["RotaryEmbedding"]
@@ -268,39 +268,8 @@ def _rotate_qk(q: flow.Tensor, k: Optional[flow.Tensor], position_ids: Optional[
                seqlen_offsets: Union[int, flow.Tensor, None], *, layout: str, output_layout: Optional[str],
                mode: str, rotary_size: int, k_size: Optional[int], inv_freq: flow.Tensor,
                attention_scaling: float) -> Tuple[flow.Tensor, flow.Tensor]:
-    """The one place the module calls the op.
-
-    Interim implementation until ``fused_apply_rotary_emb_qk`` (with inv_freq, attention_scaling,
-    seqlen_offsets) is available: it builds a cos/sin table with one row per token (B*M rows,
-    angles p * inv_freq in float64, times attention_scaling, rounded to x's dtype) and calls
-    ``fused_apply_rotary_emb`` once for q and once for k with position_ids b*M + m pointing at
-    the token's row. Shapes are static, so this works in eager mode and nn.Graph alike.
-    """
-    info = parse_layout(layout)
-    batch, seq_len = q.shape[info.batch_axis], q.shape[info.seq_axis]
-    device = q.device
-    steps = flow.arange(seq_len, dtype=flow.int64, device=device)
-    if position_ids is not None:
-        positions = position_ids.reshape(batch, seq_len).to(flow.int64)
-    elif seqlen_offsets is None:
-        positions = steps.unsqueeze(0).expand(batch, seq_len)
-    elif isinstance(seqlen_offsets, flow.Tensor):
-        positions = (seqlen_offsets.to(flow.int64).reshape(-1, 1) + steps.unsqueeze(0)).expand(batch, seq_len)
-    else:
-        positions = (steps + int(seqlen_offsets)).unsqueeze(0).expand(batch, seq_len)
-    half = inv_freq.to(flow.float64)
-    # the frequency of table column j: i = j mod A/2 ("plane") or j // 2 ("interval")
-    columns = flow.cat([half, half]) if mode == "plane" else flow.stack([half, half], dim=1).reshape(-1)
-    angle = positions.to(flow.float64).unsqueeze(-1) * columns  # (B, M, rotary_size)
-    cos = (flow.cos(angle) * attention_scaling).reshape(batch * seq_len, rotary_size)
-    sin = (flow.sin(angle) * attention_scaling).reshape(batch * seq_len, rotary_size)
-    rows = flow.arange(batch * seq_len, dtype=flow.int64, device=device).reshape(batch, 1, seq_len)
-
-    def rotate(x: flow.Tensor, tensor_index: Optional[int]) -> flow.Tensor:
-        return fused_apply_rotary_emb(x, cos.to(x.dtype), sin.to(x.dtype), rows, layout=layout,
-                                      output_layout=output_layout, mode=mode, tensor_index=tensor_index,
-                                      k_size=k_size, rotary_size=rotary_size)
-
-    if k is None:  # packed query-key-value: slot 0 is the query, slot 1 the key
-        return rotate(q, 0), rotate(q, 1)
-    return rotate(q, None), rotate(k, None)
+    """The one place the module calls the op: q and k in one launch, angles p * inv_freq on the device."""
+    return fused_apply_rotary_emb_qk(q, k, position_ids=position_ids, layout=layout, output_layout=output_layout,
+                                     mode=mode, rotary_size=rotary_size, k_size=k_size,
+                                     seqlen_offsets=seqlen_offsets, inv_freq=inv_freq,
+                                     attention_scaling=attention_scaling)
