@@ -1,20 +1,26 @@
 // CUDA kernel of the rotary embedding (Plane = rotate half, Interval = adjacent pairs).
 //
 // Thread mapping. A head vector of K elements is cut into "units": a rotary unit is a vector of
-// V elements and its rotation partner (plane: the vector A/2 further; interval: the next vector,
-// each holding whole pairs), a pass-through unit is two neighbouring vectors past rotary_size.
-// threadIdx.x is the unit (fixed for the thread's life, so its geometry and frequencies are
+// V elements and its rotation partner (plane: the vector A/2 further; interval: the vector A/2
+// further when both hold whole pairs, else the next one), a pass-through unit is two vectors
+// past rotary_size. threadIdx.x is the unit (fixed for the thread's life, so its geometry is
 // decoded once), threadIdx.y an item lane and threadIdx.z a row lane. A row is one token (b, m),
-// or one position m shared by the whole batch when nothing makes positions depend on b; an item
-// is one head of one of the call's tensors (q and k of one launch), of every sequence when the row
-// is shared. A thread handles up to kMaxItems items of a row: it issues all their loads, then
-// computes (or loads) the cos/sin of its unit for the row once, in registers, and rotates and
-// stores every item with them. No shared memory, no barrier. Blocks stride over (row group, item
-// chunk) pieces of work; the grid is sized from the device's SM count and the kernel's occupancy.
+// or one position m shared by the whole batch when nothing makes positions depend on b (then a
+// block may take a chunk of the sequences). An item is one head of one of the call's tensors (q
+// and k of one launch). A thread walks the items of its row, tensor by tensor, every blockDim.y-th
+// one, with offsets that advance by steps computed on the host; the cos/sin of its unit for the
+// row are computed (or loaded from the tables) once into registers and serve every item.
+// - Large calls ("bandwidth" path, kItems > 1): angles first, then batches of kItems items:
+//   their loads, an L2 prefetch of the next batch (or of the next row's first), rotate, store.
+// - Small calls ("latency" path, kItems == 1): the position load first, then the item's loads,
+//   then the angles, so the dependent loads overlap.
+// No shared memory, no barrier. Blocks stride over the pieces of work (row groups x sequence
+// chunks); the grid is the device's SM count times the blocks that fit on one SM.
 //
 // Two variants: "vector" (16-byte loads and stores; unit-stride K, aligned pointers and sizes)
 // and "elementwise" (any strides and sizes, one element per access; V = 1 for plane, 2 for
-// interval). Both compute the same values.
+// interval). Both compute the same values. bench/results/h200_2026-11-28/NOTES.md has what was
+// measured and tried.
 //
 // Angles: p * theta in float-float (theta as a float hi + lo pair), reduced by 2*pi with a
 // three-part constant, then sincos on an argument in about [-pi, pi]: accurate at any position
