@@ -12,6 +12,7 @@
 #include "oneflow/core/framework/attr_map.h"
 #include "oneflow/core/framework/mutable_attr_map.h"
 #include "oneflow/core/framework/tensor_tuple.h"
+#include "rope/rope_cpu_internal.h"
 
 namespace oneflow {
 namespace one {
@@ -72,4 +73,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("output_layout"), py::arg("mode"), py::arg("tensor_index"), py::arg("k_size"),
         py::arg("rotary_size"), py::arg("base"),
         "Runs a fused_apply_rotary_emb(_grad) op expression on `inputs` with these attributes.");
+  m.def("cpu_isa", &oneflow_rope::RopeCpuIsaName,
+        "Instruction set the CPU kernel runs: baseline, avx2, avx512 or avx512bf16 (the best this "
+        "CPU has; the environment variable ONEFLOW_ROPE_CPU_ISA, read once, lowers it).");
 }

@@ -27,6 +27,7 @@ struct RowTask {
   int64_t num_rows = 0;
   int64_t claim_rows = 1;
   int64_t block_rows = 1;   // rows whose cos/sin are prepared together (<= claim_rows)
+  bool stream_stores = false;  // large output: non-temporal stores where the kernel has them
   void* scratch = nullptr;  // ScratchLayout(...).bytes, 64-byte aligned, this thread's own
 };
 
