@@ -413,6 +413,29 @@ def large_calls(raw, res: Results) -> None:
 
             across_threads(raw, res, f"large {dtype} {shape} {mode}", run, check)
 
+    # the gradient of a packed x: zero slots written with the rotated one (64 MiB written)
+    B, M, H, K = 1, 1024, 32, 128
+    for dtype in ("float32", "bfloat16"):
+        dy64 = round_to_dtype(rng.uniform(-1, 1, (B, M, H * K)), dtype)
+        dy = storage(dy64, dtype)
+        x_shape = (B, M, H * 3 * K)
+        kwargs = {"layout": "BM(H3K)", "k_size": K, "tensor_index": 1}
+
+        def run_bwd(r, dy=dy, x_shape=x_shape, kwargs=kwargs):
+            return [rope_backward(r, dy, x_shape, **kwargs)], 0
+
+        def check_bwd(outs, dy64=dy64, x_shape=x_shape, kwargs=kwargs, dtype=dtype):
+            got = values(outs[0], dtype).reshape(B, M, H, 3, K)
+            if not (np.all(got[:, :, :, 0] == 0) and np.all(got[:, :, :, 2] == 0)):
+                return "zero slots not zero"
+            rows = np.r_[0:3, M - 3:M]
+            exp = rope_reference_backward(dy64[:, rows], position_ids=np.broadcast_to(rows, (B, 1, rows.size)),
+                                          x_shape=(B, rows.size, H * 3 * K), **kwargs)
+            err = float(np.max(np.abs(got[:, rows].reshape(exp.shape) - exp)))
+            return None if err <= tolerance(dtype, M) else f"error {err}"
+
+        across_threads(raw, res, f"large packed gradient {dtype}", run_bwd, check_bwd)
+
 
 def main() -> int:
     sys.path.insert(0, sys.argv[1])

@@ -92,6 +92,7 @@ std::atomic<int64_t> min_bytes_per_thread{kMinBytesPerThread};
 // cos and sin of a block of rows take about this many bytes (they stay in L1 while the block's
 // heads are rotated).
 constexpr int64_t kBlockTableBytes = 16 * 1024;
+constexpr int64_t kBlockTableBytesHeadsOuter = 256 * 1024;
 constexpr int64_t kClaimBytes = 256 * 1024;
 
 // Size of one instance of the largest cache (the L3 a core shares), from sysfs as lscpu reads it
@@ -133,7 +134,8 @@ int64_t RowBytes(const RopeParams& p) {
 struct AlignedBuffer {
   std::unique_ptr<unsigned char[]> storage;
   void* aligned = nullptr;
-  explicit AlignedBuffer(size_t bytes) : storage(new unsigned char[bytes + 64]) {
+  size_t bytes = 0;
+  explicit AlignedBuffer(size_t size) : storage(new unsigned char[size + 64]), bytes(size) {
     const uintptr_t at = reinterpret_cast<uintptr_t>(storage.get());
     aligned = storage.get() + ((64 - at % 64) % 64);
   }
@@ -180,7 +182,13 @@ int64_t RopeForwardCpu(const RopeParams& p) {
   const int64_t threads = RopeCpuThreadsFor(p);
   const int64_t row_table_bytes =
       std::max<int64_t>(1, 2 * p.rotary_size * (p.dtype == DType::kFloat64 ? 8 : 4));
-  const int64_t block_rows = std::max<int64_t>(1, std::min<int64_t>(64, kBlockTableBytes / row_table_bytes));
+  // Heads outer in memory (BHMK): each head of a block streams block_rows rows of x, so blocks
+  // are long (their cos/sin then live in L2 rather than L1).
+  const bool heads_outer = p.tensors[0].x_stride_h > p.tensors[0].x_stride_m;
+  const int64_t table_budget = heads_outer ? kBlockTableBytesHeadsOuter : kBlockTableBytes;
+  const int64_t max_block = heads_outer ? 512 : 64;
+  const int64_t block_rows =
+      std::max<int64_t>(1, std::min<int64_t>(max_block, table_budget / row_table_bytes));
   // Threads claim rows in ranges of about kClaimBytes (at least 8 ranges a thread, so that a
   // thread slowed down by other work on its core does not hold up the call), whole blocks.
   int64_t claim_rows = rows;
@@ -197,10 +205,12 @@ int64_t RopeForwardCpu(const RopeParams& p) {
 
   int64_t next = 0;
   std::vector<cpu::RowTask> tasks(threads);
-  std::vector<AlignedBuffer> scratch;
-  scratch.reserve(threads);
+  // Scratch buffers, kept by the calling thread from call to call (a fresh large allocation would
+  // cost page faults every call).
+  thread_local std::vector<AlignedBuffer> scratch;
+  while (static_cast<int64_t>(scratch.size()) < threads) scratch.emplace_back(0);
   for (int64_t t = 0; t < threads; ++t) {
-    scratch.emplace_back(layout.bytes);
+    if (scratch[t].bytes < layout.bytes) scratch[t] = AlignedBuffer(layout.bytes);
     cpu::RowTask& task = tasks[t];
     task.p = &p;
     task.theta = theta.data();
@@ -209,7 +219,7 @@ int64_t RopeForwardCpu(const RopeParams& p) {
     task.claim_rows = claim_rows;
     task.block_rows = block_rows;
     task.stream_stores = stream_stores;
-    task.scratch = scratch.back().aligned;
+    task.scratch = scratch[t].aligned;
   }
   if (threads == 1) return rows_fn(tasks[0]);
 

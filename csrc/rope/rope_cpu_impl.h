@@ -718,7 +718,9 @@ inline void IntervalAvx512(const T* x, T* out, const Compute<T>* c, const Comput
 #endif
 
 // The dims past rotary_size are copied, the zero slots of a packed gradient zeroed.
-template<typename T>
+// kStream (AVX-512 builds, large calls): zero slots whose bytes are whole 64-byte lines are
+// written with non-temporal stores, like the rotated slot.
+template<typename T, bool kStream = false>
 inline void TailAndZeros(const T* xh, T* oh, const RopeTensor& t, const Geometry& g) {
   const int64_t sx = t.x_stride_k, so = t.out_stride_k;
   const int64_t rest = g.K - g.rotary;
@@ -733,6 +735,16 @@ inline void TailAndZeros(const T* xh, T* oh, const RopeTensor& t, const Geometry
   }
   for (int z = 0; z < t.num_zero_slots; ++z) {
     T* zh = oh + t.zero_slot_offset[z];
+#if ROPE_CPU_AVX512_16BIT
+    const int64_t bytes = g.K * static_cast<int64_t>(sizeof(T));
+    if (kStream && so == 1 && bytes % 64 == 0 && reinterpret_cast<uintptr_t>(zh) % 64 == 0) {
+      char* line = reinterpret_cast<char*>(zh);
+      for (int64_t at = 0; at < bytes; at += 64) {
+        _mm512_stream_si512(reinterpret_cast<__m512i*>(line + at), _mm512_setzero_si512());
+      }
+      continue;
+    }
+#endif
     if (so == 1) {
       __builtin_memset(zh, 0, static_cast<size_t>(g.K) * sizeof(T));  // +0 in every float format
     } else {
@@ -788,10 +800,12 @@ inline void ForEachHead(const RopeTensor& t, const Geometry& g, const BlockRows<
   const bool gaps = t.x_stride_h > g.K;
   const bool ahead = stream && sizeof(T) >= 4 && !gaps;
   if (t.x_stride_h > t.x_stride_m) {
+    const bool ahead_rows = stream && sizeof(T) >= 4 && t.x_stride_m == g.K;  // rows contiguous
     for (int64_t h = 0; h < t.H; ++h) {
       for (int64_t i = 0; i < rows.n; ++i) {
-        head(x + rows.b[i] * t.x_stride_b + rows.m[i] * t.x_stride_m + h * t.x_stride_h,
-             out + rows.b[i] * t.out_stride_b + rows.m[i] * t.out_stride_m + h * t.out_stride_h, i);
+        const T* xh = x + rows.b[i] * t.x_stride_b + rows.m[i] * t.x_stride_m + h * t.x_stride_h;
+        if (ahead_rows) PrefetchLines(xh, kStreamAhead, head_bytes, false);
+        head(xh, out + rows.b[i] * t.out_stride_b + rows.m[i] * t.out_stride_m + h * t.out_stride_h, i);
       }
     }
   } else {
@@ -861,7 +875,7 @@ void RotateTensorDirect(const RopeTensor& t, const Geometry& g, const BlockRows<
         PlaneDirect<T, false, kHalf>(xh, oh, c, s, parts, g.half);
       }
     }
-    if (tail) TailAndZeros<T>(xh, oh, t, g);
+    if (tail) TailAndZeros<T, kStream>(xh, oh, t, g);
   });
 }
 
