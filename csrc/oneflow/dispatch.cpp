@@ -23,6 +23,7 @@
 #include "oneflow/core/framework/mutable_attr_map.h"
 #include "oneflow/core/framework/tensor_tuple.h"
 #include "rope/op_attrs.h"
+#include "rope/rope_cpu_internal.h"
 
 namespace oneflow {
 namespace one {
@@ -422,4 +423,7 @@ PYBIND11_MODULE(_C, m) {
 #undef ROPE_CALL_ARGS
   m.attr("ATTRIBUTE_NAMES") = py::tuple(py::cast(AttributeNames()));
   oneflow_rope::binding::DefineLayoutFunctions(m);
+  m.def("cpu_isa", &oneflow_rope::RopeCpuIsaName,
+        "Instruction set the CPU kernel runs: baseline, avx2, avx512 or avx512bf16 (the best this "
+        "CPU has; the environment variable ONEFLOW_ROPE_CPU_ISA, read once, lowers it).");
 }

@@ -1,8 +1,11 @@
 // Thin OneFlow kernels: turn the op's tensors and attributes into a RopeParams and call the
 // framework-free CPU or CUDA kernel.
+#include <algorithm>
 #include <cstring>
+#include <thread>
 
 #include "oneflow/core/framework/framework.h"
+#include "oneflow/core/ep/include/device.h"
 #include "rope/layout.h"
 #include "rope/rope_params.h"
 #ifdef ONEFLOW_ROPE_WITH_CUDA
@@ -181,6 +184,32 @@ rope::RopeParams MakeParams(user_op::KernelComputeContext* ctx, bool backward) {
   return p;
 }
 
+// OneFlow's CPU intra-op thread count, as its own CPU kernels read it (ep::CpuStream::ParallelFor
+// uses CpuDevice::GetNumThreads()). In the 0.9.0 wheel:
+//  - the CPU device's count is set at start-up from the environment variable OMP_NUM_THREADS, by
+//    default hardware_concurrency / (processes per node) - 2 (EnvGlobalObjectsScope::Init calls
+//    ep::CpuDeviceManager::SetDeviceNumThreads(ParseIntegerFromEnv("OMP_NUM_THREADS", ...)));
+//    CpuDeviceManager::GetDevice copies it into the CpuDevice;
+//  - oneflow.set_num_threads(n) (_oneflow_internal's oneflow::multiprocessing::set_num_threads)
+//    writes n into the CpuDevice.
+// The wheel ships no ep/cpu header and exports no getter (only SetDeviceNumThreads, checked with
+// nm -D), and CpuDevice::GetNumThreads() is inline. Its layout, read off the wheel's machine code
+// (CpuDeviceManager::GetDevice allocates 0x18 bytes: vtable, DeviceManager* device_manager_,
+// size_t num_threads_ at offset 16, the offset set_num_threads writes): the count is read from
+// there, for a CPU device only. The default formula gives 0 or less on machines of 1 or 2 cores
+// (this one: 2 - 2 = 0): that, like anything below 1, means one thread; at most
+// hardware_concurrency threads.
+int32_t IntraOpThreads(user_op::KernelComputeContext* ctx) {
+  ep::Stream* stream = ctx->stream();
+  if (stream == nullptr || stream->device_type() != DeviceType::kCPU) return 1;
+  const ep::Device* device = stream->device();
+  if (device == nullptr || device->device_type() != DeviceType::kCPU) return 1;
+  int64_t count = 0;
+  std::memcpy(&count, reinterpret_cast<const char*>(device) + 2 * sizeof(void*), sizeof(count));
+  const int64_t hardware = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  return static_cast<int32_t>(std::min(std::max<int64_t>(count, 1), hardware));
+}
+
 template<bool kBackward>
 class RopeCpuKernel final : public user_op::OpKernel {
  public:
@@ -189,7 +218,8 @@ class RopeCpuKernel final : public user_op::OpKernel {
 
  private:
   void Compute(user_op::KernelComputeContext* ctx) const override {
-    const rope::RopeParams p = MakeParams(ctx, kBackward);
+    rope::RopeParams p = MakeParams(ctx, kBackward);
+    p.num_threads = IntraOpThreads(ctx);
     const char* invalid = rope::ValidateRopeParams(p);
     CHECK(invalid == nullptr) << "fused_apply_rotary_emb: " << invalid;
     const int64_t bad_rows = rope::RopeForwardCpu(p);

@@ -11,6 +11,7 @@
 
 #include "binding/layout_binding.h"
 #include "rope/layout.h"
+#include "rope/rope_cpu_internal.h"
 #include "rope/rope_params.h"
 #ifdef ONEFLOW_ROPE_WITH_CUDA
 #include "rope/rope_cuda.h"
@@ -148,6 +149,8 @@ struct Plan {
 
 int64_t ForwardCpu(const py::dict& d) { return Plan(d).RunCpu(); }
 
+int64_t CpuThreadsFor(const py::dict& d) { return RopeCpuThreadsFor(MakeParams(d)); }
+
 #ifdef ONEFLOW_ROPE_WITH_CUDA
 void ForwardCuda(const py::dict& d, uintptr_t stream) { Plan(d).RunCuda(stream); }
 
@@ -160,9 +163,16 @@ PYBIND11_MODULE(_rope_raw, m) {
   m.doc() = "oneflow_rope kernels driven by raw pointers (no OneFlow): for tests and benchmarks.";
   oneflow_rope::binding::DefineLayoutFunctions(m);  // infer_shapes, layout, layouts
   m.def("forward_cpu", &ForwardCpu, "Runs the CPU kernel; returns the number of out-of-table rows.");
+  m.def("cpu_isa", &RopeCpuIsaName, "Instruction set the CPU kernel runs (ONEFLOW_ROPE_CPU_ISA lowers it).");
+  m.def("cpu_threads_for", &CpuThreadsFor, py::arg("params"),
+        "Threads the CPU kernel would use for a params dict (its num_threads, at most).");
+  m.def("set_cpu_min_bytes_per_thread", &RopeCpuSetMinBytesPerThread, py::arg("bytes"),
+        "Least bytes a CPU thread must move before another is started (<= 0: default 1 MiB).");
   py::class_<Plan> plan(m, "Plan", "A call's parameters, converted once (for timing loops).");
   plan.def(py::init<const py::dict&>(), py::arg("params"));
   plan.def("run_cpu", &Plan::RunCpu);
+  plan.def_property_readonly("num_threads", [](const Plan& plan) { return RopeCpuThreadsFor(plan.params); },
+                             "Threads the CPU kernel uses for this plan.");
 #ifdef ONEFLOW_ROPE_WITH_CUDA
   plan.def("run_cuda", &Plan::RunCuda, py::arg("stream"));
   m.def("forward_cuda", &ForwardCuda, py::arg("params"), py::arg("stream"));
