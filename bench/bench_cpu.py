@@ -1,7 +1,7 @@
 """CPU benchmark of fused_apply_rotary_emb against memory speed (issue 10): OneFlow's clone of the
 same number of bytes, the OneFlow composite x*cos + rotate(x)*sin, and numpy.
 
-    python bench/bench_cpu.py [--quick] [--threads N] [--reps R] [--shapes ...] [--json out.json]
+    python -m bench.bench_cpu [--quick] [--threads N] [--reps R] [--shapes ...] [--json out.json]
 
 For each shape (B, M, H, K), dtype, layout of x, mode and direction (forward: the op; backward: its
 grad op, dy -> dx in x's layout with the zero slots of a packed x), one row:
@@ -34,15 +34,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-
 import oneflow_rope  # noqa: E402  (loads OneFlow's CUDA libraries before `import oneflow`)
 import oneflow as flow  # noqa: E402
 from oneflow_rope import ops  # noqa: E402
 from oneflow_rope.layout import infer_shapes  # noqa: E402
 
-from cases import layout_shape  # noqa: E402
+from tests.cases import layout_shape  # noqa: E402
 
 SHAPES = [(1, 2048, 32, 128), (4, 512, 32, 128), (8, 1, 32, 128)]
 LAYOUTS = ("BMHK", "BHMK", "MBHK", "BM(HK)", "MB(HK)", "BM(H2K)", "MB(H2K)", "BM(H3K)", "MB(H3K)")
@@ -169,8 +166,9 @@ def measure(shape, dtype: str, layout: str, mode: str, table: bool, reps: int) -
     shapes = infer_shapes(tuple(x.shape), layout, mode=mode, k_size=kwargs.get("k_size"),
                           table_shape=None if cos is None else tuple(cos.shape),
                           position_ids_shape=None if pos is None else tuple(pos.shape))
-    attrs = (shapes.layout, shapes.output_layout, mode, shapes.tensor_index, shapes.head_size,
-             shapes.rotary_size, 10000.0)
+    op = ops._prepare(x, cos, sin, pos, layout=layout, x_layout=None, output_layout=None, mode=mode,
+                      tensor_index=None, k_size=kwargs.get("k_size"), base=10000.0, rotary_size=None,
+                      seqlen_offsets=None, inv_freq=None, attention_scaling=1.0)
     dy = random_tensor(tuple(shapes.out_shape), dtype)
     item = SIZE[dtype]
     unit = B * M * H * K * item  # one unpacked tensor
@@ -186,7 +184,7 @@ def measure(shape, dtype: str, layout: str, mode: str, table: bool, reps: int) -
 
             def ours():
                 # the grad op, as the op's autograd backward runs it
-                return ops._dispatch(True, dy, (cos, sin, pos), attrs)
+                return op.backward(dy, cos, sin, pos)
         ref = flow.empty(nbytes // 2 // item, dtype=getattr(flow, dtype))
         t_ours, t_clone = best_interleaved([ours, lambda: ref.clone()], reps)
         rows[direction] = {"ours": nbytes / t_ours / 1e9, "clone": nbytes / t_clone / 1e9,

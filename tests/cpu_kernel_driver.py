@@ -14,7 +14,7 @@ a subprocess per instruction set (ONEFLOW_ROPE_CPU_ISA picks the kernel build, o
   angles    computed angles at positions up to 2^24 against the float64 reference;
   large     calls moving 64 MiB (non-temporal stores and prefetching in the AVX-512 builds).
 
-    python tests/cpu_kernel_driver.py BUILD_DIR [DIGESTS.json]
+    python -m tests.cpu_kernel_driver BUILD_DIR [DIGESTS.json]
 Prints the instruction set, any failures and 'N passed, N failed'; exits 1 on a failure. With
 DIGESTS.json, writes a digest of each call's outputs there (the builds for each instruction set
 must agree: they compute the same operations, without fused multiply-adds).
@@ -25,19 +25,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-from cases import layout_shape, random_rope_table, round_to_dtype  # noqa: E402
-from raw_driver import extended_params, launch, rope, rope_backward, tensor_entry  # noqa: E402
-from reference import positions_from_cu_seqlens, rope_reference, rope_reference_backward, tolerance  # noqa: E402
-from sanitize_driver import from_bits, storage, values  # noqa: E402
+from tests.cases import layout_shape, random_rope_table, round_to_dtype  # noqa: E402
+from tests.raw_driver import extended_params, load_raw, rope, rope_backward, tensor_entry  # noqa: E402
+from tests.reference import positions_from_cu_seqlens, rope_reference, rope_reference_backward, tolerance  # noqa: E402
+from tests.sanitize_driver import from_bits, storage, values  # noqa: E402
 
 THREADS = (2, 3, 5)
 
@@ -134,7 +130,7 @@ def single_tensor_calls(raw, res: Results, rng: np.random.Generator) -> None:
                 cos = sin = pos = None
                 rows = M + 3
                 if table:
-                    cos, sin = random_rope_table(rng, rows, part, mode, dtype)
+                    cos, sin = random_rope_table(rng, rows=rows, part=part, mode=mode, dtype=dtype)
                 else:
                     kwargs["base"] = (10000.0, 500000.0, 10.0)[count % 3]
                 if positions:
@@ -213,7 +209,7 @@ def extended_calls(raw, res: Results, rng: np.random.Generator) -> None:
 
                 def run(r, inv_freq=inv_freq, q=q, k=k, mode=mode, dtype=dtype):
                     oq, ok_ = np.empty_like(q), np.empty_like(k)
-                    tensors = [tensor_entry(q, oq, "BMHK", "BMHK", K, Hq), tensor_entry(k, ok_, "BMHK", "BMHK", K, Hk)]
+                    tensors = [tensor_entry(r, q, oq, "BMHK", "BMHK", K=K, H=Hq), tensor_entry(r, k, ok_, "BMHK", "BMHK", K=K, H=Hk)]
                     params = extended_params(r, tensors, dtype=dtype, B=B, M=M, K=K, mode=mode, inv_freq=inv_freq,
                                              attention_scaling=0.75, seqlen_offset=7, seqlen_offsets=offsets)
                     return [oq, ok_], launch_count(r, q, params)
@@ -230,7 +226,7 @@ def extended_calls(raw, res: Results, rng: np.random.Generator) -> None:
             # float32 tables with 16-bit x (and x's dtype otherwise), inverse, positions outside the table
             table_dtype = "float32" if dtype in ("float16", "bfloat16") else dtype
             rows = 50
-            cos, sin = random_rope_table(rng, rows, K, mode, table_dtype)
+            cos, sin = random_rope_table(rng, rows=rows, part=K, mode=mode, dtype=table_dtype)
             cs, ss = storage(cos, table_dtype), storage(sin, table_dtype)
             pos = rng.integers(0, rows, (B, 1, M)).astype(np.int64)
             pos[0, 0, 3] = rows  # outside: a NaN row
@@ -238,7 +234,7 @@ def extended_calls(raw, res: Results, rng: np.random.Generator) -> None:
 
             def run_table(r, q=q, k=k, cs=cs, ss=ss, pos=pos, mode=mode, dtype=dtype):
                 oq, ok_ = np.empty_like(q), np.empty_like(k)
-                tensors = [tensor_entry(q, oq, "BMHK", "BMHK", K, Hq), tensor_entry(k, ok_, "BMHK", "BMHK", K, Hk)]
+                tensors = [tensor_entry(r, q, oq, "BMHK", "BMHK", K=K, H=Hq), tensor_entry(r, k, ok_, "BMHK", "BMHK", K=K, H=Hk)]
                 params = extended_params(r, tensors, dtype=dtype, B=B, M=M, K=K, mode=mode, cos=cs, sin=ss,
                                          position_ids=pos, inverse=True)
                 return [oq, ok_], launch_count(r, q, params)
@@ -265,7 +261,7 @@ def extended_calls(raw, res: Results, rng: np.random.Generator) -> None:
 
             def run_packed(r, packed=packed, mode=mode, dtype=dtype):
                 outs = [np.empty((B, H, M, K), packed.dtype) for _ in range(2)]
-                tensors = [tensor_entry(packed, outs[s], "BM(H3K)", "BHMK", K, H, src_slot=s) for s in range(2)]
+                tensors = [tensor_entry(r, packed, outs[s], "BM(H3K)", "BHMK", K=K, H=H, src_slot=s) for s in range(2)]
                 params = extended_params(r, tensors, dtype=dtype, B=B, M=M, K=K, mode=mode, seqlen_offset=100)
                 return outs, launch_count(r, packed, params)
 
@@ -280,7 +276,7 @@ def extended_calls(raw, res: Results, rng: np.random.Generator) -> None:
 
             def run_in_place(r, packed=packed, mode=mode, dtype=dtype):
                 buf = packed.copy()
-                tensors = [tensor_entry(buf, buf, "BM(H3K)", "BM(H3K)", K, H, src_slot=s, dst_slot=s) for s in range(2)]
+                tensors = [tensor_entry(r, buf, buf, "BM(H3K)", "BM(H3K)", K=K, H=H, src_slot=s, dst_slot=s) for s in range(2)]
                 params = extended_params(r, tensors, dtype=dtype, B=B, M=M, K=K, mode=mode)
                 return [buf], launch_count(r, buf, params)
 
@@ -304,7 +300,7 @@ def extended_calls(raw, res: Results, rng: np.random.Generator) -> None:
                                        (np.int64, np.array([0, 10, 11, 50, 90, 96]), "malformed")):
                 def run_cu(r, cu_arr=cu_arr.astype(cdt), tx=tx, mode=mode, dtype=dtype):
                     out = np.empty_like(tx)
-                    tensors = [tensor_entry(tx, out, "BMHK", "BMHK", K, 2)]
+                    tensors = [tensor_entry(r, tx, out, "BMHK", "BMHK", K=K, H=2)]
                     params = extended_params(r, tensors, dtype=dtype, B=1, M=T, K=K, mode=mode, cu_seqlens=cu_arr)
                     return [out], launch_count(r, tx, params)
 
@@ -438,8 +434,7 @@ def large_calls(raw, res: Results) -> None:
 
 
 def main() -> int:
-    sys.path.insert(0, sys.argv[1])
-    import _rope_raw as raw
+    raw = load_raw(sys.argv[1])
 
     raw.set_cpu_min_bytes_per_thread(1)
     res = Results()

@@ -26,12 +26,11 @@ import pybind11
 import pytest
 
 import oneflow_rope
-from cases import layout_shape, round_to_dtype
-from flow_helpers import to_flow
+from tests.cases import layout_shape, round_to_dtype
+from tests.flow_helpers import to_flow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.path.join(ROOT, "build", "cpu-raw")
-DRIVER = os.path.join(ROOT, "tests", "cpu_kernel_driver.py")
 ISAS = ("baseline", "avx2", "avx512", "avx512bf16")
 
 
@@ -59,8 +58,8 @@ def digests():
 def test_threads_rounding_and_angles(raw_build, digests, isa, tmp_path):
     out = tmp_path / "digests.json"
     env = dict(os.environ, ONEFLOW_ROPE_CPU_ISA=isa)
-    result = subprocess.run([sys.executable, DRIVER, raw_build, str(out)], env=env, capture_output=True,
-                            text=True, timeout=1200)
+    result = subprocess.run([sys.executable, "-m", "tests.cpu_kernel_driver", raw_build, str(out)], env=env,
+                            capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert " 0 failed" in result.stdout, result.stdout[-4000:]
     ran = json.loads(out.read_text())
