@@ -14,7 +14,16 @@ from ._loader import preload_cuda_libraries
 
 preload_cuda_libraries()
 
-from .layout import INPUT_LAYOUTS, MODES, OUTPUT_LAYOUTS, LayoutInfo, RopeShapes, infer_shapes, parse_layout  # noqa: E402
+from .layout import (  # noqa: E402
+    INPUT_LAYOUTS,
+    MODES,
+    OUTPUT_LAYOUTS,
+    VARLEN_LAYOUTS,
+    LayoutInfo,
+    RopeShapes,
+    infer_shapes,
+    parse_layout,
+)
 from .ops import (  # noqa: E402
     cos_sin_table,
     fused_apply_rotary_emb,
@@ -41,5 +50,6 @@ __all__ = [
     "LayoutInfo",
     "INPUT_LAYOUTS",
     "OUTPUT_LAYOUTS",
+    "VARLEN_LAYOUTS",
     "MODES",
 ]

@@ -14,13 +14,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
-from .op_table import DEFAULT_LAYOUT, INPUT_LAYOUTS, LAYOUTS, MODES, OUTPUT_LAYOUTS, TENSOR_INDICES, LayoutInfo
+from .op_table import (DEFAULT_LAYOUT, INPUT_LAYOUTS, LAYOUTS, MODES, OUTPUT_LAYOUTS, TENSOR_INDICES, VARLEN_LAYOUTS,
+                       LayoutInfo)
 
 __all__ = [
     "LayoutInfo",
     "RopeShapes",
     "INPUT_LAYOUTS",
     "OUTPUT_LAYOUTS",
+    "VARLEN_LAYOUTS",
     "MODES",
     "DEFAULT_LAYOUT",
     "parse_layout",
@@ -90,17 +92,28 @@ class RopeShapes:
 
 
 def layout_shape(layout: str, B: int, M: int, H: int, K: int) -> Tuple[int, ...]:
-    """Shape of a contiguous tensor of ``layout`` holding these sizes."""
+    """Shape of a contiguous tensor of ``layout`` holding these sizes (a varlen layout's token
+    axis holds B * M tokens)."""
     info = parse_layout(layout)
     shape = [0] * info.ndim
-    shape[info.batch_axis] = B
-    shape[info.seq_axis] = M
+    if info.varlen:
+        shape[info.seq_axis] = B * M
+    else:
+        shape[info.batch_axis] = B
+        shape[info.seq_axis] = M
     if info.fused:
         shape[info.head_axis] = H * info.slots * K
     else:
         shape[info.head_axis] = H
-        shape[3] = K
+        shape[info.k_axis] = K
     return tuple(shape)
+
+
+def _batch_and_length(info: LayoutInfo, shape: Tuple[int, ...]) -> Tuple[int, int]:
+    """(B, M) of a tensor of this layout: (1, T) for a varlen layout's T tokens."""
+    if info.varlen:
+        return 1, shape[info.seq_axis]
+    return shape[info.batch_axis], shape[info.seq_axis]
 
 
 def _check_int(value: object, argument: str) -> int:
@@ -127,6 +140,12 @@ def _shape(value: Sequence[int], argument: str) -> Tuple[int, ...]:
 _SINGLE_LAYOUTS = ", ".join(name for name, info in LAYOUTS.items() if info.slots == 1)
 _QK_LAYOUTS = " or ".join(name for name, info in LAYOUTS.items()
                           if "query" in info.tensor_names and "key" in info.tensor_names)
+_VARLEN_LAYOUTS = ", ".join(VARLEN_LAYOUTS)
+
+
+def _output_choices(varlen: bool) -> str:
+    """The output layouts that go with an input of this kind (varlen or not)."""
+    return ", ".join(name for name in OUTPUT_LAYOUTS if LAYOUTS[name].varlen == varlen)
 
 
 def _vector_shape(value: Sequence[int], argument: str, expected: str) -> Tuple[int, ...]:
@@ -162,6 +181,7 @@ def infer_shapes(
     seqlen_offset: Optional[int] = None,
     seqlen_offsets_shape: Optional[Sequence[int]] = None,
     inv_freq_shape: Optional[Sequence[int]] = None,
+    cu_seqlens_shape: Optional[Sequence[int]] = None,
 ) -> RopeShapes:
     """Parses ``layout`` and infers B, M, H, K, the rotary sizes and the output shape.
 
@@ -174,17 +194,26 @@ def infer_shapes(
     ``k_num_heads`` and ``k_out_shape``. ``seqlen_offset`` is an int ``seqlen_offsets``,
     ``seqlen_offsets_shape`` the shape of a tensor one; ``inv_freq_shape`` the shape of inv_freq.
 
+    The varlen layouts ((BM)HK, (BM)(HK), (BM)(H2K), (BM)(H3K)) hold the T tokens of packed
+    sequences on one axis: B = 1 and M = T, the sequences come from ``cu_seqlens_shape`` (S+1,)
+    or the positions from ``position_ids_shape`` (R, T); their output layout is varlen too.
+
     Example::
 
         >>> infer_shapes((2, 16, 3 * 8 * 64), "BM(H3K)", k_size=64).out_shape
         (2, 16, 512)
         >>> infer_shapes((2, 16, 32, 64), "BMHK", k_shape=(2, 16, 8, 64)).k_out_shape
         (2, 16, 8, 64)
+        >>> infer_shapes((100, 3 * 8 * 64), "(BM)(H3K)", k_size=64, cu_seqlens_shape=(5,)).out_shape
+        (100, 512)
     """
     # Keep in step with rope::InferShapes (csrc/rope/layout.cpp): same rules, order and messages.
     info = parse_layout(layout, "layout")
     out_info = parse_layout(info.unpacked if output_layout is None else output_layout, "output_layout",
                             outputs_only=True)
+    if out_info.varlen != info.varlen:
+        raise ValueError(f"output_layout: got '{out_info.name}' for layout {info.name}, expected one of "
+                         f"{_output_choices(info.varlen)} (packed varlen tokens and batched sequences do not mix)")
     if not isinstance(mode, str):
         raise TypeError(f"mode: expected a string, {_MODE_CHOICES}; got {mode!r}")
     if mode not in MODES:
@@ -224,17 +253,35 @@ def infer_shapes(
     rotary_dim = 1
     if position_ids_shape is not None:
         pos = _shape(position_ids_shape, "position_ids")
-        if len(pos) != 3 or pos[1] not in (1, 2):
+        if info.varlen:
+            if len(pos) != 2 or pos[0] not in (1, 2):
+                raise ValueError(f"position_ids: got shape {pos}, expected (1, T) or (2, T) for the varlen layout "
+                                 f"{info.name}")
+        elif len(pos) != 3 or pos[1] not in (1, 2):
             raise ValueError(f"position_ids: got shape {pos}, expected (B, 1, M) or (B, 2, M)")
         if min(pos) < 0:
             raise ValueError(f"position_ids: got shape {pos}, which has a negative size")
-        rotary_dim = pos[1]
+        rotary_dim = pos[0] if info.varlen else pos[1]
     if table_shape is not None:
         table = _shape(table_shape, "cos")
         if len(table) != 2:
             raise ValueError(f"cos: got shape {table}, expected a 2-D table (P, rotary_size / rotary_dim)")
         if min(table) < 0:
             raise ValueError(f"cos: got shape {table}, which has a negative size")
+    if cu_seqlens_shape is not None:
+        cu = _shape(cu_seqlens_shape, "cu_seqlens")
+        if not info.varlen:
+            raise ValueError(f"cu_seqlens: given with layout {info.name}; cu_seqlens gives the sequences of packed "
+                             f"tokens, for the varlen layouts ({_VARLEN_LAYOUTS})")
+        if position_ids_shape is not None:
+            raise ValueError("cu_seqlens: given together with position_ids; a token's position comes from one of "
+                             "them, give one")
+        if len(cu) != 1 or cu[0] < 1:
+            raise ValueError(f"cu_seqlens: got shape {cu}, expected (S+1,): the first token of each of the S "
+                             "sequences, then the number of tokens T")
+    elif info.varlen and position_ids_shape is None:
+        raise ValueError(f"cu_seqlens: got None with the varlen layout {info.name}, whose tokens belong to packed "
+                         "sequences; give cu_seqlens (S+1,) or position_ids (R, T)")
     if seqlen_offset is not None or seqlen_offsets_shape is not None:
         if seqlen_offset is not None and seqlen_offsets_shape is not None:
             raise ValueError(f"seqlen_offsets: got an int offset ({seqlen_offset}) and a tensor of offsets; "
@@ -242,6 +289,9 @@ def infer_shapes(
         if position_ids_shape is not None:
             raise ValueError("seqlen_offsets: given together with position_ids; token m of sequence b is at "
                              "seqlen_offsets[b] + m only without position_ids, give one of them")
+        if info.varlen:
+            raise ValueError(f"seqlen_offsets: given with the varlen layout {info.name}, whose token t of sequence "
+                             "s is at t - cu_seqlens[s]; give the positions as position_ids instead")
         if seqlen_offset is not None:
             seqlen_offset = _check_int(seqlen_offset, "seqlen_offsets")
         else:
@@ -260,10 +310,9 @@ def infer_shapes(
         if rotary_size <= 0:
             raise ValueError(f"rotary_size: got {rotary_size}, expected a positive number of dims")
 
-    B = shape[info.batch_axis]
-    M = shape[info.seq_axis]
+    B, M = _batch_and_length(info, shape)
     if not info.fused:
-        H, K = shape[info.head_axis], shape[3]
+        H, K = shape[info.head_axis], shape[info.k_axis]
         source = "x"
         if k_size is not None and k_size != K:
             raise ValueError(f"k_size: got {k_size} but x of layout {info.name} and shape {shape} has head size {K}")
@@ -281,26 +330,28 @@ def infer_shapes(
                    else "give k_size or a cos/sin table")
             raise ValueError(f"k_size: layout {info.name} needs the head size K ({why}); got k_size=None")
         step = K * info.slots
-        if shape[2] % step != 0:
+        if shape[-1] % step != 0:
             given = f"k_size: got {K}" if source == "k_size" else f"cos: got shape {table}, whose width gives K = {K}"
             multiple = f"{info.slots} * K = {step}" if info.slots > 1 else f"K = {K}"
-            raise ValueError(f"{given}, but the last axis of x ({shape[2]}) is not a multiple of {multiple} "
+            raise ValueError(f"{given}, but the last axis of x ({shape[-1]}) is not a multiple of {multiple} "
                              f"for layout {info.name}")
-        H = shape[2] // step
+        H = shape[-1] // step
 
     k_heads = H if packed_qk else None
     if k_shape is not None:
-        if k[info.batch_axis] != B or k[info.seq_axis] != M:
+        if _batch_and_length(info, k) != (B, M):
+            if info.varlen:
+                raise ValueError(f"k: got shape {k}; q and k need the same tokens, q has T={M}")
             raise ValueError(f"k: got shape {k}; q and k need the same B and M, q has B={B}, M={M}")
         if not info.fused:
-            if k[3] != K:
-                raise ValueError(f"k: got shape {k}, whose head size {k[3]} differs from q's head size K={K}")
+            if k[-1] != K:
+                raise ValueError(f"k: got shape {k}, whose head size {k[-1]} differs from q's head size K={K}")
             k_heads = k[info.head_axis]
         else:
-            if k[2] % K != 0:
-                raise ValueError(f"k: got shape {k}, whose last axis ({k[2]}) is not a multiple of the head size "
+            if k[-1] % K != 0:
+                raise ValueError(f"k: got shape {k}, whose last axis ({k[-1]}) is not a multiple of the head size "
                                  f"K = {K} for layout {info.name}")
-            k_heads = k[2] // K
+            k_heads = k[-1] // K
 
     if rotary_size is None:
         rotary = K
@@ -321,15 +372,19 @@ def infer_shapes(
                              f"rotary_size / {rotary_dim} dims, which must be even")
     part = rotary // rotary_dim
 
-    if position_ids_shape is not None and (pos[0] != B or pos[2] != M):
-        raise ValueError(f"position_ids: got shape {pos}, expected ({B}, {rotary_dim}, {M}) for x with B={B}, M={M}")
+    if position_ids_shape is not None:
+        if info.varlen and pos[1] != M:
+            raise ValueError(f"position_ids: got shape {pos}, expected ({rotary_dim}, {M}) for x with T={M} tokens")
+        if not info.varlen and (pos[0] != B or pos[2] != M):
+            raise ValueError(f"position_ids: got shape {pos}, expected ({B}, {rotary_dim}, {M}) for x with B={B}, "
+                             f"M={M}")
     if table_shape is not None:
         if table[1] != part:
             raise ValueError(f"cos: got shape {table}, expected (P, {part}): width rotary_size / rotary dim "
                              f"= {rotary} / {rotary_dim}")
-        if position_ids_shape is None and seqlen_offsets_shape is None:
-            # the positions are known: 0..M-1, or seqlen_offset + (0..M-1) (a tensor of offsets or
-            # position_ids: known only at run time, NaN rows outside the table)
+        if position_ids_shape is None and seqlen_offsets_shape is None and cu_seqlens_shape is None:
+            # the positions are known: 0..M-1, or seqlen_offset + (0..M-1) (a tensor of offsets,
+            # position_ids or cu_seqlens: known only at run time, NaN rows outside the table)
             offset = 0 if seqlen_offset is None else seqlen_offset
             if offset == 0 and table[0] < M:
                 raise ValueError(f"cos: got shape {table}: {table[0]} rows, but x has sequence length M={M}; "

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
-__all__ = ["LayoutInfo", "Attribute", "LAYOUTS", "INPUT_LAYOUTS", "OUTPUT_LAYOUTS", "MODES",
+__all__ = ["LayoutInfo", "Attribute", "LAYOUTS", "INPUT_LAYOUTS", "OUTPUT_LAYOUTS", "VARLEN_LAYOUTS", "MODES",
            "DEFAULT_LAYOUT", "TENSOR_INDICES", "ATTRIBUTES", "TABLE_PATH", "load"]
 
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "op_table.json")
@@ -25,10 +25,11 @@ class LayoutInfo:
 
     name: str
     ndim: int
-    batch_axis: int
+    batch_axis: int  # for varlen layouts the token axis, which holds B = 1 and M = T
     seq_axis: int
     head_axis: int  # for fused layouts the last axis, shared with K (and the slots)
     fused: bool  # H (and the slots) and K share the last axis
+    varlen: bool  # one axis holds the T tokens of packed sequences: (BM)HK, (BM)(HK), ...
     slots: int  # 1, or 2 / 3 for packed key-value / query-key-value
     tensor_indices: Tuple[int, ...]  # the tensor_index of each slot ((0,) when unpacked)
     tensor_names: Tuple[Optional[str], ...]  # "query", "key", "value" per slot ((None,) when unpacked)
@@ -39,6 +40,11 @@ class LayoutInfo:
     def slot_of(self, tensor_index: int) -> int:
         """The slot (0-based position in a head) that ``tensor_index`` selects."""
         return self.tensor_indices.index(tensor_index)
+
+    @property
+    def k_axis(self) -> int:
+        """The axis holding K: the last (shared with H and the slots for fused layouts)."""
+        return self.ndim - 1
 
 
 @dataclass(frozen=True)
@@ -51,20 +57,26 @@ class Attribute:
 def _derive(entry: dict, tensor_indices: Dict[str, int]) -> LayoutInfo:
     name, axes = entry["name"], list(entry["axes"])
     fused = axes[-1] != "K"
-    spelled = "".join(axes[:-1]) + "(" + axes[-1] + ")" if fused else "".join(axes)
+    # an axis of several letters is written in parentheses: BM(HK), (BM)HK, (BM)(H3K)
+    spelled = "".join(axis if len(axis) == 1 else "(" + axis + ")" for axis in axes)
     letters = sorted(c for c in "".join(axes) if c.isalpha())
-    if spelled != name or letters != ["B", "H", "K", "M"]:
+    if spelled != name or letters != ["B", "H", "K", "M"] or (fused and not axes[-1].startswith("H")):
         raise ValueError(f"op_table.json: layout {name}: axes {axes} do not spell the name")
+    varlen = "BM" in axes
+    if any(len(axis) > 1 and axis != "BM" for axis in axes[:-1]):
+        raise ValueError(f"op_table.json: layout {name}: only the token axis BM and the last axis may be fused")
     slots = int(axes[-1][1:-1] or 1) if fused else 1
     head_axis = next(i for i, axis in enumerate(axes) if "H" in axis)
+    batch_axis = next(i for i, axis in enumerate(axes) if "B" in axis)
+    seq_axis = next(i for i, axis in enumerate(axes) if "M" in axis)
     names = tuple(entry.get("tensors", [None]))
     if len(names) != slots:
         raise ValueError(f"op_table.json: layout {name}: {slots} slots but tensors {list(names)}")
     indices = tuple(0 if n is None else tensor_indices[n] for n in names)
     default = entry.get("default_tensor")
     return LayoutInfo(
-        name=name, ndim=len(axes), batch_axis=axes.index("B"), seq_axis=axes.index("M"),
-        head_axis=head_axis, fused=fused, slots=slots, tensor_indices=indices, tensor_names=names,
+        name=name, ndim=len(axes), batch_axis=batch_axis, seq_axis=seq_axis,
+        head_axis=head_axis, fused=fused, varlen=varlen, slots=slots, tensor_indices=indices, tensor_names=names,
         default_tensor_index=0 if default is None else tensor_indices[default],
         unpacked=entry.get("unpacked", name), can_be_output=bool(entry["output"]),
     )
@@ -80,8 +92,10 @@ def load(path: str = TABLE_PATH):
         info = _derive(entry, tensor_indices)
         layouts[info.name] = info
     for info in layouts.values():
-        if info.unpacked not in layouts or not layouts[info.unpacked].can_be_output:
-            raise ValueError(f"op_table.json: layout {info.name}: unpacked {info.unpacked} is not an output layout")
+        unpacked = layouts.get(info.unpacked)
+        if unpacked is None or not unpacked.can_be_output or unpacked.varlen != info.varlen:
+            raise ValueError(f"op_table.json: layout {info.name}: unpacked {info.unpacked} is not an output layout "
+                             "of the same kind")
     attributes = tuple(Attribute(a["name"], a["type"], a["default"]) for a in table["attributes"])
     return layouts, tuple(table["modes"]), table["default_layout"], tensor_indices, attributes
 
@@ -89,3 +103,4 @@ def load(path: str = TABLE_PATH):
 LAYOUTS, MODES, DEFAULT_LAYOUT, TENSOR_INDICES, ATTRIBUTES = load()
 INPUT_LAYOUTS: Tuple[str, ...] = tuple(LAYOUTS)
 OUTPUT_LAYOUTS: Tuple[str, ...] = tuple(n for n, info in LAYOUTS.items() if info.can_be_output)
+VARLEN_LAYOUTS: Tuple[str, ...] = tuple(n for n, info in LAYOUTS.items() if info.varlen)

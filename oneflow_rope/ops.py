@@ -9,6 +9,9 @@ the documented ValueError / TypeError.
 
 No call reads a tensor's values back to the host, unless the position check is switched on
 (``check_positions=True`` or :func:`set_position_check`).
+
+Packed sequences of different lengths (the varlen layouts (BM)HK, (BM)(HK), (BM)(H2K), (BM)(H3K))
+are one call: x holds all T tokens, ``cu_seqlens`` (S+1,) says where each sequence starts.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ _FREQ_DTYPES = (flow.float32, flow.float64)
 _MAX_OFFSET = 2**62  # |an int seqlen_offsets| stays far from int64 overflow once m is added
 
 # A prepared call: the compiled _C.RopeOp holding the op expressions and attributes. Its methods
-# take (x, cos, sin, position_ids[, k, seqlen_offsets, inv_freq]).
+# take (x, cos, sin, position_ids[, k, seqlen_offsets, inv_freq, cu_seqlens]).
 _PLANS: Dict[tuple, object] = {}  # call signature -> RopeOp
 _MAX_PLANS = 4096  # a long-running process with ever new shapes starts over past this
 # (attributes, which optional inputs are given) -> RopeOp, shared by the signatures that resolve to it.
@@ -51,8 +54,10 @@ def set_position_check(enabled: bool) -> None:
     When on, an eager call with cos/sin tables and position_ids (or a tensor of seqlen_offsets)
     reads the smallest and largest position back to the host (one device-to-host
     synchronisation) and raises ValueError naming position_ids (or seqlen_offsets) and the bad
-    value if one lies outside the table. When off, such positions give NaN rows, as inside
-    nn.Graph. ``check_positions=`` of a call overrides this switch.
+    value if one lies outside the table; an eager call with cu_seqlens reads it back and raises
+    ValueError naming cu_seqlens when it is malformed (first entry not 0, decreasing, last entry
+    not T) or, with a table, when a sequence is longer than the table. When off, such positions
+    give NaN rows, as inside nn.Graph. ``check_positions=`` of a call overrides this switch.
     """
     global _check_positions
     _check_positions = bool(enabled)
@@ -66,7 +71,7 @@ def position_check_enabled() -> bool:
 @functools.lru_cache(maxsize=None)
 def _op_expr(op_name: str, first_input: str, output: str, has_table: bool, has_positions: bool, *,
              second_input: Optional[str] = None, second_output: Optional[str] = None, has_offsets: bool = False,
-             has_inv_freq: bool = False):
+             has_inv_freq: bool = False, has_cu_seqlens: bool = False):
     """The UserOpExpr of one kind of call: inputs in the op's order, then the outputs."""
     builder = flow.stateful_op(op_name).Input(first_input)
     if second_input is not None:
@@ -79,6 +84,8 @@ def _op_expr(op_name: str, first_input: str, output: str, has_table: bool, has_p
         builder = builder.Input("seqlen_offsets")
     if has_inv_freq:
         builder = builder.Input("inv_freq")
+    if has_cu_seqlens:
+        builder = builder.Input("cu_seqlens")
     builder = builder.Output(output)
     if second_output is not None:
         builder = builder.Output(second_output)
@@ -86,12 +93,12 @@ def _op_expr(op_name: str, first_input: str, output: str, has_table: bool, has_p
 
 
 def _plan_for(attrs: Dict[str, object], *, has_table: bool, has_positions: bool, has_k: bool, has_offsets: bool,
-              has_inv_freq: bool):
-    key = (tuple(attrs.items()), has_table, has_positions, has_k, has_offsets, has_inv_freq)
+              has_inv_freq: bool, has_cu_seqlens: bool):
+    key = (tuple(attrs.items()), has_table, has_positions, has_k, has_offsets, has_inv_freq, has_cu_seqlens)
     plan = _PLANS_BY_ATTRS.get(key)
     if plan is None:
         two_outputs = has_k or bool(attrs["packed_qk"])
-        extras = dict(has_offsets=has_offsets, has_inv_freq=has_inv_freq)
+        extras = dict(has_offsets=has_offsets, has_inv_freq=has_inv_freq, has_cu_seqlens=has_cu_seqlens)
         forward = _op_expr("fused_apply_rotary_emb", "x", "out", has_table, has_positions,
                            second_input="k" if has_k else None, second_output="k_out" if two_outputs else None,
                            **extras)
@@ -99,7 +106,7 @@ def _plan_for(attrs: Dict[str, object], *, has_table: bool, has_positions: bool,
                             second_input="dk_out" if two_outputs else None, second_output="dk" if has_k else None,
                             **extras)
         plan = _PLANS_BY_ATTRS[key] = _C.RopeOp(forward, backward, has_table, has_positions, has_k, has_offsets,
-                                                has_inv_freq, **attrs)
+                                                has_inv_freq, has_cu_seqlens, **attrs)
     return plan
 
 
@@ -121,7 +128,8 @@ def _check_number(value: object, argument: str, *, positive: bool) -> None:
 
 
 def _prepare(x, cos, sin, position_ids, *, layout, x_layout, output_layout, mode, tensor_index, k_size,
-             base, rotary_size, seqlen_offsets, inv_freq, attention_scaling, qk=False, k=None, inplace=False):
+             base, rotary_size, seqlen_offsets, inv_freq, attention_scaling, cu_seqlens=None, qk=False, k=None,
+             inplace=False):
     """Every check of the call, then the RopeOp that runs it. Raises ValueError / TypeError naming
     the argument, the value given and what was expected. qk: a q+k call (x is q; k None: x is a
     packed query-key-value tensor)."""
@@ -173,6 +181,14 @@ def _prepare(x, cos, sin, position_ids, *, layout, x_layout, output_layout, mode
         _check_tensor(inv_freq, "inv_freq", _FREQ_DTYPES, "float32 or float64")
         if _placement_of(inv_freq) != where:
             raise ValueError(f"inv_freq: is on {_placement_of(inv_freq)[1]} but x is on {where[1]}")
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, flow.Tensor):
+            raise TypeError(f"cu_seqlens: expected a oneflow.Tensor (int32 or int64, shape (S+1,)), got "
+                            f"{type(cu_seqlens).__name__}")
+        if cu_seqlens.dtype not in _INDEX_DTYPES:
+            raise ValueError(f"cu_seqlens: dtype {cu_seqlens.dtype} is not supported, expected int32 or int64")
+        if _placement_of(cu_seqlens) != where:
+            raise ValueError(f"cu_seqlens: is on {_placement_of(cu_seqlens)[1]} but x is on {where[1]}")
     if cos is None and inv_freq is None:
         _check_number(base, "base", positive=True)
     _check_number(attention_scaling, "attention_scaling", positive=False)
@@ -188,6 +204,7 @@ def _prepare(x, cos, sin, position_ids, *, layout, x_layout, output_layout, mode
         seqlen_offset=seqlen_offset,
         seqlen_offsets_shape=tuple(seqlen_offsets.shape) if isinstance(seqlen_offsets, flow.Tensor) else None,
         inv_freq_shape=None if inv_freq is None else tuple(inv_freq.shape),
+        cu_seqlens_shape=None if cu_seqlens is None else tuple(cu_seqlens.shape),
     )
     if inplace and shapes.output_layout != shapes.layout:
         why = (f"q of layout {shapes.layout} is a packed query-key-value tensor, whose query and key results "
@@ -200,7 +217,8 @@ def _prepare(x, cos, sin, position_ids, *, layout, x_layout, output_layout, mode
                  base=float(base) if cos is None and inv_freq is None else 10000.0, seqlen_offset=0,
                  attention_scaling=float(attention_scaling), packed_qk=qk and k is None)
     return _plan_for(attrs, has_table=cos is not None, has_positions=position_ids is not None, has_k=k is not None,
-                     has_offsets=isinstance(seqlen_offsets, flow.Tensor), has_inv_freq=inv_freq is not None)
+                     has_offsets=isinstance(seqlen_offsets, flow.Tensor), has_inv_freq=inv_freq is not None,
+                     has_cu_seqlens=cu_seqlens is not None)
 
 
 def _is_building_graph(t: flow.Tensor) -> bool:
@@ -232,14 +250,49 @@ def _check_offsets_range(seqlen_offsets: flow.Tensor, seq_len: int, rows: int) -
                          f"table has {rows} rows)")
 
 
-def _check_positions_now(x, cos, position_ids, seqlen_offsets, layout, x_layout, check_positions) -> None:
-    """The opt-in position check of a call with a table (see :func:`set_position_check`)."""
+def _host_values(t: flow.Tensor) -> np.ndarray:
+    """The values of a (small) tensor on the host: one read-back (every rank of a global one)."""
+    if t.is_global:
+        t = t.to_global(sbp=flow.sbp.broadcast).to_local()
+    return t.numpy()
+
+
+def _check_cu_seqlens_values(cu_seqlens: flow.Tensor, tokens: int, rows: Optional[int]) -> None:
+    """The opt-in eager check of cu_seqlens: 0 first, non-decreasing, T last, and with a table
+    (``rows``) no sequence longer than the table. One read-back to the host."""
+    if _is_building_graph(cu_seqlens):
+        return
+    cu = _host_values(cu_seqlens).astype(np.int64)
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens: got first entry {cu[0]}, expected 0 (where the first sequence starts)")
+    steps = np.diff(cu)
+    if (steps < 0).any():
+        s = int(np.argmax(steps < 0))
+        raise ValueError(f"cu_seqlens: entries {s} and {s + 1} are {cu[s]} and {cu[s + 1]}, expected non-decreasing "
+                         "offsets (sequence s holds tokens cu_seqlens[s] to cu_seqlens[s+1] - 1)")
+    if cu[-1] != tokens:
+        raise ValueError(f"cu_seqlens: got last entry {cu[-1]}, expected T={tokens}, the number of tokens of x")
+    if rows is not None and steps.size and int(steps.max()) > rows:
+        s = int(np.argmax(steps))
+        raise ValueError(f"cu_seqlens: sequence {s} has {steps[s]} tokens, at positions 0 to {steps[s] - 1}, "
+                         f"expected every position in [0, {rows}) (the cos/sin table has {rows} rows)")
+
+
+def _check_positions_now(x, cos, position_ids, seqlen_offsets, layout, x_layout, check_positions,
+                         cu_seqlens=None) -> None:
+    """The opt-in check of a call's positions (see :func:`set_position_check`): against the table,
+    and the values of cu_seqlens."""
     if not (_check_positions if check_positions is None else check_positions):
         return
-    if position_ids is not None:
+    name = layout if layout is not None else (x_layout if x_layout is not None else DEFAULT_LAYOUT)
+    if cu_seqlens is not None:
+        _check_cu_seqlens_values(cu_seqlens, int(x.shape[parse_layout(name).seq_axis]),
+                                 None if cos is None else int(cos.shape[0]))
+    elif cos is None:
+        return
+    elif position_ids is not None:
         _check_position_range(position_ids, int(cos.shape[0]))
     elif isinstance(seqlen_offsets, flow.Tensor):
-        name = layout if layout is not None else (x_layout if x_layout is not None else DEFAULT_LAYOUT)
         _check_offsets_range(seqlen_offsets, int(x.shape[parse_layout(name).seq_axis]), int(cos.shape[0]))
 
 
@@ -265,6 +318,7 @@ def fused_apply_rotary_emb(
     seqlen_offsets: Union[None, int, flow.Tensor] = None,
     inv_freq: Optional[flow.Tensor] = None,
     attention_scaling: float = 1.0,
+    cu_seqlens: Optional[flow.Tensor] = None,
     check_positions: Optional[bool] = None,
     x_layout: Optional[str] = None,
 ) -> flow.Tensor:
@@ -285,6 +339,10 @@ def fused_apply_rotary_emb(
             MB(H2K)    (M, B, H*2*K)
             BM(H3K)    (B, M, H*3*K) packed query/key/value; ``tensor_index`` 0 (default), 1, 2
             MB(H3K)    (M, B, H*3*K)
+            (BM)HK     (T, H, K)    varlen: the T tokens of packed sequences (cu_seqlens)
+            (BM)(HK)   (T, H*K)
+            (BM)(H2K)  (T, H*2*K)
+            (BM)(H3K)  (T, H*3*K)
             ========== ============ =====================================================
 
         cos, sin: optional tables of shape (P, rotary_size / rotary_dim), x's dtype (or float32
@@ -292,12 +350,13 @@ def fused_apply_rotary_emb(
             dim j of a rotary part at position p. Without them, the angles are computed from
             ``base`` (or ``inv_freq``).
         position_ids: optional int32/int64 tensor of shape (B, 1, M), or (B, 2, M) for 2-D RoPE
-            (the first half of the rotary dims uses row 0, the second half row 1). Default:
-            token m is at position m. With a table, a position outside [0, P) gives NaN in its
-            rotated dims (nothing outside the table is read); see ``check_positions``.
+            (the first half of the rotary dims uses row 0, the second half row 1); (1, T) or
+            (2, T) for a varlen layout. Default: token m is at position m. With a table, a
+            position outside [0, P) gives NaN in its rotated dims (nothing outside the table is
+            read); see ``check_positions``.
         layout: layout of x (default "BMHK"); ``x_layout`` is accepted as another name.
-        output_layout: BMHK, BHMK, MBHK, BM(HK) or MB(HK); default x's layout (for a packed
-            input, its unpacked form: BM(H3K) -> BM(HK)).
+        output_layout: BMHK, BHMK, MBHK, BM(HK) or MB(HK); (BM)HK or (BM)(HK) for a varlen x.
+            Default x's layout (for a packed input, its unpacked form: BM(H3K) -> BM(HK)).
         mode: "plane" (rotate half, GPT-NeoX / LLaMA) or "interval" (adjacent pairs, GPT-J).
         tensor_index: which tensor of a packed layout to rotate.
         k_size: head size K; needed for fused layouts without a cos/sin table.
@@ -313,14 +372,20 @@ def fused_apply_rotary_emb(
             replacing ``base``: the angle of frequency i at position p is p * inv_freq[i]
             (computed as precisely as from base). Not together with cos/sin.
         attention_scaling: multiplies cos and sin (YaRN, LongRoPE); default 1.
-        check_positions: in eager mode, read position_ids (or a tensor of seqlen_offsets) back to
-            the host and raise ValueError for a position outside the table (one device
-            synchronisation per call). Default: the package switch, :func:`set_position_check`
-            (off).
+        cu_seqlens: for the varlen layouts, an int32/int64 tensor of shape (S+1,): sequence s
+            holds tokens cu_seqlens[s] to cu_seqlens[s+1] - 1 of x, and token t of it is at
+            position t - cu_seqlens[s] (cu_seqlens[0] = 0, non-decreasing, last = T). Not together
+            with position_ids. A malformed cu_seqlens is seen only on the data: rows outside
+            every sequence give NaN (see ``check_positions``); nothing out of bounds is read.
+        check_positions: in eager mode, read position_ids (or a tensor of seqlen_offsets, or
+            cu_seqlens) back to the host and raise ValueError for a position outside the table
+            or a malformed cu_seqlens (one device synchronisation per call). Default: the package
+            switch, :func:`set_position_check` (off).
 
     Returns:
         A new contiguous tensor in ``output_layout``. The op is differentiable in x (not in
-        cos, sin, position_ids, seqlen_offsets or inv_freq), in eager mode and inside ``nn.Graph``.
+        cos, sin, position_ids, seqlen_offsets, inv_freq or cu_seqlens), in eager mode and inside
+        ``nn.Graph``.
 
     Example::
 
@@ -332,6 +397,9 @@ def fused_apply_rotary_emb(
         >>> step = flow.randn(2, 1, 32, 64)                    # one decode step
         >>> cache_lengths = flow.tensor([17, 5], dtype=flow.int32)
         >>> step_rot = fused_apply_rotary_emb(step, seqlen_offsets=cache_lengths)  # positions 17 and 5
+        >>> packed = flow.randn(10, 32, 64)                    # 3 sequences of 4, 1, 5 tokens: (T, H, K)
+        >>> cu = flow.tensor([0, 4, 5, 10], dtype=flow.int32)
+        >>> packed_rot = fused_apply_rotary_emb(packed, layout="(BM)HK", cu_seqlens=cu)
     """
     # The hot path: a call whose signature was prepared before costs a dict look-up and the
     # dispatch. The argument classes are part of the signature so that, e.g., k_size=16.0 does
@@ -342,13 +410,15 @@ def fused_apply_rotary_emb(
                      mode, tensor_index, k_size, base, rotary_size, tensor_index.__class__, k_size.__class__,
                      base.__class__, rotary_size.__class__,
                      None if seqlen_offsets is None else _offsets_key(seqlen_offsets),
-                     None if inv_freq is None else inv_freq.shape, attention_scaling, attention_scaling.__class__)
+                     None if inv_freq is None else inv_freq.shape, attention_scaling, attention_scaling.__class__,
+                     None if cu_seqlens is None else cu_seqlens.shape)
         op = _PLANS[signature]
     except KeyError:
         op = _prepare(
             x, cos, sin, position_ids, layout=layout, x_layout=x_layout, output_layout=output_layout,
             mode=mode, tensor_index=tensor_index, k_size=k_size, base=base, rotary_size=rotary_size,
-            seqlen_offsets=seqlen_offsets, inv_freq=inv_freq, attention_scaling=attention_scaling)
+            seqlen_offsets=seqlen_offsets, inv_freq=inv_freq, attention_scaling=attention_scaling,
+            cu_seqlens=cu_seqlens)
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
         _PLANS[signature] = op
@@ -356,24 +426,26 @@ def fused_apply_rotary_emb(
         op = _prepare(
             x, cos, sin, position_ids, layout=layout, x_layout=x_layout, output_layout=output_layout,
             mode=mode, tensor_index=tensor_index, k_size=k_size, base=base, rotary_size=rotary_size,
-            seqlen_offsets=seqlen_offsets, inv_freq=inv_freq, attention_scaling=attention_scaling)
-    if cos is not None and (position_ids is not None or seqlen_offsets is not None):
-        _check_positions_now(x, cos, position_ids, seqlen_offsets, layout, x_layout, check_positions)
+            seqlen_offsets=seqlen_offsets, inv_freq=inv_freq, attention_scaling=attention_scaling,
+            cu_seqlens=cu_seqlens)
+    if cu_seqlens is not None or (cos is not None and (position_ids is not None or seqlen_offsets is not None)):
+        _check_positions_now(x, cos, position_ids, seqlen_offsets, layout, x_layout, check_positions, cu_seqlens)
     try:
-        if seqlen_offsets is None and inv_freq is None:
+        if seqlen_offsets is None and inv_freq is None and cu_seqlens is None:
             if x.requires_grad:
                 return op.forward_with_grad(x, cos, sin, position_ids)
             return op.forward(x, cos, sin, position_ids)
         if x.requires_grad:
-            return op.forward_with_grad(x, cos, sin, position_ids, None, seqlen_offsets, inv_freq)
-        return op.forward(x, cos, sin, position_ids, None, seqlen_offsets, inv_freq)
+            return op.forward_with_grad(x, cos, sin, position_ids, None, seqlen_offsets, inv_freq, cu_seqlens)
+        return op.forward(x, cos, sin, position_ids, None, seqlen_offsets, inv_freq, cu_seqlens)
     except Exception:
         # Something the signature does not cover (a dtype, a device, a tensor type, the value of
         # an int seqlen_offsets) was rejected at dispatch: the full checks name the argument; if
         # they pass, the dispatch's error stands.
         _prepare(x, cos, sin, position_ids, layout=layout, x_layout=x_layout, output_layout=output_layout,
                  mode=mode, tensor_index=tensor_index, k_size=k_size, base=base, rotary_size=rotary_size,
-                 seqlen_offsets=seqlen_offsets, inv_freq=inv_freq, attention_scaling=attention_scaling)
+                 seqlen_offsets=seqlen_offsets, inv_freq=inv_freq, attention_scaling=attention_scaling,
+                 cu_seqlens=cu_seqlens)
         raise
 
 
@@ -424,18 +496,20 @@ def fused_apply_rotary_emb_qk(
     inplace: bool = False,
     check_positions: Optional[bool] = None,
     k_size: Optional[int] = None,
+    cu_seqlens: Optional[flow.Tensor] = None,
 ) -> Tuple[flow.Tensor, flow.Tensor]:
     """Applies RoPE to a query and a key in one kernel launch; returns ``(q_rot, k_rot)``.
 
     Every argument means what it means for :func:`fused_apply_rotary_emb` (positions, tables,
-    ``seqlen_offsets``, ``inv_freq``, ``attention_scaling``, modes, ``rotary_size``); q and k get
-    the same positions and angles.
+    ``seqlen_offsets``, ``inv_freq``, ``attention_scaling``, ``cu_seqlens``, modes,
+    ``rotary_size``); q and k get the same positions and angles.
 
     Args:
-        q, k: q and k in the same ``layout`` (BMHK, BHMK, MBHK, BM(HK) or MB(HK)) and dtype, with
-            the same B, M and head size K and any head counts (grouped-query attention: k may
-            have fewer heads). Or a packed query-key-value tensor as q (BM(H3K), MB(H3K); shape
-            (B, M, H*3*K) or (M, B, H*3*K)) with ``k=None``: its query and key slots are rotated
+        q, k: q and k in the same ``layout`` (BMHK, BHMK, MBHK, BM(HK), MB(HK), or varlen (BM)HK,
+            (BM)(HK) with ``cu_seqlens``) and dtype, with the same B, M (T) and head size K and any
+            head counts (grouped-query attention: k may have fewer heads). Or a packed
+            query-key-value tensor as q (BM(H3K), MB(H3K), (BM)(H3K); shape (B, M, H*3*K),
+            (M, B, H*3*K) or (T, H*3*K)) with ``k=None``: its query and key slots are rotated
             (the value slot is left alone).
         output_layout: the layout of both results; default q's layout (for a packed q, its
             unpacked form: BM(H3K) -> BM(HK)).
@@ -466,39 +540,42 @@ def fused_apply_rotary_emb_qk(
                      base, rotary_size, k_size.__class__, base.__class__, rotary_size.__class__,
                      None if seqlen_offsets is None else _offsets_key(seqlen_offsets),
                      None if inv_freq is None else inv_freq.shape, attention_scaling, attention_scaling.__class__,
-                     inplace)
+                     inplace, None if cu_seqlens is None else cu_seqlens.shape)
         op = _PLANS[signature]
     except KeyError:
         op = _prepare_qk(q, k, cos, sin, position_ids, layout=layout, output_layout=output_layout, mode=mode,
                          k_size=k_size, base=base, rotary_size=rotary_size, seqlen_offsets=seqlen_offsets,
-                         inv_freq=inv_freq, attention_scaling=attention_scaling, inplace=inplace)
+                         inv_freq=inv_freq, attention_scaling=attention_scaling, inplace=inplace,
+                         cu_seqlens=cu_seqlens)
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
         _PLANS[signature] = op
     except (AttributeError, TypeError):  # not a tensor, or an unhashable argument: no signature
         op = _prepare_qk(q, k, cos, sin, position_ids, layout=layout, output_layout=output_layout, mode=mode,
                          k_size=k_size, base=base, rotary_size=rotary_size, seqlen_offsets=seqlen_offsets,
-                         inv_freq=inv_freq, attention_scaling=attention_scaling, inplace=inplace)
-    if cos is not None and (position_ids is not None or seqlen_offsets is not None):
-        _check_positions_now(q, cos, position_ids, seqlen_offsets, layout, None, check_positions)
+                         inv_freq=inv_freq, attention_scaling=attention_scaling, inplace=inplace,
+                         cu_seqlens=cu_seqlens)
+    if cu_seqlens is not None or (cos is not None and (position_ids is not None or seqlen_offsets is not None)):
+        _check_positions_now(q, cos, position_ids, seqlen_offsets, layout, None, check_positions, cu_seqlens)
     needs_grad = q.requires_grad or (k is not None and k.requires_grad)
     try:
         if inplace:
             _check_inplace_autograd(q, k)
             if needs_grad:
-                op.forward_inplace_with_grad(q, cos, sin, position_ids, k, seqlen_offsets, inv_freq)
+                op.forward_inplace_with_grad(q, cos, sin, position_ids, k, seqlen_offsets, inv_freq, cu_seqlens)
             else:
-                op.forward_inplace(q, cos, sin, position_ids, k, seqlen_offsets, inv_freq)
+                op.forward_inplace(q, cos, sin, position_ids, k, seqlen_offsets, inv_freq, cu_seqlens)
             return q, k
         if needs_grad:
-            return op.forward_with_grad(q, cos, sin, position_ids, k, seqlen_offsets, inv_freq)
-        return op.forward(q, cos, sin, position_ids, k, seqlen_offsets, inv_freq)
+            return op.forward_with_grad(q, cos, sin, position_ids, k, seqlen_offsets, inv_freq, cu_seqlens)
+        return op.forward(q, cos, sin, position_ids, k, seqlen_offsets, inv_freq, cu_seqlens)
     except Exception as e:
         # as in fused_apply_rotary_emb; the in-place refusals are final
         if not str(e).startswith("inplace:"):
             _prepare_qk(q, k, cos, sin, position_ids, layout=layout, output_layout=output_layout, mode=mode,
                         k_size=k_size, base=base, rotary_size=rotary_size, seqlen_offsets=seqlen_offsets,
-                        inv_freq=inv_freq, attention_scaling=attention_scaling, inplace=inplace)
+                        inv_freq=inv_freq, attention_scaling=attention_scaling, inplace=inplace,
+                        cu_seqlens=cu_seqlens)
         raise
 
 

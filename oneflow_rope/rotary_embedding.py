@@ -153,6 +153,7 @@ class RotaryEmbedding(nn.Module):
         layout: str = "BMHK",
         output_layout: Optional[str] = None,
         k_size: Optional[int] = None,
+        cu_seqlens: Optional[flow.Tensor] = None,
     ) -> Tuple[flow.Tensor, flow.Tensor]:
         """Rotates the first ``dim`` dims of every head of q and k.
 
@@ -160,18 +161,22 @@ class RotaryEmbedding(nn.Module):
             q: queries in ``layout`` (any float dtype of the op): (B, M, Hq, K) for "BMHK",
                 (B, Hq, M, K) for "BHMK", (M, B, Hq, K) for "MBHK", (B, M, Hq*K) for "BM(HK)",
                 (M, B, Hq*K) for "MB(HK)"; or a packed (B, M, H*3*K) "BM(H3K)" / "MB(H3K)" tensor,
-                with ``k=None``, whose query and key slots are rotated.
+                with ``k=None``, whose query and key slots are rotated. The varlen layouts hold
+                the T tokens of packed sequences: (T, Hq, K) "(BM)HK", (T, Hq*K) "(BM)(HK)",
+                (T, H*3*K) "(BM)(H3K)", with ``cu_seqlens`` or position_ids (T,) / (1, T).
             k: keys in the same layout, with their own head count Hk (GQA / MQA), or None for a
                 packed q.
             position_ids: optional int32/int64 positions, (B, M) as in transformers or (B, 1, M)
-                as the op takes them. Default: token m of sequence b is at
-                ``seqlen_offsets[b] + m``.
+                as the op takes them ((T,) or (1, T) for a varlen layout). Default: token m of
+                sequence b is at ``seqlen_offsets[b] + m``.
             seqlen_offsets: optional int, or int32/int64 tensor (B,): the position of each
                 sequence's first token (a KV-cache decode step). Not together with position_ids.
             layout: layout of q and k (see above); default "BMHK".
             output_layout: BMHK, BHMK, MBHK, BM(HK) or MB(HK); default the input layout (for a
                 packed q, its unpacked form).
             k_size: head size K for the fused layouts (BM(HK), BM(H3K), ...); default ``dim``.
+            cu_seqlens: for a varlen layout, int32/int64 (S+1,): sequence s holds tokens
+                cu_seqlens[s] to cu_seqlens[s+1] - 1, token t of it is at t - cu_seqlens[s].
 
         Returns:
             ``(q_rot, k_rot)``, new tensors in ``output_layout``. Differentiable in q and k.
@@ -187,7 +192,7 @@ class RotaryEmbedding(nn.Module):
         if k is None:
             if info.slots != 3:
                 raise ValueError(f"k: got None with layout {info.name}; only a packed query-key-value q "
-                                 "(layout BM(H3K) or MB(H3K)) holds its own keys")
+                                 "(layout BM(H3K), MB(H3K) or (BM)(H3K)) holds its own keys")
         else:
             _check_tensor(k, "k", _FLOAT_DTYPES, "float16, bfloat16, float32 or float64")
             if info.slots != 1:
@@ -200,9 +205,9 @@ class RotaryEmbedding(nn.Module):
                 raise ValueError(f"k_size: got {k_size!r}, expected a positive int (the head size)")
             head_sizes = {"k_size": int(k_size)}
         else:
-            if k_size is not None and k_size != q.shape[3]:
-                raise ValueError(f"k_size: got {k_size!r} but q of layout {info.name} has head size {q.shape[3]}")
-            head_sizes = {"q": q.shape[3]} if k is None else {"q": q.shape[3], "k": k.shape[3]}
+            if k_size is not None and k_size != q.shape[-1]:
+                raise ValueError(f"k_size: got {k_size!r} but q of layout {info.name} has head size {q.shape[-1]}")
+            head_sizes = {"q": q.shape[-1]} if k is None else {"q": q.shape[-1], "k": k.shape[-1]}
             k_size = None
         for name, size in head_sizes.items():
             if size < self.dim:
@@ -211,23 +216,32 @@ class RotaryEmbedding(nn.Module):
         if not q.is_global and not q.is_lazy and q.device != self.inv_freq.device:
             raise ValueError(f"q: is on {q.device} but the module's buffers are on {self.inv_freq.device}; "
                              "move the module with .to(device)")
-        position_ids = _op_position_ids(position_ids)
+        position_ids = _op_position_ids(position_ids, info.varlen)
         _check_offsets(seqlen_offsets, position_ids)
 
         inv_freq = self.inv_freq
         if self.rope_type in ("dynamic", "longrope"):
-            inv_freq = self.inv_freq_for(_longest_position(q.shape[info.seq_axis], position_ids, seqlen_offsets))
+            longest = _longest_position(q.shape[info.seq_axis], position_ids, seqlen_offsets, cu_seqlens)
+            inv_freq = self.inv_freq_for(longest)
         return _rotate_qk(q, k, position_ids, seqlen_offsets, layout=info.name, output_layout=output_layout,
                           mode=self.mode, rotary_size=self.dim, k_size=k_size, inv_freq=inv_freq,
-                          attention_scaling=self.attention_scaling)
+                          attention_scaling=self.attention_scaling, cu_seqlens=cu_seqlens)
 
 
-def _op_position_ids(position_ids: Optional[flow.Tensor]) -> Optional[flow.Tensor]:
-    """(B, M) or (B, 1, M) integer positions as the op's (B, 1, M)."""
+def _op_position_ids(position_ids: Optional[flow.Tensor], varlen: bool = False) -> Optional[flow.Tensor]:
+    """(B, M) or (B, 1, M) integer positions as the op's (B, 1, M); (T,) or (1, T) as (1, T) for a
+    varlen layout."""
     if position_ids is None:
         return None
     _check_tensor(position_ids, "position_ids", _INDEX_DTYPES, "int32 or int64")
     shape = tuple(position_ids.shape)
+    if varlen:
+        if len(shape) == 1:
+            return position_ids.unsqueeze(0)
+        if len(shape) == 2 and shape[0] == 1:
+            return position_ids
+        raise ValueError(f"position_ids: got shape {shape}, expected (T,) or (1, T) for a varlen layout "
+                         "(RotaryEmbedding rotates with one position per token)")
     if len(shape) == 2:
         return position_ids.unsqueeze(1)
     if len(shape) == 3 and shape[1] == 1:
@@ -251,12 +265,15 @@ def _check_offsets(seqlen_offsets: Union[int, flow.Tensor, None], position_ids: 
 
 
 def _longest_position(seq_len: int, position_ids: Optional[flow.Tensor],
-                      seqlen_offsets: Union[int, flow.Tensor, None]) -> _Position:
+                      seqlen_offsets: Union[int, flow.Tensor, None],
+                      cu_seqlens: Optional[flow.Tensor] = None) -> _Position:
     """The largest position of the call: an int when the shapes fix it, else a 0-d tensor."""
     if seq_len == 0:
         return 0
     if position_ids is not None:
         return position_ids.max()
+    if cu_seqlens is not None and cu_seqlens.shape[0] > 1:  # the longest packed sequence, minus one
+        return (cu_seqlens[1:] - cu_seqlens[:-1]).max() - 1
     if seqlen_offsets is None:
         return seq_len - 1
     if isinstance(seqlen_offsets, flow.Tensor):
@@ -267,9 +284,9 @@ def _longest_position(seq_len: int, position_ids: Optional[flow.Tensor],
 def _rotate_qk(q: flow.Tensor, k: Optional[flow.Tensor], position_ids: Optional[flow.Tensor],
                seqlen_offsets: Union[int, flow.Tensor, None], *, layout: str, output_layout: Optional[str],
                mode: str, rotary_size: int, k_size: Optional[int], inv_freq: flow.Tensor,
-               attention_scaling: float) -> Tuple[flow.Tensor, flow.Tensor]:
+               attention_scaling: float, cu_seqlens: Optional[flow.Tensor] = None) -> Tuple[flow.Tensor, flow.Tensor]:
     """The one place the module calls the op: q and k in one launch, angles p * inv_freq on the device."""
     return fused_apply_rotary_emb_qk(q, k, position_ids=position_ids, layout=layout, output_layout=output_layout,
                                      mode=mode, rotary_size=rotary_size, k_size=k_size,
                                      seqlen_offsets=seqlen_offsets, inv_freq=inv_freq,
-                                     attention_scaling=attention_scaling)
+                                     attention_scaling=attention_scaling, cu_seqlens=cu_seqlens)

@@ -14,6 +14,16 @@ __all__ = ["to_logical", "from_logical", "rope_reference", "rope_reference_backw
            "default_positions", "positions_from_cu_seqlens"]
 
 _SLOTS = {"(HK)": 1, "(H2K)": 2, "(H3K)": 3}
+_VARLEN = "(BM)"  # the token axis of the varlen layouts: B = 1 and M = T
+
+
+def _varlen(layout: str) -> bool:
+    return layout.startswith(_VARLEN)
+
+
+def _batched(layout: str) -> str:
+    """The batched layout of the same axes: (BM)HK -> BMHK, (BM)(H3K) -> BM(H3K)."""
+    return "BM" + layout[len(_VARLEN):] if _varlen(layout) else layout
 
 
 def _split(layout: str) -> Tuple[str, int]:
@@ -25,7 +35,9 @@ def _split(layout: str) -> Tuple[str, int]:
 
 
 def to_logical(x: np.ndarray, layout: str, K: Optional[int] = None, slot: int = 0) -> np.ndarray:
-    """View of x as (B, M, H, K) (for packed layouts, the given slot)."""
+    """View of x as (B, M, H, K) (for packed layouts, the given slot; (1, T, H, K) for varlen)."""
+    if _varlen(layout):
+        return to_logical(x[None], _batched(layout), K, slot)
     head, slots = _split(layout)
     if slots == 0:
         order = [layout.index(c) for c in "BMHK"]
@@ -38,7 +50,11 @@ def to_logical(x: np.ndarray, layout: str, K: Optional[int] = None, slot: int = 
 
 
 def from_logical(y: np.ndarray, layout: str, slot: int = 0) -> np.ndarray:
-    """A (B, M, H, K) array laid out in `layout`. For packed layouts, the other slots are zero."""
+    """A (B, M, H, K) array laid out in `layout`. For packed layouts, the other slots are zero; a
+    varlen layout holds the B * M tokens on one axis."""
+    if _varlen(layout):
+        z = from_logical(y, _batched(layout), slot)
+        return z.reshape((z.shape[0] * z.shape[1],) + z.shape[2:])
     head, slots = _split(layout)
     B, M, H, K = y.shape
     if slots == 0:
@@ -108,6 +124,24 @@ def default_positions(B: int, M: int, seqlen_offsets=None) -> np.ndarray:
     return pos + offsets[:, None, None]
 
 
+def _positions(position_ids, layout: str, B: int, M: int, seqlen_offsets, cu_seqlens) -> np.ndarray:
+    """(B, R, M) positions of a call: position_ids ((R, T) for a varlen layout), cu_seqlens, or
+    the token index plus seqlen_offsets."""
+    if position_ids is not None:
+        pos = np.asarray(position_ids)
+        return pos[None] if _varlen(layout) else pos
+    if cu_seqlens is not None:
+        return positions_from_cu_seqlens(cu_seqlens, M)
+    return default_positions(B, M, seqlen_offsets)
+
+
+def _rotary_dim(position_ids, layout: str) -> int:
+    if position_ids is None:
+        return 1
+    shape = np.asarray(position_ids).shape
+    return shape[0] if _varlen(layout) else shape[1]
+
+
 def positions_from_cu_seqlens(cu_seqlens, T: int) -> np.ndarray:
     """(1, 1, T) positions of packed tokens: token t of sequence s is at t - cu_seqlens[s]."""
     cu = np.asarray(cu_seqlens, dtype=np.int64)
@@ -124,19 +158,20 @@ def rope_reference(x, layout: str = "BMHK", *, cos=None, sin=None, position_ids=
                    output_layout: Optional[str] = None, mode: str = "plane",
                    tensor_index: Optional[int] = None, k_size: Optional[int] = None,
                    base: float = 10000.0, rotary_size: Optional[int] = None,
-                   seqlen_offsets=None, inv_freq=None, attention_scaling: float = 1.0) -> np.ndarray:
-    """fused_apply_rotary_emb in float64 numpy. x, cos, sin: arrays of any float dtype."""
+                   seqlen_offsets=None, inv_freq=None, attention_scaling: float = 1.0,
+                   cu_seqlens=None) -> np.ndarray:
+    """fused_apply_rotary_emb in float64 numpy. x, cos, sin: arrays of any float dtype. A varlen
+    layout ((BM)HK, ...) holds T tokens; their positions come from cu_seqlens or position_ids (R, T)."""
     x = _as_float64(x)
-    R = 1 if position_ids is None else np.asarray(position_ids).shape[1]
+    R = _rotary_dim(position_ids, layout)
     K = k_size
     if K is None and _split(layout)[1] == 0:
-        K = x.shape[3]
+        K = x.shape[-1]
     if K is None:
         K = np.asarray(cos).shape[1] * R
     xl = to_logical(x, layout, K, _slot_of(layout, tensor_index))
     B, M, H, K = xl.shape
-    positions = (default_positions(B, M, seqlen_offsets) if position_ids is None
-                 else np.asarray(position_ids))
+    positions = _positions(position_ids, layout, B, M, seqlen_offsets, cu_seqlens)
     rotary = K if rotary_size is None else rotary_size
     out = _rotate(xl, positions, mode=mode, rotary_size=rotary, base=base,
                   cos=None if cos is None else _as_float64(cos), sin=None if sin is None else _as_float64(sin),
@@ -149,26 +184,25 @@ def rope_reference_backward(dy, layout: str = "BMHK", *, cos=None, sin=None, pos
                             tensor_index: Optional[int] = None, k_size: Optional[int] = None,
                             base: float = 10000.0, rotary_size: Optional[int] = None,
                             x_shape: Optional[Tuple[int, ...]] = None, seqlen_offsets=None, inv_freq=None,
-                            attention_scaling: float = 1.0) -> np.ndarray:
+                            attention_scaling: float = 1.0, cu_seqlens=None) -> np.ndarray:
     """dL/dx for dL/dout = dy: rotation by the negated angle (cos and sin still times
     attention_scaling: the transpose of the forward), written back into x's layout (zeros in the
     slots of a packed input that were not selected). x_shape gives K when neither the output
     layout, k_size nor a table does (a 4-D x written to a fused output layout)."""
     dy = _as_float64(dy)
     out_layout = output_layout or _default_output(layout)
-    R = 1 if position_ids is None else np.asarray(position_ids).shape[1]
+    R = _rotary_dim(position_ids, layout)
     if _split(out_layout)[1] == 0:
-        K = dy.shape[3]
+        K = dy.shape[-1]
     elif k_size is not None:
         K = k_size
     elif _split(layout)[1] == 0 and x_shape is not None:
-        K = x_shape[3]
+        K = x_shape[-1]
     else:
         K = np.asarray(cos).shape[1] * R
     dyl = to_logical(dy, out_layout, K, 0)
     B, M, H, K = dyl.shape
-    positions = (default_positions(B, M, seqlen_offsets) if position_ids is None
-                 else np.asarray(position_ids))
+    positions = _positions(position_ids, layout, B, M, seqlen_offsets, cu_seqlens)
     rotary = K if rotary_size is None else rotary_size
     dx = _rotate(dyl, positions, mode=mode, rotary_size=rotary, base=base,
                  cos=None if cos is None else _as_float64(cos), sin=None if sin is None else _as_float64(sin),

@@ -8,7 +8,8 @@ import oneflow as flow
 import pytest
 
 import oneflow_rope
-from tests.cases import Case, forward_cases, make_inputs, max_position, output_layout_cases, round_to_dtype
+from tests.cases import (INPUT_LAYOUTS, Case, forward_cases, make_inputs, max_position, output_layout_cases,
+                         round_to_dtype)
 from tests.flow_helpers import keep_alive, to_flow, to_numpy64
 from tests.reference import rope_reference, rope_reference_backward, tolerance
 
@@ -49,7 +50,7 @@ def test_backward_eager(case: Case):
         assert cos.grad is None and sin.grad is None
 
 
-@pytest.mark.parametrize("layout", oneflow_rope.INPUT_LAYOUTS)
+@pytest.mark.parametrize("layout", INPUT_LAYOUTS)  # the batched layouts; varlen: tests/test_varlen.py
 @pytest.mark.parametrize("mode", ["plane", "interval"])
 @pytest.mark.parametrize("rotary_dim", [1, 2])
 def test_backward_matches_finite_differences(layout, mode, rotary_dim):

@@ -8,7 +8,8 @@ import oneflow as flow
 import pytest
 
 import oneflow_rope
-from tests.cases import Case, forward_cases, layout_shape, make_inputs, max_position, output_layout_cases
+from tests.cases import (INPUT_LAYOUTS, OUTPUT_LAYOUTS, Case, forward_cases, layout_shape, make_inputs, max_position,
+                         output_layout_cases)
 from tests.flow_helpers import call_op, keep_alive, to_flow, to_numpy64
 from tests.reference import rope_reference, tolerance
 
@@ -31,10 +32,13 @@ def check_case(case: Case, out: flow.Tensor, arrays, kwargs) -> None:
 
 
 def test_case_table_covers_every_combination():
+    """Every batched layout (the varlen layouts have their own table in tests/test_varlen.py)."""
+    varlen = set(oneflow_rope.VARLEN_LAYOUTS)
     assert len(FORWARD_CASES) == 9 * 2 * 2 * 2 * 4 * 5  # layouts, modes, partial, table, dtypes, (R, pos)
-    assert {c.layout for c in FORWARD_CASES} == set(oneflow_rope.INPUT_LAYOUTS)
+    assert {c.layout for c in FORWARD_CASES} == set(oneflow_rope.INPUT_LAYOUTS) - varlen
     assert {(c.layout, c.output_layout) for c in OUTPUT_CASES} == {
-        (i, o) for i in oneflow_rope.INPUT_LAYOUTS for o in oneflow_rope.OUTPUT_LAYOUTS}
+        (i, o) for i in oneflow_rope.INPUT_LAYOUTS for o in oneflow_rope.OUTPUT_LAYOUTS
+        if i not in varlen and o not in varlen}
 
 
 @pytest.mark.parametrize("case", FORWARD_CASES, ids=lambda c: c.id)
@@ -80,8 +84,8 @@ def test_forward_graph():
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("layout", oneflow_rope.INPUT_LAYOUTS)
-@pytest.mark.parametrize("output_layout", [None] + list(oneflow_rope.OUTPUT_LAYOUTS))
+@pytest.mark.parametrize("layout", INPUT_LAYOUTS)  # the batched layouts; varlen: tests/test_varlen.py
+@pytest.mark.parametrize("output_layout", [None] + list(OUTPUT_LAYOUTS))
 def test_python_shape_inference_matches_op(layout, output_layout):
     B, M, H, K = 2, 3, 4, 8
     x = flow.zeros(*layout_shape(layout, B, M, H, K))

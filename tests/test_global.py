@@ -1,6 +1,7 @@
 """Global tensors on 2 CPU ranks: x split on B or on H, eager and nn.Graph, keeps the split and
 matches the single-rank reference (tests/global_worker.py does the checks on each rank); the same
-for seqlen_offsets and q+k calls, in place too."""
+for seqlen_offsets and q+k calls, in place too; and x split along its sequence axis (M, or the
+tokens of a varlen layout with cu_seqlens), evenly and unevenly, every token at its global position."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_ranks_split_on_batch_and_heads():
+def test_two_ranks_split_on_batch_heads_and_sequence():
     port = free_port()
     procs = []
     for rank in range(2):
@@ -38,4 +39,4 @@ def test_two_ranks_split_on_batch_and_heads():
     report = "\n".join(line for line in outputs[0].splitlines() if line[:4] in ("ok  ", "FAIL"))
     print(report)
     assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-2000:]
-    assert report.count("ok  ") == 3 * 7 + 3 * 6 + 2 and "FAIL" not in report
+    assert report.count("ok  ") == 3 * 7 + 3 * 6 + 2 + 3 * 14 and "FAIL" not in report

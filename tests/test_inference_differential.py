@@ -8,7 +8,9 @@ packed output layouts, bad modes, tensor_index outside the slots, zero, negative
 large k_size / rotary_size, tables and position_ids of the wrong rank, width or size, negative
 sizes, 1-D and 2-D RoPE; and the LLM inputs: a k of q+k calls (other head counts, wrong B / M / K,
 packed layouts), packed q+k, int and tensor seqlen_offsets (with position_ids, outside the table,
-wrong shape) and inv_freq (with tables, wrong shape).
+wrong shape) and inv_freq (with tables, wrong shape); the varlen layouts ((BM)HK, ...: T tokens of
+packed sequences) with cu_seqlens (wrong rank or size, with position_ids, with a batched layout,
+missing), position_ids (R, T), varlen and batched output layouts mixed.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from oneflow_rope.op_table import ATTRIBUTES, INPUT_LAYOUTS, LAYOUTS, OUTPUT_LAY
 from oneflow_rope.layout import layout_shape
 
 ARGUMENTS = ("layout", "output_layout", "mode", "x", "tensor_index", "position_ids", "cos", "k_size",
-             "rotary_size", "k", "seqlen_offsets", "inv_freq")
+             "rotary_size", "k", "seqlen_offsets", "inv_freq", "cu_seqlens")
 FIELDS = ("batch", "seq_len", "num_heads", "head_size", "rotary_size", "rotary_dim", "tensor_index", "layout",
           "output_layout", "out_shape", "k_num_heads", "k_out_shape")
 
@@ -51,7 +53,8 @@ def spelled(rng: random.Random, name: str) -> str:
         return name.lower()
     if roll < 0.87:
         return " ".join(name)
-    return rng.choice(["BXHK", "HKMB", "BM(H4K)", "", "BM(HK", "BMH K2", "(BM)HK", "bm(h3k) "])
+    return rng.choice(["BXHK", "HKMB", "BM(H4K)", "", "BM(HK", "BMH K2", "(MB)HK", "bm(h3k) ", "(BM)(H4K)", "(B)MHK",
+                       "(bm) hk"])
 
 
 def bent(rng: random.Random, shape: Tuple[int, ...], p: float) -> Tuple[int, ...]:
@@ -74,6 +77,7 @@ def random_call(rng: random.Random) -> Dict[str, object]:
     layout = rng.choice(INPUT_LAYOUTS)
     info = LAYOUTS[layout]
     B, M, H = rng.randint(0, 3), rng.randint(0, 7), rng.randint(0, 4)
+    T = B * M  # a varlen layout holds the B * M tokens
     R = rng.choice([1, 1, 2])
     part = 2 * rng.randint(0, 4) + (1 if rng.random() < 0.1 else 0)
     rotary = part * R
@@ -81,7 +85,10 @@ def random_call(rng: random.Random) -> Dict[str, object]:
     call: Dict[str, object] = {"x_shape": bent(rng, layout_shape(layout, B, M, H, K), 0.15),
                                "layout": spelled(rng, layout)}
     if rng.random() < 0.3:
-        call["output_layout"] = spelled(rng, rng.choice(INPUT_LAYOUTS if rng.random() < 0.2 else OUTPUT_LAYOUTS))
+        same_kind = [name for name in OUTPUT_LAYOUTS if LAYOUTS[name].varlen == info.varlen]
+        roll = rng.random()
+        call["output_layout"] = spelled(rng, rng.choice(INPUT_LAYOUTS if roll < 0.15 else
+                                                        OUTPUT_LAYOUTS if roll < 0.3 else same_kind))
     if rng.random() < 0.1:
         call["mode"] = rng.choice(["rotate", "PLANE", "", "interval "])
     else:
@@ -95,8 +102,19 @@ def random_call(rng: random.Random) -> Dict[str, object]:
         call["rotary_size"] = rotary if rng.random() < 0.8 else rng.choice([0, -4, K + 2, rotary + 1, 6])
     if table:
         call["table_shape"] = bent(rng, (M + rng.randint(-1, 3), part), 0.15)
-    if R == 2 or rng.random() < 0.5:
-        call["position_ids_shape"] = bent(rng, (B, R, M) if rng.random() < 0.95 else (B, 3, M), 0.1)
+    if info.varlen:
+        # positions: cu_seqlens (S+1,) mostly, else position_ids (R, T); sometimes both or none
+        roll = rng.random()
+        if R == 2 or roll < 0.3:
+            shape = (R, T) if rng.random() < 0.9 else rng.choice([(B, R, M), (3, T), (R,)])
+            call["position_ids_shape"] = bent(rng, shape, 0.1)
+        if (R == 1 and roll >= 0.3 and roll < 0.95) or rng.random() < 0.05:
+            call["cu_seqlens_shape"] = bent(rng, (rng.randint(1, 5),), 0.15) if rng.random() < 0.95 else (0,)
+    else:
+        if R == 2 or rng.random() < 0.5:
+            call["position_ids_shape"] = bent(rng, (B, R, M) if rng.random() < 0.95 else (B, 3, M), 0.1)
+        if rng.random() < 0.03:
+            call["cu_seqlens_shape"] = (rng.randint(1, 5),)
     # the LLM inputs: q+k, seqlen_offsets, inv_freq
     roll = rng.random()
     if roll < 0.2 and (info.slots == 1 or rng.random() < 0.1):
@@ -106,6 +124,8 @@ def random_call(rng: random.Random) -> Dict[str, object]:
         if rng.random() < 0.05:
             call["k_shape"] = layout_shape(layout, B, M, H, K)
     roll = rng.random() if "position_ids_shape" not in call or rng.random() < 0.1 else 1.0
+    if info.varlen and rng.random() < 0.8:  # seqlen_offsets are refused with varlen layouts
+        roll = 1.0
     if roll < 0.15:
         call["seqlen_offset"] = rng.choice([0, 1, 3, -2, M, 1 << 40])
     elif roll < 0.3:
@@ -127,7 +147,8 @@ def python_outcome(call: Dict[str, object]):
 
 def cpp_outcome(call: Dict[str, object]):
     args = dict(call)
-    for name in ("x_shape", "table_shape", "position_ids_shape", "k_shape", "seqlen_offsets_shape", "inv_freq_shape"):
+    for name in ("x_shape", "table_shape", "position_ids_shape", "k_shape", "seqlen_offsets_shape", "inv_freq_shape",
+                 "cu_seqlens_shape"):
         if name in args:
             args[name] = list(args[name])
     try:
@@ -171,11 +192,11 @@ def test_python_and_op_inference_agree(rng):
 
 
 def test_random_calls_cover_every_rule():
-    """5000 more calls from a fixed seed, with a census: both outcomes are common and every
+    """6000 more calls from a fixed seed, with a census: both outcomes are common and every
     argument appears in some error."""
     rng = random.Random(20261128)
     census: Counter = Counter()
-    for _ in range(5000):
+    for _ in range(6000):
         kind, detail = check_same_outcome(random_call(rng))
         census[kind if kind == "ok" else detail.split(":")[0].split(",")[0]] += 1
     assert census["ok"] >= 1000, census
@@ -211,6 +232,9 @@ def test_op_output_shape_matches_inference():
             kwargs["seqlen_offsets"] = flow.zeros(*call["seqlen_offsets_shape"], dtype=flow.int32)
         if "inv_freq_shape" in call:
             kwargs["inv_freq"] = flow.ones(*call["inv_freq_shape"])
+        if "cu_seqlens_shape" in call:  # S+1 offsets from 0 to T
+            tokens = call["x_shape"][0]
+            kwargs["cu_seqlens"] = flow.tensor(np.linspace(0, tokens, call["cu_seqlens_shape"][0]).astype(np.int64))
         if "k_shape" in call or call.get("packed_qk"):
             k = flow.zeros(*call["k_shape"]) if "k_shape" in call else None
             out, k_out = oneflow_rope.fused_apply_rotary_emb_qk(x, k, cos, sin, positions, **kwargs)

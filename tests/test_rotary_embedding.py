@@ -194,6 +194,31 @@ def test_layouts_and_modes(layout, output_layout, mode):
         check(got, expected, "float64", int(offsets.max()) + M, f"{layout}->{output_layout} {mode}")
 
 
+@pytest.mark.parametrize("name", ["llama3", "dynamic", "longrope"])
+def test_varlen_packed_sequences(name):
+    """Packed sequences ((BM)HK q and k, a (BM)(H3K) qkv) with cu_seqlens rotate as each sequence
+    alone; "dynamic" and "longrope" follow the longest sequence of the call."""
+    rope = make_rope(name)
+    lengths = [5, 0, 70, 1]  # the longest past max_position_embeddings (64) of "dynamic"
+    cu = np.concatenate([[0], np.cumsum(lengths)])
+    T = int(cu[-1])
+    q, k = random_array((T, HQ, K), 5), random_array((T, HK, K), 6)
+    q_rot, k_rot = rope(as_flow(q, "float64"), as_flow(k, "float64"), layout="(BM)HK",
+                        cu_seqlens=flow.tensor(cu, dtype=flow.int32))
+    inv_freq, attention = expected_parameters(name, max(lengths))
+    for x, got in ((q, q_rot), (k, k_rot)):
+        expected = rope_reference(x, "(BM)HK", cu_seqlens=cu, rotary_size=DIM, inv_freq=inv_freq,
+                                  attention_scaling=attention)
+        check(got, expected, "float64", max(lengths), name)
+    qkv = random_array((T, HQ * 3 * K), 7)
+    pq, pk = rope(as_flow(qkv, "float64"), None, layout="(BM)(H3K)", k_size=K,
+                  position_ids=flow.tensor(np.concatenate([np.arange(n) for n in lengths])))
+    for index, got in ((0, pq), (1, pk)):
+        expected = rope_reference(qkv, "(BM)(H3K)", k_size=K, tensor_index=index, cu_seqlens=cu, rotary_size=DIM,
+                                  inv_freq=inv_freq, attention_scaling=attention)
+        check(got, expected, "float64", max(lengths), f"{name} packed")
+
+
 @pytest.mark.parametrize("layout", ["BM(H3K)", "MB(H3K)"])
 @pytest.mark.parametrize("output_layout", [None, "BHMK"])
 def test_packed_qkv_rotates_query_and_key_slots(layout, output_layout):

@@ -47,14 +47,14 @@ def render(table) -> str:
         "",
         f"#define ROPE_DEFAULT_LAYOUT {literal(table.DEFAULT_LAYOUT)}",
         "",
-        "// X(name, ndim, batch_axis, seq_axis, head_axis, fused, slots, tensor_index of slots 0..2,",
+        "// X(name, ndim, batch_axis, seq_axis, head_axis, fused, varlen, slots, tensor_index of slots 0..2,",
         "//   tensor name of slots 0..2, default_tensor_index, unpacked, can_be_output)",
         "#define ROPE_LAYOUTS(X) \\",
     ]
     for info in table.LAYOUTS.values():
         indices = list(info.tensor_indices) + [-1] * (3 - info.slots)
         names = list(info.tensor_names) + [None] * (3 - info.slots)
-        fields = [info.name, info.ndim, info.batch_axis, info.seq_axis, info.head_axis, info.fused, info.slots,
+        fields = [info.name, info.ndim, info.batch_axis, info.seq_axis, info.head_axis, info.fused, info.varlen, info.slots,
                   *indices, *names, info.default_tensor_index, info.unpacked, info.can_be_output]
         lines.append(f"  X({', '.join(literal(f) for f in fields)}) \\")
     lines += ["", "// X(name), in the order of oneflow_rope::Mode", "#define ROPE_MODES(X) \\"]

@@ -26,6 +26,7 @@ inline py::dict LayoutDict(const LayoutDesc& l) {
   d["seq_axis"] = l.seq_axis;
   d["head_axis"] = l.head_axis;
   d["fused"] = l.fused;
+  d["varlen"] = l.varlen;
   d["slots"] = l.slots;
   py::list indices, names;
   for (int s = 0; s < l.slots; ++s) {
@@ -52,7 +53,8 @@ inline py::dict InferShapesPy(const std::vector<int64_t>& x_shape, const std::st
                               const std::optional<std::vector<int64_t>>& k_shape, bool packed_qk,
                               std::optional<int64_t> seqlen_offset,
                               const std::optional<std::vector<int64_t>>& seqlen_offsets_shape,
-                              const std::optional<std::vector<int64_t>>& inv_freq_shape) {
+                              const std::optional<std::vector<int64_t>>& inv_freq_shape,
+                              const std::optional<std::vector<int64_t>>& cu_seqlens_shape) {
   RopeArgs args;
   args.x_shape = x_shape;
   args.layout = layout;
@@ -68,6 +70,7 @@ inline py::dict InferShapesPy(const std::vector<int64_t>& x_shape, const std::st
   args.seqlen_offset = seqlen_offset;
   args.seqlen_offsets_shape = seqlen_offsets_shape;
   args.inv_freq_shape = inv_freq_shape;
+  args.cu_seqlens_shape = cu_seqlens_shape;
   RopeShapes s;
   const std::string err = InferShapes(args, &s);
   if (!err.empty()) throw py::value_error(err);
@@ -96,6 +99,7 @@ inline void DefineLayoutFunctions(py::module_& m) {
         py::arg("position_ids_shape") = py::none(), py::arg("k_shape") = py::none(),
         py::arg("packed_qk") = false, py::arg("seqlen_offset") = py::none(),
         py::arg("seqlen_offsets_shape") = py::none(), py::arg("inv_freq_shape") = py::none(),
+        py::arg("cu_seqlens_shape") = py::none(),
         "The C++ shape rules (rope::InferShapes, the op's inference) on a call's arguments: a dict of "
         "what they resolve, or ValueError naming the argument.");
   m.def(

@@ -141,18 +141,20 @@ using AutogradFn = oneflow::one::AutogradFunctionBase::FType;
 class RopeOp {
  public:
   // forward / backward: the UserOpExprs of fused_apply_rotary_emb(_grad) with inputs x (dy),
-  // [k (dk_out)], [cos, sin], [position_ids], [seqlen_offsets], [inv_freq] and outputs out (dx),
-  // [k_out (dk)]; attrs: every attribute of the table, by name. has_offsets: seqlen_offsets is a
-  // tensor input (an int seqlen_offsets is the attribute seqlen_offset, which a call may change).
+  // [k (dk_out)], [cos, sin], [position_ids], [seqlen_offsets], [inv_freq], [cu_seqlens] and
+  // outputs out (dx), [k_out (dk)]; attrs: every attribute of the table, by name. has_offsets:
+  // seqlen_offsets is a tensor input (an int seqlen_offsets is the attribute seqlen_offset, which a
+  // call may change).
   RopeOp(py::handle forward, py::handle backward, bool has_table, bool has_positions, bool has_k,
-         bool has_offsets, bool has_inv_freq, const py::kwargs& attrs)
+         bool has_offsets, bool has_inv_freq, bool has_cu_seqlens, const py::kwargs& attrs)
       : forward_(UnpackOpExpr(forward, "forward")),
         backward_(UnpackOpExpr(backward, "backward")),
         has_table_(has_table),
         has_positions_(has_positions),
         has_k_(has_k),
         has_offsets_(has_offsets),
-        has_inv_freq_(has_inv_freq) {
+        has_inv_freq_(has_inv_freq),
+        has_cu_seqlens_(has_cu_seqlens) {
 #define ROPE_TAKE_ATTR(type, name, default_value) values_.name = TakeAttr<type>(attrs, #name);
     ROPE_OP_ATTRIBUTES(ROPE_TAKE_ATTR)
 #undef ROPE_TAKE_ATTR
@@ -178,9 +180,10 @@ class RopeOp {
   // The forward: out, or (out, k_out) for a q+k call. seqlen_offsets: a tensor, an int (the
   // attribute seqlen_offset for this call) or None.
   py::object Forward(py::handle x, py::handle cos, py::handle sin, py::handle position_ids, py::handle k,
-                     py::handle seqlen_offsets, py::handle inv_freq) const {
+                     py::handle seqlen_offsets, py::handle inv_freq, py::handle cu_seqlens) const {
     TensorTuple extras;
-    const oneflow::AttrMap attrs = CollectExtras(&extras, cos, sin, position_ids, seqlen_offsets, inv_freq);
+    const oneflow::AttrMap attrs =
+        CollectExtras(&extras, cos, sin, position_ids, seqlen_offsets, inv_freq, cu_seqlens);
     TensorTuple inputs;
     AddFirst(&inputs, x, k, "x", "k");
     TensorTuple outputs(num_outputs());
@@ -190,9 +193,10 @@ class RopeOp {
 
   // The grad op: dx, or (dx, dk) for a q+k call with k (dx alone for packed_qk).
   py::object Backward(py::handle dy, py::handle cos, py::handle sin, py::handle position_ids, py::handle dk_out,
-                      py::handle seqlen_offsets, py::handle inv_freq) const {
+                      py::handle seqlen_offsets, py::handle inv_freq, py::handle cu_seqlens) const {
     TensorTuple extras;
-    const oneflow::AttrMap attrs = CollectExtras(&extras, cos, sin, position_ids, seqlen_offsets, inv_freq);
+    const oneflow::AttrMap attrs =
+        CollectExtras(&extras, cos, sin, position_ids, seqlen_offsets, inv_freq, cu_seqlens);
     TensorTuple inputs;
     Add(&inputs, dy, "dy");
     if (num_outputs() == 2) {
@@ -209,17 +213,18 @@ class RopeOp {
   // grad op. cos, sin, position_ids, seqlen_offsets and inv_freq are held by the two closures, not
   // inputs of the function, so they take no gradient whatever their requires_grad.
   py::object ForwardWithGrad(py::handle x, py::handle cos, py::handle sin, py::handle position_ids, py::handle k,
-                             py::handle seqlen_offsets, py::handle inv_freq) const {
-    return RecordForGrad(x, cos, sin, position_ids, k, seqlen_offsets, inv_freq, false);
+                             py::handle seqlen_offsets, py::handle inv_freq, py::handle cu_seqlens) const {
+    return RecordForGrad(x, cos, sin, position_ids, k, seqlen_offsets, inv_freq, cu_seqlens, false);
   }
 
   // The forward written into x (and k) themselves; output_layout must be x_layout (checked here,
   // with the other conditions the op's contiguous kernels need). Returns x, or (x, k).
   py::object ForwardInplace(py::handle x, py::handle cos, py::handle sin, py::handle position_ids, py::handle k,
-                            py::handle seqlen_offsets, py::handle inv_freq) const {
+                            py::handle seqlen_offsets, py::handle inv_freq, py::handle cu_seqlens) const {
     CheckInplace(x, k);
     TensorTuple extras;
-    const oneflow::AttrMap attrs = CollectExtras(&extras, cos, sin, position_ids, seqlen_offsets, inv_freq);
+    const oneflow::AttrMap attrs =
+        CollectExtras(&extras, cos, sin, position_ids, seqlen_offsets, inv_freq, cu_seqlens);
     TensorTuple inputs;
     AddFirst(&inputs, x, k, "x", "k");
     TensorTuple outputs(inputs);
@@ -230,9 +235,10 @@ class RopeOp {
   // ForwardInplace recorded for autograd: x (and k) get the function's node as their producer;
   // their values before the call receive the gradient.
   py::object ForwardInplaceWithGrad(py::handle x, py::handle cos, py::handle sin, py::handle position_ids,
-                                    py::handle k, py::handle seqlen_offsets, py::handle inv_freq) const {
+                                    py::handle k, py::handle seqlen_offsets, py::handle inv_freq,
+                                    py::handle cu_seqlens) const {
     CheckInplace(x, k);
-    return RecordForGrad(x, cos, sin, position_ids, k, seqlen_offsets, inv_freq, true);
+    return RecordForGrad(x, cos, sin, position_ids, k, seqlen_offsets, inv_freq, cu_seqlens, true);
   }
 
   py::dict Attrs() const {
@@ -248,6 +254,7 @@ class RopeOp {
   bool has_k() const { return has_k_; }
   bool has_offsets() const { return has_offsets_; }
   bool has_inv_freq() const { return has_inv_freq_; }
+  bool has_cu_seqlens() const { return has_cu_seqlens_; }
   int num_outputs() const { return (has_k_ || values_.packed_qk) ? 2 : 1; }
 
  private:
@@ -295,7 +302,7 @@ class RopeOp {
   // The optional inputs in the op's order, checked against what the call was prepared with;
   // returns the attribute map of the call (a new one when an int seqlen_offsets differs).
   oneflow::AttrMap CollectExtras(TensorTuple* extras, py::handle cos, py::handle sin, py::handle position_ids,
-                                 py::handle seqlen_offsets, py::handle inv_freq) const {
+                                 py::handle seqlen_offsets, py::handle inv_freq, py::handle cu_seqlens) const {
     if (cos.is_none() == has_table_ || sin.is_none() == has_table_) {
       throw py::type_error(has_table_ ? "cos, sin: this call was prepared with cos/sin tables"
                                       : "cos, sin: this call was prepared without cos/sin tables");
@@ -307,6 +314,10 @@ class RopeOp {
     if (inv_freq.is_none() == has_inv_freq_) {
       throw py::type_error(has_inv_freq_ ? "inv_freq: this call was prepared with inv_freq"
                                          : "inv_freq: this call was prepared without inv_freq");
+    }
+    if (cu_seqlens.is_none() == has_cu_seqlens_) {
+      throw py::type_error(has_cu_seqlens_ ? "cu_seqlens: this call was prepared with cu_seqlens"
+                                           : "cu_seqlens: this call was prepared without cu_seqlens");
     }
     int64_t offset = values_.seqlen_offset;
     if (has_offsets_) {
@@ -326,6 +337,7 @@ class RopeOp {
     if (has_positions_) Add(extras, position_ids, "position_ids");
     if (has_offsets_) Add(extras, seqlen_offsets, "seqlen_offsets");
     if (has_inv_freq_) Add(extras, inv_freq, "inv_freq");
+    if (has_cu_seqlens_) Add(extras, cu_seqlens, "cu_seqlens");
     return offset == values_.seqlen_offset ? attr_map_ : AttrMapWithOffset(offset);
   }
 
@@ -350,9 +362,11 @@ class RopeOp {
   }
 
   py::object RecordForGrad(py::handle x, py::handle cos, py::handle sin, py::handle position_ids, py::handle k,
-                           py::handle seqlen_offsets, py::handle inv_freq, bool inplace) const {
+                           py::handle seqlen_offsets, py::handle inv_freq, py::handle cu_seqlens,
+                           bool inplace) const {
     TensorTuple extras;
-    const oneflow::AttrMap attrs = CollectExtras(&extras, cos, sin, position_ids, seqlen_offsets, inv_freq);
+    const oneflow::AttrMap attrs =
+        CollectExtras(&extras, cos, sin, position_ids, seqlen_offsets, inv_freq, cu_seqlens);
     TensorTuple inputs;
     AddFirst(&inputs, x, k, "x", "k");
     const int outputs = num_outputs();
@@ -385,6 +399,7 @@ class RopeOp {
   bool has_k_;
   bool has_offsets_;
   bool has_inv_freq_;
+  bool has_cu_seqlens_;
   oneflow_rope::RopeOpAttrs values_;
   oneflow::AttrMap attr_map_;  // of every call, except one with another int seqlen_offsets
   std::unique_ptr<oneflow::MutableAttrMap> call_attrs_;  // used under the GIL only
@@ -397,14 +412,15 @@ PYBIND11_MODULE(_C, m) {
             "the C++ shape rules.";
 #define ROPE_CALL_ARGS(first, second)                                                          \
   py::arg(first), py::arg("cos"), py::arg("sin"), py::arg("position_ids"), py::arg(second) = py::none(), \
-      py::arg("seqlen_offsets") = py::none(), py::arg("inv_freq") = py::none()
+      py::arg("seqlen_offsets") = py::none(), py::arg("inv_freq") = py::none(), py::arg("cu_seqlens") = py::none()
   py::class_<RopeOp>(m, "RopeOp",
                      "The op expressions and attributes of one kind of call, prepared once; "
                      "forward / backward run the op on tensors (None where an optional input is "
                      "absent) with autograd off; a q+k call returns two tensors.")
-      .def(py::init<py::handle, py::handle, bool, bool, bool, bool, bool, const py::kwargs&>(),
+      .def(py::init<py::handle, py::handle, bool, bool, bool, bool, bool, bool, const py::kwargs&>(),
            py::arg("forward"), py::arg("backward"), py::arg("has_table"), py::arg("has_positions"),
-           py::arg("has_k") = false, py::arg("has_offsets") = false, py::arg("has_inv_freq") = false)
+           py::arg("has_k") = false, py::arg("has_offsets") = false, py::arg("has_inv_freq") = false,
+           py::arg("has_cu_seqlens") = false)
       .def("forward", &RopeOp::Forward, ROPE_CALL_ARGS("x", "k"))
       .def("backward", &RopeOp::Backward, ROPE_CALL_ARGS("dy", "dk_out"))
       .def("forward_with_grad", &RopeOp::ForwardWithGrad, ROPE_CALL_ARGS("x", "k"),
@@ -419,6 +435,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("has_k", &RopeOp::has_k)
       .def_property_readonly("has_offsets", &RopeOp::has_offsets)
       .def_property_readonly("has_inv_freq", &RopeOp::has_inv_freq)
+      .def_property_readonly("has_cu_seqlens", &RopeOp::has_cu_seqlens)
       .def_property_readonly("num_outputs", &RopeOp::num_outputs);
 #undef ROPE_CALL_ARGS
   m.attr("ATTRIBUTE_NAMES") = py::tuple(py::cast(AttributeNames()));

@@ -1,11 +1,17 @@
 // Thin OneFlow kernels: turn the op's tensors and attributes into a RopeParams and call the
 // framework-free CPU or CUDA kernel.
+//
+// A global tensor split along its sequence axis (M, or the tokens T of a varlen layout) reaches
+// each rank's kernel as a slice: the kernels of a placement of several ranks find where their
+// slice starts (the same balanced split OneFlow made) and add that to every token's index, so
+// each token keeps its global position.
 #include <algorithm>
 #include <cstring>
 #include <thread>
+#include <vector>
 
+#include "oneflow/core/common/balanced_splitter.h"
 #include "oneflow/core/framework/framework.h"
-#include "oneflow/core/ep/include/device.h"
 #include "rope/layout.h"
 #include "rope/rope_params.h"
 #ifdef ONEFLOW_ROPE_WITH_CUDA
@@ -53,15 +59,76 @@ rope::IndexType ToIndexType(DataType dtype) {
 
 // Heads of the second tensor of a q+k call, from its shape in `layout` (K known).
 int64_t HeadsOf(const rope::LayoutDesc& layout, const ShapeView& shape, int64_t K) {
-  return layout.fused ? shape.At(2) / (K * layout.slots) : shape.At(rope::HeadAxis(layout));
+  return layout.fused ? shape.At(rope::KAxis(layout)) / (K * layout.slots) : shape.At(rope::HeadAxis(layout));
 }
+
+// This rank's slice of the op's first input (x, or dy for the gradient) along its sequence axis:
+// the global index of its first row there, and the logical length (T of cu_seqlens). A local
+// tensor is its own whole: begin 0, total -1 (the physical length).
+struct SeqSlice {
+  int64_t begin = 0;
+  int64_t total = -1;
+};
+
+// The input whose sequence axis the slice is taken along, and that axis.
+const char* SlicedInput(bool backward) { return backward ? "dy" : "x"; }
+template<typename Ctx>
+int SlicedAxis(const Ctx* ctx, bool backward) {
+  const rope::LayoutDesc* layout =
+      rope::FindLayout(ctx->template Attr<std::string>(backward ? "output_layout" : "x_layout"));
+  CHECK(layout != nullptr) << "fused_apply_rotary_emb: unknown layout";
+  return rope::SeqAxis(*layout);
+}
+
+// The slice of a global tensor, as OneFlow cuts it (GetTensorSliceView4ParallelId): the ranks
+// form the placement's hierarchy (the last dimension fastest), and each dimension whose SBP
+// splits the sequence axis cuts the current range into balanced parts (BalancedSplitter: the
+// first total % n parts one row longer).
+SeqSlice SliceOf(user_op::KernelCacheContext* ctx, bool backward) {
+  const char* input = SlicedInput(backward);
+  const int axis = SlicedAxis(ctx, backward);
+  const Shape& logical = ctx->LogicalTensorDesc4ArgNameAndIndex(input, 0)->shape();
+  const NdSbp& nd_sbp = ctx->NdSbp4ArgNameAndIndex(input, 0);
+  const Shape& hierarchy = *ctx->parallel_desc().hierarchy();
+  CHECK_EQ(nd_sbp.sbp_parallel_size(), hierarchy.NumAxes()) << "fused_apply_rotary_emb: " << input
+                                                             << ": SBP and placement hierarchy differ in rank";
+  std::vector<int64_t> coordinate(hierarchy.NumAxes());
+  int64_t id = ctx->parallel_ctx().parallel_id();
+  for (int i = hierarchy.NumAxes() - 1; i >= 0; --i) {
+    coordinate[i] = id % hierarchy.At(i);
+    id /= hierarchy.At(i);
+  }
+  int64_t begin = 0, end = logical.At(axis);
+  for (int i = 0; i < hierarchy.NumAxes(); ++i) {
+    const SbpParallel& sbp = nd_sbp.sbp_parallel(i);
+    if (sbp.has_split_parallel() && sbp.split_parallel().axis() == axis) {
+      const Range part = BalancedSplitter(end - begin, hierarchy.At(i)).At(coordinate[i]);
+      end = begin + part.end();
+      begin += part.begin();
+    }
+  }
+  const int64_t physical = ctx->TensorDesc4ArgNameAndIndex(input, 0)->shape().At(axis);
+  CHECK_EQ(end - begin, physical) << "fused_apply_rotary_emb: " << input << ": this rank's slice along axis "
+                                  << axis << " has " << physical << " rows, the balanced split gives "
+                                  << end - begin;
+  SeqSlice slice;
+  slice.begin = begin;
+  slice.total = logical.At(axis);
+  return slice;
+}
+
+class SeqSliceCache final : public user_op::OpKernelCache {
+ public:
+  SeqSlice slice;
+};
 
 // Builds the kernel parameters. Inputs arrive contiguous (the op does not declare support for
 // non-contiguous tensors), so the strides follow from the layouts. Forward: x [k] -> out [k_out];
 // backward: dy [dk_out] -> dx [dk]. A q+k call fills tensors[1]: from k, or (packed_qk) from the
 // key slot of the packed x. Backward of a packed input: the slots that take no gradient get zeros,
-// written by the kernel with tensors[0].
-rope::RopeParams MakeParams(user_op::KernelComputeContext* ctx, bool backward) {
+// written by the kernel with tensors[0]. `slice`: where this rank's rows start along the
+// sequence axis (see SliceOf).
+rope::RopeParams MakeParams(user_op::KernelComputeContext* ctx, bool backward, const SeqSlice& slice) {
   const char* in_name = backward ? "dy" : "x";
   const char* in_k_name = backward ? "dk_out" : "k";
   const char* res_name = backward ? "dx" : "out";
@@ -80,7 +147,9 @@ rope::RopeParams MakeParams(user_op::KernelComputeContext* ctx, bool backward) {
   call.rotary_size = ctx->Attr<int64_t>("rotary_size");
   const user_op::Tensor* pos =
       ctx->has_input("position_ids", 0) ? ctx->Tensor4ArgNameAndIndex("position_ids", 0) : nullptr;
-  call.rotary_dim = pos != nullptr ? static_cast<int32_t>(pos->shape_view().At(1)) : 1;
+  // position_ids: (B, R, M), or (R, T) for a varlen layout; R is the rotary dim
+  const int pos_axes = pos != nullptr ? pos->shape_view().NumAxes() : 0;
+  call.rotary_dim = pos != nullptr ? static_cast<int32_t>(pos->shape_view().At(pos_axes - 2)) : 1;
 
   const rope::LayoutDesc* x_layout = rope::FindLayout(call.x_layout);
   const rope::LayoutDesc* out_layout = rope::FindLayout(call.output_layout);
@@ -165,11 +234,19 @@ rope::RopeParams MakeParams(user_op::KernelComputeContext* ctx, bool backward) {
   if (pos != nullptr) {
     p.position_ids = pos->raw_dptr();
     p.pos_type = ToIndexType(pos->data_type());
-    p.pos_stride_b = pos->shape_view().At(1) * pos->shape_view().At(2);
-    p.pos_stride_r = pos->shape_view().At(2);
+    p.pos_stride_b = pos->shape_view().At(pos_axes - 2) * pos->shape_view().At(pos_axes - 1);  // B = 1 if 2-D
+    p.pos_stride_r = pos->shape_view().At(pos_axes - 1);
     p.pos_stride_m = 1;
   }
-  p.seqlen_offset = ctx->Attr<int64_t>("seqlen_offset");
+  // the index of a token is its global one: its row plus where this rank's slice starts
+  p.seqlen_offset = ctx->Attr<int64_t>("seqlen_offset") + slice.begin;
+  if (ctx->has_input("cu_seqlens", 0)) {
+    const user_op::Tensor* cu_seqlens = ctx->Tensor4ArgNameAndIndex("cu_seqlens", 0);
+    p.cu_seqlens = cu_seqlens->raw_dptr();
+    p.cu_seqlens_type = ToIndexType(cu_seqlens->data_type());
+    p.num_seqs = cu_seqlens->shape_view().At(0) - 1;
+    p.cu_seqlens_total = slice.total >= 0 ? slice.total : sizes.M;  // varlen: B = 1, M = T
+  }
   if (ctx->has_input("seqlen_offsets", 0)) {
     const user_op::Tensor* offsets = ctx->Tensor4ArgNameAndIndex("seqlen_offsets", 0);
     p.seqlen_offsets = offsets->raw_dptr();
@@ -210,65 +287,98 @@ int32_t IntraOpThreads(user_op::KernelComputeContext* ctx) {
   return static_cast<int32_t>(std::min(std::max<int64_t>(count, 1), hardware));
 }
 
-template<bool kBackward>
-class RopeCpuKernel final : public user_op::OpKernel {
- public:
-  RopeCpuKernel() = default;
-  ~RopeCpuKernel() override = default;
-
- private:
-  void Compute(user_op::KernelComputeContext* ctx) const override {
-    rope::RopeParams p = MakeParams(ctx, kBackward);
-    p.num_threads = IntraOpThreads(ctx);
-    const char* invalid = rope::ValidateRopeParams(p);
-    CHECK(invalid == nullptr) << "fused_apply_rotary_emb: " << invalid;
+// Runs the kernel of one device on the op's tensors.
+template<bool kBackward, DeviceType kDevice>
+void Run(user_op::KernelComputeContext* ctx, const SeqSlice& slice) {
+  rope::RopeParams p = MakeParams(ctx, kBackward, slice);
+  if (kDevice == DeviceType::kCPU) p.num_threads = IntraOpThreads(ctx);
+  const char* invalid = rope::ValidateRopeParams(p);
+  CHECK(invalid == nullptr) << "fused_apply_rotary_emb: " << invalid;
+  if (kDevice == DeviceType::kCPU) {
     const int64_t bad_rows = rope::RopeForwardCpu(p);
     LOG_IF(WARNING, bad_rows > 0)
         << "fused_apply_rotary_emb: " << bad_rows
-        << " positions fell outside the cos/sin table; their outputs are NaN";
+        << " positions fell outside the cos/sin table or outside every sequence of cu_seqlens; their outputs are NaN";
+    return;
   }
-  bool AlwaysComputeWhenAllOutputsEmpty() const override { return false; }
-};
-
 #ifdef ONEFLOW_ROPE_WITH_CUDA
-template<bool kBackward>
-class RopeCudaKernel final : public user_op::OpKernel {
+  void* stream = ctx->stream()->As<ep::CudaStream>()->cuda_stream();
+  const int status = rope::RopeForwardCuda(p, stream);
+  CHECK_EQ(status, 0) << "fused_apply_rotary_emb: " << rope::RopeCudaErrorString(status);
+#endif
+}
+
+// The kernel of a placement of one rank (local tensors): the tensor is whole.
+template<bool kBackward, DeviceType kDevice>
+class RopeKernel final : public user_op::OpKernel {
  public:
-  RopeCudaKernel() = default;
-  ~RopeCudaKernel() override = default;
+  RopeKernel() = default;
+  ~RopeKernel() override = default;
 
  private:
   void Compute(user_op::KernelComputeContext* ctx) const override {
-    const rope::RopeParams p = MakeParams(ctx, kBackward);
-    void* stream = ctx->stream()->As<ep::CudaStream>()->cuda_stream();
-    const char* invalid = rope::ValidateRopeParams(p);
-    CHECK(invalid == nullptr) << "fused_apply_rotary_emb: " << invalid;
-    const int status = rope::RopeForwardCuda(p, stream);
-    CHECK_EQ(status, 0) << "fused_apply_rotary_emb: " << rope::RopeCudaErrorString(status);
+    CHECK_EQ(ctx->parallel_ctx().parallel_num(), 1) << "fused_apply_rotary_emb: the kernel of one rank runs on "
+                                                    << ctx->parallel_ctx().parallel_num();
+    Run<kBackward, kDevice>(ctx, SeqSlice());
   }
   bool AlwaysComputeWhenAllOutputsEmpty() const override { return false; }
 };
-#endif
 
-#define REGISTER_ROPE_KERNELS(device, kernel, dtype)                                          \
-  REGISTER_USER_KERNEL("fused_apply_rotary_emb")                                              \
-      .SetCreateFn<kernel<false>>()                                                           \
-      .SetIsMatchedHob((user_op::HobDeviceType() == device)                                   \
-                       && (user_op::HobDataType("out", 0) == dtype));                         \
-  REGISTER_USER_KERNEL("fused_apply_rotary_emb_grad")                                         \
-      .SetCreateFn<kernel<true>>()                                                            \
-      .SetIsMatchedHob((user_op::HobDeviceType() == device)                                   \
-                       && (user_op::HobDataType("dx", 0) == dtype));
+// The kernel of a placement of several ranks: finds where its slice starts along the sequence
+// axis (the SBP may change from one eager call to the next, so at every call; cheap).
+template<bool kBackward, DeviceType kDevice>
+class RopeGlobalKernel final : public user_op::OpKernel {
+ public:
+  RopeGlobalKernel() = default;
+  ~RopeGlobalKernel() override = default;
 
-REGISTER_ROPE_KERNELS(DeviceType::kCPU, RopeCpuKernel, DataType::kFloat)
-REGISTER_ROPE_KERNELS(DeviceType::kCPU, RopeCpuKernel, DataType::kDouble)
-REGISTER_ROPE_KERNELS(DeviceType::kCPU, RopeCpuKernel, DataType::kFloat16)
-REGISTER_ROPE_KERNELS(DeviceType::kCPU, RopeCpuKernel, DataType::kBFloat16)
+  void InitOpKernelCacheWithFlags(user_op::KernelCacheContext* ctx, int8_t /*flag*/,
+                                  std::shared_ptr<user_op::OpKernelCache>* cache_ptr) const override {
+    auto cache = std::make_shared<SeqSliceCache>();
+    cache->slice = SliceOf(ctx, kBackward);
+    *cache_ptr = std::move(cache);
+  }
+
+ private:
+  using user_op::OpKernel::Compute;
+  void Compute(user_op::KernelComputeContext* ctx, user_op::OpKernelState*,
+               const user_op::OpKernelCache* cache) const override {
+    const auto* slice = dynamic_cast<const SeqSliceCache*>(cache);
+    CHECK(slice != nullptr) << "fused_apply_rotary_emb: no slice of the sequence axis";
+    Run<kBackward, kDevice>(ctx, slice->slice);
+  }
+  bool AlwaysComputeWhenAllOutputsEmpty() const override { return false; }
+};
+
+// The number of ranks of the op's placement: one (local tensors, or a placement of one rank) or
+// several (global tensors that may be split along the sequence axis).
+auto HobParallelNum() {
+  return hob::make_custom("parallel_num", [](const user_op::KernelRegContext& ctx) -> int64_t {
+    return ctx.parallel_ctx().parallel_num();
+  });
+}
+
+// ranks: the condition on the number of ranks of the op's placement (HobParallelNum).
+#define REGISTER_ROPE_KERNEL(op, kernel, backward, device, dtype, result, ranks)                   \
+  REGISTER_USER_KERNEL(op)                                                                          \
+      .SetCreateFn<kernel<backward, device>>()                                                      \
+      .SetIsMatchedHob((user_op::HobDeviceType() == device) && (user_op::HobDataType(result, 0) == dtype) \
+                       && (HobParallelNum() ranks));
+#define REGISTER_ROPE_KERNELS(device, dtype)                                                                \
+  REGISTER_ROPE_KERNEL("fused_apply_rotary_emb", RopeKernel, false, device, dtype, "out", == int64_t{1})     \
+  REGISTER_ROPE_KERNEL("fused_apply_rotary_emb_grad", RopeKernel, true, device, dtype, "dx", == int64_t{1})  \
+  REGISTER_ROPE_KERNEL("fused_apply_rotary_emb", RopeGlobalKernel, false, device, dtype, "out", > int64_t{1}) \
+  REGISTER_ROPE_KERNEL("fused_apply_rotary_emb_grad", RopeGlobalKernel, true, device, dtype, "dx", > int64_t{1})
+
+REGISTER_ROPE_KERNELS(DeviceType::kCPU, DataType::kFloat)
+REGISTER_ROPE_KERNELS(DeviceType::kCPU, DataType::kDouble)
+REGISTER_ROPE_KERNELS(DeviceType::kCPU, DataType::kFloat16)
+REGISTER_ROPE_KERNELS(DeviceType::kCPU, DataType::kBFloat16)
 #ifdef ONEFLOW_ROPE_WITH_CUDA
-REGISTER_ROPE_KERNELS(DeviceType::kCUDA, RopeCudaKernel, DataType::kFloat)
-REGISTER_ROPE_KERNELS(DeviceType::kCUDA, RopeCudaKernel, DataType::kDouble)
-REGISTER_ROPE_KERNELS(DeviceType::kCUDA, RopeCudaKernel, DataType::kFloat16)
-REGISTER_ROPE_KERNELS(DeviceType::kCUDA, RopeCudaKernel, DataType::kBFloat16)
+REGISTER_ROPE_KERNELS(DeviceType::kCUDA, DataType::kFloat)
+REGISTER_ROPE_KERNELS(DeviceType::kCUDA, DataType::kDouble)
+REGISTER_ROPE_KERNELS(DeviceType::kCUDA, DataType::kFloat16)
+REGISTER_ROPE_KERNELS(DeviceType::kCUDA, DataType::kBFloat16)
 #endif
 
 }  // namespace

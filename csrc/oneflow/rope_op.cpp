@@ -2,9 +2,9 @@
 // attributes, shape / dtype inference and SBP signatures. Kernels live in rope_kernels.cpp.
 //
 // Inputs and outputs of the forward op:   x [k] [cos sin] [position_ids] [seqlen_offsets] [inv_freq]
-//                                         -> out [k_out]
+//                                         [cu_seqlens] -> out [k_out]
 // and of the grad op:                     dy [dk_out] [cos sin] [position_ids] [seqlen_offsets]
-//                                         [inv_freq] -> dx [dk]
+//                                         [inv_freq] [cu_seqlens] -> dx [dk]
 // A q+k call either gives k (rotated into k_out; gradient dk), or sets packed_qk: x is a packed
 // query-key-value tensor whose query goes to out and whose key goes to k_out (both gradients
 // land in dx, which has zeros in the value slot).
@@ -62,6 +62,7 @@ rope::RopeArgs ArgsFromAttrs(const RopeOpAttrs& attrs, user_op::InferContext* ct
     args.seqlen_offsets_shape = ToVector(ctx->InputShape("seqlen_offsets", 0));
   }
   if (ctx->has_input("inv_freq", 0)) args.inv_freq_shape = ToVector(ctx->InputShape("inv_freq", 0));
+  if (ctx->has_input("cu_seqlens", 0)) args.cu_seqlens_shape = ToVector(ctx->InputShape("cu_seqlens", 0));
   return args;
 }
 
@@ -192,6 +193,7 @@ Maybe<void> InferDataType(user_op::InferContext* ctx, bool backward) {
   }
   JUST(CheckIndexDType(ctx, "position_ids"));
   JUST(CheckIndexDType(ctx, "seqlen_offsets"));
+  JUST(CheckIndexDType(ctx, "cu_seqlens"));
   if (ctx->has_input("inv_freq", 0)) {
     const DataType inv = ctx->InputDType("inv_freq", 0);
     if (inv != DataType::kFloat && inv != DataType::kDouble) {
@@ -211,15 +213,24 @@ user_op::OpArg Arg(const std::string& name) { return user_op::OpArg(std::string(
 
 // Heads of a tensor of this layout and shape (0 when unknown).
 int64_t HeadsOf(const rope::LayoutDesc& layout, const Shape& shape, int64_t k_size) {
-  if (layout.fused) {
-    return (k_size > 0 && shape.NumAxes() == 3) ? shape.At(2) / (k_size * layout.slots) : 0;
-  }
-  return shape.NumAxes() == 4 ? shape.At(rope::HeadAxis(layout)) : 0;
+  if (shape.NumAxes() != layout.ndim) return 0;
+  if (layout.fused) return k_size > 0 ? shape.At(rope::KAxis(layout)) / (k_size * layout.slots) : 0;
+  return shape.At(rope::HeadAxis(layout));
 }
 
-// Signatures: split on B (position_ids and seqlen_offsets split with it), split on H (only where
-// every rank then holds whole heads), and partial-sum (the op is linear in x). cos, sin and
-// inv_freq are always broadcast; so are position_ids and seqlen_offsets except with B split.
+// Signatures:
+// - split on B: position_ids (B, R, M) and seqlen_offsets (B,) split with it. Not for the varlen
+//   layouts, whose token axis holds B and M at once: splitting it is the split on M below.
+// - split on H, only where every rank then holds whole heads.
+// - split on M (the sequence axis; the tokens of a varlen layout): position_ids split along their
+//   M axis (last) with x; seqlen_offsets (per sequence) and cu_seqlens whole on every rank. The
+//   kernel adds where its rank's slice starts to each token's index (rope_kernels.cpp), so every
+//   token keeps its global position: seqlen_offsets[b] + m, or t - cu_seqlens[s]. (OneFlow 0.9
+//   counts slicing a broadcast input as costly: x split on M with position_ids broadcast is
+//   moved to the split on H rather than position_ids sliced; give position_ids split with x.)
+// - partial-sum (the op is linear in x).
+// cos, sin, inv_freq and cu_seqlens are always broadcast; position_ids and seqlen_offsets are
+// broadcast where their axis is not split.
 Maybe<void> GetRopeSbp(user_op::SbpContext* ctx, bool backward) {
   const ArgNames& names = backward ? kBackwardNames : kForwardNames;
   const RopeOpAttrs attrs = rope::ReadRopeOpAttrs(ctx);
@@ -230,14 +241,18 @@ Maybe<void> GetRopeSbp(user_op::SbpContext* ctx, bool backward) {
   const auto* in_layout = backward ? out_layout : x_layout;
   const auto* res_layout = backward ? x_layout : out_layout;
   const auto& conf = ctx->user_op_conf();
+  CHECK_OR_RETURN(x_layout->varlen == out_layout->varlen)
+      << "fused_apply_rotary_emb: output_layout: varlen and batched layouts do not mix";
   std::vector<user_op::OpArg> broadcast;  // always broadcast
-  for (const char* t : {"cos", "sin", "inv_freq"}) {
+  for (const char* t : {"cos", "sin", "inv_freq", "cu_seqlens"}) {
     if (conf.has_input(t, 0)) broadcast.emplace_back(t, 0);
   }
   std::vector<user_op::OpArg> per_sequence;  // split with B, else broadcast
   for (const char* t : {"position_ids", "seqlen_offsets"}) {
     if (conf.has_input(t, 0)) per_sequence.emplace_back(t, 0);
   }
+  const bool has_positions = conf.has_input("position_ids", 0);
+  const bool has_offsets = conf.has_input("seqlen_offsets", 0);
   const bool has_in_k = conf.has_input(names.in_k, 0);
   const bool has_res_k = conf.has_output(names.res_k, 0);
   // the layout of each tensor: the second input / result is in the same layout as the first
@@ -247,7 +262,7 @@ Maybe<void> GetRopeSbp(user_op::SbpContext* ctx, bool backward) {
     how(builder, Arg(names.res), *res_layout);
     if (has_res_k) how(builder, Arg(names.res_k), *res_layout);
   };
-  {
+  if (!in_layout->varlen) {
     auto builder = ctx->NewBuilder();
     add(builder, [](auto& b, const user_op::OpArg& arg, const rope::LayoutDesc& l) {
       b.Split(arg, rope::BatchAxis(l));
@@ -280,6 +295,20 @@ Maybe<void> GetRopeSbp(user_op::SbpContext* ctx, bool backward) {
   }
   {
     auto builder = ctx->NewBuilder();
+    add(builder, [](auto& b, const user_op::OpArg& arg, const rope::LayoutDesc& l) {
+      b.Split(arg, rope::SeqAxis(l));
+    });
+    if (!broadcast.empty()) builder.Broadcast(broadcast);
+    if (has_positions) {
+      // (B, R, M), or (R, T) for a varlen layout: M (T) is the last axis
+      const int64_t pos_axes = ctx->LogicalTensorDesc4InputArgNameAndIndex("position_ids", 0).shape().NumAxes();
+      builder.Split(user_op::OpArg("position_ids", 0), pos_axes - 1);
+    }
+    if (has_offsets) builder.Broadcast(user_op::OpArg("seqlen_offsets", 0));
+    builder.Build();
+  }
+  {
+    auto builder = ctx->NewBuilder();
     add(builder, [](auto& b, const user_op::OpArg& arg, const rope::LayoutDesc&) { b.PartialSum(arg); });
     if (!broadcast.empty()) builder.Broadcast(broadcast);
     if (!per_sequence.empty()) builder.Broadcast(per_sequence);
@@ -302,6 +331,7 @@ REGISTER_USER_OP("fused_apply_rotary_emb")
     .OptionalInput("position_ids")
     .OptionalInput("seqlen_offsets")
     .OptionalInput("inv_freq")
+    .OptionalInput("cu_seqlens")
     .Output("out")
     .OptionalOutput("k_out")
     ROPE_OP_ATTRIBUTES(ROPE_DECLARE_ATTR)
@@ -318,6 +348,7 @@ REGISTER_USER_OP("fused_apply_rotary_emb_grad")
     .OptionalInput("position_ids")
     .OptionalInput("seqlen_offsets")
     .OptionalInput("inv_freq")
+    .OptionalInput("cu_seqlens")
     .Output("dx")
     .OptionalOutput("dk")
     ROPE_OP_ATTRIBUTES(ROPE_DECLARE_ATTR)

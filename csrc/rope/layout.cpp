@@ -3,14 +3,15 @@
 #include <algorithm>
 #include <cctype>
 #include <sstream>
+#include <utility>
 
 namespace oneflow_rope {
 
 namespace {
 
-#define ROPE_LAYOUT_ENTRY(name, ndim, batch, seq, head, fused, slots, i0, i1, i2, t0, t1, t2, \
-                          default_index, unpacked, output)                                   \
-  {name, ndim, batch, seq, head, fused, slots, {i0, i1, i2}, {t0, t1, t2}, default_index,     \
+#define ROPE_LAYOUT_ENTRY(name, ndim, batch, seq, head, fused, varlen, slots, i0, i1, i2, t0, t1, \
+                          t2, default_index, unpacked, output)                                  \
+  {name, ndim, batch, seq, head, fused, varlen, slots, {i0, i1, i2}, {t0, t1, t2}, default_index, \
    unpacked, output},
 const LayoutDesc kLayouts[] = {ROPE_LAYOUTS(ROPE_LAYOUT_ENTRY)};
 #undef ROPE_LAYOUT_ENTRY
@@ -90,6 +91,34 @@ std::string SingleLayouts() {
   return names;
 }
 
+// "(BM)HK, (BM)(HK), ..."; same words as oneflow_rope.layout._VARLEN_LAYOUTS.
+std::string VarlenLayouts() {
+  std::string names;
+  for (const LayoutDesc& l : kLayouts) {
+    if (!l.varlen) continue;
+    if (!names.empty()) names += ", ";
+    names += l.name;
+  }
+  return names;
+}
+
+// The output layouts that go with an input of this kind; as oneflow_rope.layout._output_choices.
+std::string OutputChoices(bool varlen) {
+  std::string names;
+  for (const LayoutDesc& l : kLayouts) {
+    if (!l.can_be_output || l.varlen != varlen) continue;
+    if (!names.empty()) names += ", ";
+    names += l.name;
+  }
+  return names;
+}
+
+// (B, M) of a tensor of this layout: (1, T) for a varlen layout's T tokens.
+std::pair<int64_t, int64_t> BatchAndLength(const LayoutDesc& l, const std::vector<int64_t>& shape) {
+  if (l.varlen) return {1, shape[l.seq_axis]};
+  return {shape[l.batch_axis], shape[l.seq_axis]};
+}
+
 std::string QkLayouts() {
   std::string names;
   for (const LayoutDesc& l : kLayouts) {
@@ -144,6 +173,7 @@ std::string LayoutNames(bool outputs_only) {
 int BatchAxis(const LayoutDesc& l) { return l.batch_axis; }
 int SeqAxis(const LayoutDesc& l) { return l.seq_axis; }
 int HeadAxis(const LayoutDesc& l) { return l.head_axis; }
+int KAxis(const LayoutDesc& l) { return l.ndim - 1; }
 
 const std::vector<std::string>& ModeNames() {
 #define ROPE_MODE_NAME(name) name,
@@ -187,6 +217,11 @@ std::string InferShapes(const RopeArgs& args, RopeShapes* shapes) {
   const std::string out_name = args.output_layout ? *args.output_layout : info->unpacked;
   const LayoutDesc* out_info = FindLayout(out_name);
   if (out_info == nullptr || !out_info->can_be_output) return LayoutError("output_layout", out_name, true);
+  if (out_info->varlen != info->varlen) {
+    err << "output_layout: got '" << out_info->name << "' for layout " << info->name << ", expected one of "
+        << OutputChoices(info->varlen) << " (packed varlen tokens and batched sequences do not mix)";
+    return err.str();
+  }
   bool mode_ok = false;
   ParseMode(args.mode, &mode_ok);
   if (!mode_ok) return "mode: got '" + args.mode + "', expected " + ModeChoices();
@@ -242,11 +277,16 @@ std::string InferShapes(const RopeArgs& args, RopeShapes* shapes) {
   std::vector<int64_t> pos;
   if (args.position_ids_shape) {
     pos = *args.position_ids_shape;
-    if (pos.size() != 3 || (pos[1] != 1 && pos[1] != 2)) {
+    if (info->varlen) {
+      if (pos.size() != 2 || (pos[0] != 1 && pos[0] != 2)) {
+        return "position_ids: got shape " + ShapeString(pos) + ", expected (1, T) or (2, T) for the varlen layout "
+               + info->name;
+      }
+    } else if (pos.size() != 3 || (pos[1] != 1 && pos[1] != 2)) {
       return "position_ids: got shape " + ShapeString(pos) + ", expected (B, 1, M) or (B, 2, M)";
     }
     if (HasNegative(pos)) return "position_ids: got shape " + ShapeString(pos) + ", which has a negative size";
-    rotary_dim = static_cast<int32_t>(pos[1]);
+    rotary_dim = static_cast<int32_t>(info->varlen ? pos[0] : pos[1]);
   }
   std::vector<int64_t> table;
   if (args.table_shape) {
@@ -255,6 +295,25 @@ std::string InferShapes(const RopeArgs& args, RopeShapes* shapes) {
       return "cos: got shape " + ShapeString(table) + ", expected a 2-D table (P, rotary_size / rotary_dim)";
     }
     if (HasNegative(table)) return "cos: got shape " + ShapeString(table) + ", which has a negative size";
+  }
+  if (args.cu_seqlens_shape) {
+    const std::vector<int64_t>& cu = *args.cu_seqlens_shape;
+    if (!info->varlen) {
+      err << "cu_seqlens: given with layout " << info->name
+          << "; cu_seqlens gives the sequences of packed tokens, for the varlen layouts (" << VarlenLayouts() << ")";
+      return err.str();
+    }
+    if (args.position_ids_shape) {
+      return "cu_seqlens: given together with position_ids; a token's position comes from one of them, give one";
+    }
+    if (cu.size() != 1 || cu[0] < 1) {
+      return "cu_seqlens: got shape " + ShapeString(cu)
+             + ", expected (S+1,): the first token of each of the S sequences, then the number of tokens T";
+    }
+  } else if (info->varlen && !args.position_ids_shape) {
+    err << "cu_seqlens: got None with the varlen layout " << info->name
+        << ", whose tokens belong to packed sequences; give cu_seqlens (S+1,) or position_ids (R, T)";
+    return err.str();
   }
   std::vector<int64_t> offsets;
   if (args.seqlen_offset || args.seqlen_offsets_shape) {
@@ -265,6 +324,11 @@ std::string InferShapes(const RopeArgs& args, RopeShapes* shapes) {
     if (args.position_ids_shape) {
       return "seqlen_offsets: given together with position_ids; token m of sequence b is at seqlen_offsets[b] + m "
              "only without position_ids, give one of them";
+    }
+    if (info->varlen) {
+      err << "seqlen_offsets: given with the varlen layout " << info->name
+          << ", whose token t of sequence s is at t - cu_seqlens[s]; give the positions as position_ids instead";
+      return err.str();
     }
     if (args.seqlen_offsets_shape) {
       offsets = *args.seqlen_offsets_shape;
@@ -289,13 +353,12 @@ std::string InferShapes(const RopeArgs& args, RopeShapes* shapes) {
     return "rotary_size: got " + std::to_string(*args.rotary_size) + ", expected a positive number of dims";
   }
 
-  const int64_t B = shape[info->batch_axis];
-  const int64_t M = shape[info->seq_axis];
+  const auto [B, M] = BatchAndLength(*info, shape);
   int64_t H = 0, K = 0;
   enum class Source { kX, kKSize, kTable } source = Source::kX;
   if (!info->fused) {
     H = shape[info->head_axis];
-    K = shape[3];
+    K = shape[KAxis(*info)];
     if (args.k_size && *args.k_size != K) {
       err << "k_size: got " << *args.k_size << " but x of layout " << info->name << " and shape "
           << ShapeString(shape) << " has head size " << K;
@@ -318,13 +381,14 @@ std::string InferShapes(const RopeArgs& args, RopeShapes* shapes) {
       return err.str();
     }
     const int64_t step = K * info->slots;
-    if (shape[2] % step != 0) {
+    const int64_t last = shape.back();
+    if (last % step != 0) {
       if (source == Source::kKSize) {
         err << "k_size: got " << K;
       } else {
         err << "cos: got shape " << ShapeString(table) << ", whose width gives K = " << K;
       }
-      err << ", but the last axis of x (" << shape[2] << ") is not a multiple of ";
+      err << ", but the last axis of x (" << last << ") is not a multiple of ";
       if (info->slots > 1) {
         err << info->slots << " * K = " << step;
       } else {
@@ -333,30 +397,35 @@ std::string InferShapes(const RopeArgs& args, RopeShapes* shapes) {
       err << " for layout " << info->name;
       return err.str();
     }
-    H = shape[2] / step;
+    H = last / step;
   }
 
   std::optional<int64_t> k_heads;
   if (args.packed_qk) k_heads = H;
   if (args.k_shape) {
-    if (k[info->batch_axis] != B || k[info->seq_axis] != M) {
-      err << "k: got shape " << ShapeString(k) << "; q and k need the same B and M, q has B=" << B << ", M=" << M;
+    if (BatchAndLength(*info, k) != std::make_pair(B, M)) {
+      err << "k: got shape " << ShapeString(k);
+      if (info->varlen) {
+        err << "; q and k need the same tokens, q has T=" << M;
+      } else {
+        err << "; q and k need the same B and M, q has B=" << B << ", M=" << M;
+      }
       return err.str();
     }
     if (!info->fused) {
-      if (k[3] != K) {
-        err << "k: got shape " << ShapeString(k) << ", whose head size " << k[3] << " differs from q's head size K="
-            << K;
+      if (k.back() != K) {
+        err << "k: got shape " << ShapeString(k) << ", whose head size " << k.back()
+            << " differs from q's head size K=" << K;
         return err.str();
       }
       k_heads = k[info->head_axis];
     } else {
-      if (k[2] % K != 0) {
-        err << "k: got shape " << ShapeString(k) << ", whose last axis (" << k[2]
+      if (k.back() % K != 0) {
+        err << "k: got shape " << ShapeString(k) << ", whose last axis (" << k.back()
             << ") is not a multiple of the head size K = " << K << " for layout " << info->name;
         return err.str();
       }
-      k_heads = k[2] / K;
+      k_heads = k.back() / K;
     }
   }
 
@@ -393,10 +462,17 @@ std::string InferShapes(const RopeArgs& args, RopeShapes* shapes) {
   }
   const int64_t part = rotary / rotary_dim;
 
-  if (args.position_ids_shape && (pos[0] != B || pos[2] != M)) {
-    err << "position_ids: got shape " << ShapeString(pos) << ", expected (" << B << ", " << rotary_dim
-        << ", " << M << ") for x with B=" << B << ", M=" << M;
-    return err.str();
+  if (args.position_ids_shape) {
+    if (info->varlen && pos[1] != M) {
+      err << "position_ids: got shape " << ShapeString(pos) << ", expected (" << rotary_dim << ", " << M
+          << ") for x with T=" << M << " tokens";
+      return err.str();
+    }
+    if (!info->varlen && (pos[0] != B || pos[2] != M)) {
+      err << "position_ids: got shape " << ShapeString(pos) << ", expected (" << B << ", " << rotary_dim
+          << ", " << M << ") for x with B=" << B << ", M=" << M;
+      return err.str();
+    }
   }
   if (args.table_shape) {
     if (table[1] != part) {
@@ -404,7 +480,7 @@ std::string InferShapes(const RopeArgs& args, RopeShapes* shapes) {
           << "): width rotary_size / rotary dim = " << rotary << " / " << rotary_dim;
       return err.str();
     }
-    if (!args.position_ids_shape && !args.seqlen_offsets_shape) {
+    if (!args.position_ids_shape && !args.seqlen_offsets_shape && !args.cu_seqlens_shape) {
       // the positions are known: 0..M-1, or seqlen_offset + (0..M-1)
       const int64_t offset = args.seqlen_offset ? *args.seqlen_offset : 0;
       if (offset == 0 && table[0] < M) {
@@ -465,6 +541,9 @@ std::string InferSizes(const std::vector<int64_t>& x_shape, const RopeCall& call
   args.tensor_index = call.tensor_index;
   if (call.k_size > 0) args.k_size = call.k_size;
   if (call.rotary_size > 0) args.rotary_size = call.rotary_size;
+  // the sequences of a varlen layout (cu_seqlens or position_ids) do not change its sizes
+  const LayoutDesc* layout = FindLayout(call.x_layout);
+  if (layout != nullptr && layout->varlen) args.cu_seqlens_shape = std::vector<int64_t>{1};
   RopeShapes shapes;
   const std::string err = InferShapes(args, &shapes);
   if (err.empty()) {
@@ -478,13 +557,17 @@ std::string InferSizes(const std::vector<int64_t>& x_shape, const RopeCall& call
 
 std::vector<int64_t> LayoutShape(const LayoutDesc& l, const RopeSizes& s) {
   std::vector<int64_t> shape(l.ndim);
-  shape[l.batch_axis] = s.B;
-  shape[l.seq_axis] = s.M;
+  if (l.varlen) {
+    shape[l.seq_axis] = s.B * s.M;
+  } else {
+    shape[l.batch_axis] = s.B;
+    shape[l.seq_axis] = s.M;
+  }
   if (l.fused) {
     shape[l.head_axis] = s.H * l.slots * s.K;
   } else {
     shape[l.head_axis] = s.H;
-    shape[3] = s.K;
+    shape[KAxis(l)] = s.K;
   }
   return shape;
 }
@@ -498,8 +581,8 @@ LayoutStrides ContiguousStrides(const LayoutDesc& l, const RopeSizes& s, int64_t
     acc *= shape[i];
   }
   LayoutStrides st;
-  st.b = stride[l.batch_axis];
   st.m = stride[l.seq_axis];
+  st.b = l.varlen ? s.M * st.m : stride[l.batch_axis];  // varlen: the token axis holds (b, m), m fastest
   if (l.fused) {
     st.h = l.slots * s.K;
     st.offset = slot * s.K;

@@ -21,10 +21,11 @@ namespace oneflow_rope {
 struct LayoutDesc {
   const char* name;  // e.g. "BM(H3K)"
   int ndim;          // number of tensor axes
-  int batch_axis;
+  int batch_axis;    // for varlen layouts the token axis, which holds B = 1 and M = T
   int seq_axis;
   int head_axis;     // for fused layouts the last axis, shared with K (and the slots)
   bool fused;        // heads and head size share the last axis
+  bool varlen;       // one axis holds the T tokens of packed sequences: (BM)HK, (BM)(HK), ...
   int slots;         // 1, or 2 / 3 for packed KV / QKV
   int64_t tensor_index[3];     // the tensor_index of each slot (query 0, key 1, value 2)
   const char* tensor_name[3];  // "query", "key", "value" per slot; nullptr when unpacked
@@ -40,10 +41,12 @@ const std::vector<const LayoutDesc*>& AllLayouts();
 // "BMHK, BHMK, ..." for error messages.
 std::string LayoutNames(bool outputs_only);
 
-// Axis of x that holds B, M or H (for fused layouts H shares the last axis).
+// Axis of x that holds B, M, H or K (for fused layouts H and K share the last axis; for varlen
+// layouts B and M share the token axis).
 int BatchAxis(const LayoutDesc& l);
 int SeqAxis(const LayoutDesc& l);
 int HeadAxis(const LayoutDesc& l);
+int KAxis(const LayoutDesc& l);
 
 // The modes in the order of Mode ("plane", "interval").
 const std::vector<std::string>& ModeNames();
@@ -72,6 +75,7 @@ struct RopeArgs {
   std::optional<int64_t> seqlen_offset;                      // seqlen_offsets given as an int
   std::optional<std::vector<int64_t>> seqlen_offsets_shape;  // seqlen_offsets given as a tensor
   std::optional<std::vector<int64_t>> inv_freq_shape;
+  std::optional<std::vector<int64_t>> cu_seqlens_shape;     // varlen layouts: (S+1,)
 };
 
 // What the rules resolve for a call.
@@ -107,10 +111,12 @@ struct RopeCall {
   int32_t rotary_dim = 1;
 };
 
-// B, M, H, K of x under the call's attributes (InferShapes without the optional inputs).
+// B, M, H, K of x under the call's attributes (InferShapes without the optional inputs; for a
+// varlen layout, as if its sequences were given).
 std::string InferSizes(const std::vector<int64_t>& x_shape, const RopeCall& call, RopeSizes* sizes);
 
-// Shape of a contiguous tensor of this layout holding B, M, H, K (slots for packed layouts).
+// Shape of a contiguous tensor of this layout holding B, M, H, K (slots for packed layouts; the
+// token axis of a varlen layout holds B * M tokens).
 std::vector<int64_t> LayoutShape(const LayoutDesc& l, const RopeSizes& s);
 
 struct LayoutStrides {

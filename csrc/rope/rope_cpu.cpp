@@ -158,8 +158,24 @@ int64_t RopeCpuThreadsFor(const RopeParams& p) {
   return std::min(threads, rows);
 }
 
-int64_t RopeForwardCpu(const RopeParams& p) {
-  if (p.numel() == 0) return 0;
+int64_t RopeForwardCpu(const RopeParams& params) {
+  if (params.numel() == 0) return 0;
+  // A decreasing cu_seqlens places no token: every row is NaN, like a first entry other than 0
+  // or a last one other than the total (one pass over the S + 1 entries, once per call).
+  RopeParams checked = params;
+  if (params.cu_seqlens != nullptr) {
+    auto cu = [&](int64_t s) -> int64_t {
+      return params.cu_seqlens_type == IndexType::kInt32 ? static_cast<const int32_t*>(params.cu_seqlens)[s]
+                                                         : static_cast<const int64_t*>(params.cu_seqlens)[s];
+    };
+    for (int64_t s = 0; s < params.num_seqs; ++s) {
+      if (cu(s + 1) < cu(s)) {
+        checked.cu_seqlens_total = cu(params.num_seqs) + 1;  // no longer matches: every row NaN
+        break;
+      }
+    }
+  }
+  const RopeParams& p = checked;
   const RowsFn rows_fn = Isa().fn;
 
   // Frequencies theta_i (or inv_freq[i]), in double, shared by all threads.

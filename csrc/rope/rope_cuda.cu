@@ -14,7 +14,7 @@
 //   their loads, an L2 prefetch of the next batch (or of the next row's first), rotate, store.
 // - Small calls ("latency" path, kItems == 1): the position load first, then the item's loads,
 //   then the angles, so the dependent loads overlap.
-// No shared memory, no barrier. Blocks stride over the pieces of work (row groups x sequence
+// No shared memory; one barrier (only with cu_seqlens, at the start). Blocks stride over the pieces of work (row groups x sequence
 // chunks); the grid is the device's SM count times the blocks that fit on one SM.
 //
 // Two variants: "vector" (16-byte loads and stores; unit-stride K, aligned pointers and sizes)
@@ -254,7 +254,7 @@ __device__ __forceinline__ int64_t LoadIndex(const void* data, IndexType type, i
 // Position of token m of sequence b for rotary part r (see RopeParams); false when cu_seqlens
 // gives none.
 __device__ __forceinline__ bool RowPosition(const RopeParams& p, int64_t b, int r, int64_t m,
-                                            int64_t* pos) {
+                                            bool cu_seqlens_decreasing, int64_t* pos) {
   if (p.pos_type != IndexType::kNone) {
     *pos = LoadIndex(p.position_ids, p.pos_type,
                            b * p.pos_stride_b + r * p.pos_stride_r + m * p.pos_stride_m);
@@ -269,7 +269,7 @@ __device__ __forceinline__ bool RowPosition(const RopeParams& p, int64_t b, int 
     return true;
   }
   const int64_t S = p.num_seqs;
-  if (S <= 0 || LoadIndex(p.cu_seqlens, p.cu_seqlens_type, 0) != 0
+  if (S <= 0 || cu_seqlens_decreasing || LoadIndex(p.cu_seqlens, p.cu_seqlens_type, 0) != 0
       || LoadIndex(p.cu_seqlens, p.cu_seqlens_type, S) != p.cu_seqlens_total) {
     return false;
   }
@@ -467,6 +467,21 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
   const int part = static_cast<int>(p.rotary_size / p.rotary_dim);
   const int half = part / 2;
 
+  // A decreasing cu_seqlens places no token (every row NaN): the block checks its S + 1 entries
+  // once, each thread a share, and agrees through the barrier's predicate (every thread of the
+  // block reaches it: the condition is the same for all).
+  bool cu_seqlens_decreasing = false;
+  if (p.cu_seqlens_type != IndexType::kNone) {
+    const int tid = static_cast<int>(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z));
+    const int nthreads = static_cast<int>(blockDim.x * blockDim.y * blockDim.z);
+    for (int64_t s = tid; s < p.num_seqs; s += nthreads) {
+      if (LoadIndex(p.cu_seqlens, p.cu_seqlens_type, s + 1) < LoadIndex(p.cu_seqlens, p.cu_seqlens_type, s)) {
+        cu_seqlens_decreasing = true;
+      }
+    }
+    cu_seqlens_decreasing = __syncthreads_or(cu_seqlens_decreasing) != 0;
+  }
+
   for (int u = threadIdx.x; u < a.units; u += blockDim.x) {
     const Unit g = UnitAt<V, kPlane>(a, u, part, static_cast<int>(p.rotary_size), static_cast<int>(p.K));
     // Computed angles: V per unit. Plane: angle e (frequency f0 + e) for element e of both
@@ -490,7 +505,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
       int64_t pos = 0;
       bool found = true;
       if (g.rot) {
-        found = RowPosition(p, b_row, g.r, m, &pos);
+        found = RowPosition(p, b_row, g.r, m, cu_seqlens_decreasing, &pos);
         if (kTable) found = found && pos >= 0 && pos < p.table_rows;
       }
       // x of one item and the load of its vectors

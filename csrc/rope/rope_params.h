@@ -71,10 +71,10 @@ struct RopeParams {
   // position_ids[b*pos_stride_b + r*pos_stride_r + m*pos_stride_m].
   // Without: token m of sequence b has the index g = m + seqlen_offset (+ seqlen_offsets[b] when
   // given) and its position is g; with cu_seqlens (num_seqs + 1 entries) its position is
-  // g - cu_seqlens[s] for the s with cu_seqlens[s] <= g < cu_seqlens[s + 1]. Rows whose position
-  // cannot be found (malformed cu_seqlens: first entry not 0, last not cu_seqlens_total,
-  // decreasing) or falls outside the cos/sin table get NaN in their rotary dims; nothing outside
-  // any input is read.
+  // g - cu_seqlens[s] for the s with cu_seqlens[s] <= g < cu_seqlens[s + 1]. Every row of a call
+  // with a malformed cu_seqlens (first entry not 0, last not cu_seqlens_total, an entry below the
+  // one before), and rows whose position falls outside the cos/sin table, get NaN in their rotary
+  // dims; nothing outside any input is read.
   const void* position_ids = nullptr;
   IndexType pos_type = IndexType::kNone;
   int64_t pos_stride_b = 0, pos_stride_r = 0, pos_stride_m = 0;
