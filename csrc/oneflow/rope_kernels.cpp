@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "oneflow/core/common/balanced_splitter.h"
+#include "oneflow/core/ep/include/device.h"
 #include "oneflow/core/framework/framework.h"
 #include "rope/layout.h"
 #include "rope/rope_params.h"
