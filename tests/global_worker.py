@@ -97,6 +97,25 @@ LLM_CHECKS = [
 ]
 
 
+def check_split_outputs(rank: int, label: str, outs, expected, out_axis: int) -> bool:
+    """Whether every output keeps split(out_axis) and matches its expected array; rank 0 prints it."""
+    sbp_ok = all(o.sbp == (flow.sbp.split(out_axis),) for o in outs)
+    err = max(float(np.max(np.abs(o.to_global(sbp=flow.sbp.broadcast).to_local().numpy() - e)))
+              for o, e in zip(outs, expected))
+    ok = sbp_ok and err < 1e-5
+    if rank == 0:
+        print(f"{'ok  ' if ok else 'FAIL'} {label}: out sbp {[o.sbp for o in outs]}, max err {err:.2e}", flush=True)
+    return ok
+
+
+def weighted_total(outs):
+    """outs[0].sum() + 2 * the sum of the others: one loss whose gradient tells the outputs apart."""
+    total = outs[0].sum()
+    for o in outs[1:]:
+        total = total + 2 * o.sum()
+    return total
+
+
 def llm_checks(rank: int, placement) -> int:
     failures = 0
     rng = np.random.default_rng(1)  # same data on both ranks
@@ -133,22 +152,12 @@ def llm_checks(rank: int, placement) -> int:
         tensors = [to_global(a) for a in arrays]
         for mode_name, run in (("eager", lambda: call(tensors, offsets)),
                                ("graph", lambda: keep_alive(LlmGraph())(offsets, *tensors))):
-            outs = run()
-            sbp_ok = all(o.sbp == (flow.sbp.split(out_axis),) for o in outs)
-            err = max(float(np.max(np.abs(o.to_global(sbp=flow.sbp.broadcast).to_local().numpy() - e)))
-                      for o, e in zip(outs, expected))
-            ok = sbp_ok and err < 1e-5
-            failures += not ok
-            if rank == 0:
-                print(f"{'ok  ' if ok else 'FAIL'} {name:7s} {layout:8s} split({axis}) [{kind}] {mode_name}: "
-                      f"out sbp {[o.sbp for o in outs]}, max err {err:.2e}", flush=True)
+            failures += not check_split_outputs(rank, f"{name:7s} {layout:8s} split({axis}) [{kind}] {mode_name}",
+                                                run(), expected, out_axis)
         # backward: the gradients keep the inputs' split and match the reference
         tensors = [to_global(a, requires_grad=True) for a in arrays]
         outs = call(tensors, offsets)
-        total = outs[0].sum()
-        for o in outs[1:]:
-            total = total + 2 * o.sum()
-        total.backward()
+        weighted_total(outs).backward()
         ref_kw = dict(seqlen_offsets=offsets_np, **kw)
         if k_heads == 0:
             exp_grads = [rope_reference_backward(np.ones(expected[0].shape), tensor_index=0, **ref_kw)
@@ -284,22 +293,12 @@ def sequence_split_checks(rank: int, placement) -> int:
         tensors = [to_global(a) for a in arrays]
         for mode_name, run in (("eager", lambda: call(tensors, inputs)),
                                ("graph", lambda: keep_alive(SeqGraph())(*tensors, *[inputs[n] for n in names]))):
-            outs = run()
-            sbp_ok = all(o.sbp == (flow.sbp.split(out_axis),) for o in outs)
-            err = max(float(np.max(np.abs(o.to_global(sbp=flow.sbp.broadcast).to_local().numpy() - e)))
-                      for o, e in zip(outs, expected))
-            ok = sbp_ok and err < 1e-5
-            failures += not ok
-            if rank == 0:
-                print(f"{'ok  ' if ok else 'FAIL'} seq {name:16s} {layout:9s} split({axis}) {mode_name}: "
-                      f"out sbp {[o.sbp for o in outs]}, max err {err:.2e}", flush=True)
+            failures += not check_split_outputs(rank, f"seq {name:16s} {layout:9s} split({axis}) {mode_name}",
+                                                run(), expected, out_axis)
         # backward: the gradients keep x's split and match the reference
         tensors = [to_global(a, requires_grad=True) for a in arrays]
         outs = call(tensors, inputs)
-        total = outs[0].sum()
-        for o in outs[1:]:
-            total = total + 2 * o.sum()
-        total.backward()
+        weighted_total(outs).backward()
         if "qk" in extras:
             exp_grads = [sum(rope_reference_backward(w * np.ones(e.shape), **dict(ref_kw, tensor_index=i))
                              for i, w, e in zip((0, 1), (1, 2), expected))]
