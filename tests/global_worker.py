@@ -108,6 +108,18 @@ def check_split_outputs(rank: int, label: str, outs, expected, out_axis: int) ->
     return ok
 
 
+def check_split_grads(rank: int, label: str, tensors, exp_grads, axis: int) -> bool:
+    """Whether every input's gradient keeps split(axis) and matches its expected array; rank 0
+    prints it."""
+    err = max(float(np.max(np.abs(t.grad.to_global(sbp=flow.sbp.broadcast).to_local().numpy() - g)))
+              for t, g in zip(tensors, exp_grads))
+    ok = all(t.grad.sbp == (flow.sbp.split(axis),) for t in tensors) and err < 1e-5
+    if rank == 0:
+        print(f"{'ok  ' if ok else 'FAIL'} {label} backward: grad sbp {[t.grad.sbp for t in tensors]}, "
+              f"max err {err:.2e}", flush=True)
+    return ok
+
+
 def weighted_total(outs):
     """outs[0].sum() + 2 * the sum of the others: one loss whose gradient tells the outputs apart."""
     total = outs[0].sum()
@@ -165,13 +177,8 @@ def llm_checks(rank: int, placement) -> int:
         else:
             exp_grads = [rope_reference_backward(w * np.ones(e.shape), x_shape=a.shape, **ref_kw)
                          for w, e, a in zip((1, 2), expected, arrays)]
-        err = max(float(np.max(np.abs(t.grad.to_global(sbp=flow.sbp.broadcast).to_local().numpy() - g)))
-                  for t, g in zip(tensors, exp_grads))
-        ok = all(t.grad.sbp == (flow.sbp.split(axis),) for t in tensors) and err < 1e-5
-        failures += not ok
-        if rank == 0:
-            print(f"{'ok  ' if ok else 'FAIL'} {name:7s} {layout:8s} split({axis}) [{kind}] backward: grad sbp "
-                  f"{[t.grad.sbp for t in tensors]}, max err {err:.2e}", flush=True)
+        failures += not check_split_grads(rank, f"{name:7s} {layout:8s} split({axis}) [{kind}]", tensors,
+                                          exp_grads, axis)
     return failures
 
 
@@ -305,13 +312,8 @@ def sequence_split_checks(rank: int, placement) -> int:
         else:
             exp_grads = [rope_reference_backward(w * np.ones(e.shape), x_shape=a.shape, **ref_kw)
                          for w, e, a in zip((1, 2), expected, arrays)]
-        err = max(float(np.max(np.abs(t.grad.to_global(sbp=flow.sbp.broadcast).to_local().numpy() - g)))
-                  for t, g in zip(tensors, exp_grads))
-        ok = all(t.grad.sbp == (flow.sbp.split(axis),) for t in tensors) and err < 1e-5
-        failures += not ok
-        if rank == 0:
-            print(f"{'ok  ' if ok else 'FAIL'} seq {name:16s} {layout:9s} split({axis}) backward: grad sbp "
-                  f"{[t.grad.sbp for t in tensors]}, max err {err:.2e}", flush=True)
+        failures += not check_split_grads(rank, f"seq {name:16s} {layout:9s} split({axis})", tensors,
+                                          exp_grads, axis)
     return failures
 
 
