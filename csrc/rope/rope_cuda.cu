@@ -49,7 +49,9 @@ namespace {
 #define ROPE_MAX_ITEMS 2  // 2 and 4 measured alike on the H200 (bench/results); 2 uses fewer registers
 #endif
 #ifndef ROPE_PERSISTENT
-#define ROPE_PERSISTENT 1
+// 1: grid of SMs x resident blocks, blocks loop over the work; 0: a block per piece of work;
+// 2: persistent only when rows start with a chain of dependent loads (position, table)
+#define ROPE_PERSISTENT 2
 #endif
 #ifndef ROPE_MIN_BLOCKS
 #define ROPE_MIN_BLOCKS 1  // > 1: blocks of 256 threads that must fit per SM (caps registers)
@@ -60,8 +62,17 @@ namespace {
 #ifndef ROPE_PREFETCH
 #define ROPE_PREFETCH 1  // prefetch the next batch of items (or the next row's) into L2
 #endif
+#ifndef ROPE_STREAM_HINTS
+#define ROPE_STREAM_HINTS 0  // 1: x loads and out stores marked streaming (evict-first); measured
+                             // ~6% slower on the H200 (bench/probe_mapping.cu)
+#endif
+#ifndef ROPE_BATCH_SHARE
+// 1: when positions do not depend on b, a row is a position m for the whole batch (angles or
+// table rows once per m); 0: rows are always (b, m); 2: share only with cos/sin tables
+#define ROPE_BATCH_SHARE 2
+#endif
 #ifndef ROPE_RING
-#define ROPE_RING 1  // sm_80+: the bandwidth path streams x through a shared-memory ring (cp.async)
+#define ROPE_RING 0  // 1, sm_80+: the bandwidth path streams x through a shared-memory ring (cp.async)
 #endif
 #ifndef ROPE_RING_DEPTH
 #define ROPE_RING_DEPTH 4  // items of a thread in flight in the ring
@@ -368,8 +379,10 @@ __device__ __forceinline__ Pack<T, V> LoadVec(const T* ptr, int64_t stride, int 
     asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w)
                  : "l"(ptr));
-#else
+#elif ROPE_STREAM_HINTS
     const uint4 raw = __ldcs(reinterpret_cast<const uint4*>(ptr));
+#else
+    const uint4 raw = *reinterpret_cast<const uint4*>(ptr);
 #endif
     out = *reinterpret_cast<const Pack<T, V>*>(&raw);
   } else {
@@ -382,7 +395,11 @@ __device__ __forceinline__ Pack<T, V> LoadVec(const T* ptr, int64_t stride, int 
 template<typename T, int V, bool kVec>
 __device__ __forceinline__ void StoreVec(T* ptr, int64_t stride, int count, const Pack<T, V>& in) {
   if constexpr (kVec) {
+#if ROPE_STREAM_HINTS
     __stcs(reinterpret_cast<uint4*>(ptr), *reinterpret_cast<const uint4*>(&in));
+#else
+    *reinterpret_cast<uint4*>(ptr) = *reinterpret_cast<const uint4*>(&in);
+#endif
   } else {
 #pragma unroll
     for (int e = 0; e < V; ++e) {
@@ -978,7 +995,13 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
   a.units = a.rot_units + a.pass_units;
   if (a.units == 0) return cudaSuccess;
   const int64_t heads = p.total_heads();
-  a.batch_shared = p.positions_shared_by_batch();
+  // Measured on the H200 (bench/probe_mapping.cu, variants in bench/results): a thread looping
+  // over the batch is ~4% slower than rows of one (b, m); sharing pays only for table rows.
+  a.batch_shared = p.positions_shared_by_batch() && (ROPE_BATCH_SHARE == 1 || (ROPE_BATCH_SHARE == 2 && table));
+  // Rows whose angles wait on dependent loads (position, then table row) gain from a persistent
+  // grid, whose blocks prefetch the next row; with angles from the row index alone a block per
+  // piece of work streams faster.
+  const bool persistent = ROPE_PERSISTENT == 1 || (ROPE_PERSISTENT == 2 && (table || !p.positions_shared_by_batch()));
   const int64_t rows = a.batch_shared ? p.M : p.B * p.M;
   const int64_t seqs = a.batch_shared ? p.B : 1;
   const int64_t items = seqs * heads;
@@ -1024,12 +1047,8 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
   auto launch = [&](auto kernel) -> cudaError_t {
     const int per_sm = BlocksPerSm(reinterpret_cast<const void*>(kernel), threads, smem);
     if (per_sm < 1) return cudaErrorInvalidConfiguration;  // the ring does not fit
-#if ROPE_PERSISTENT
     const int64_t resident = static_cast<int64_t>(dev.sms) * per_sm;
-    const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(a.chunks, resident));
-#else
-    const int64_t blocks = a.chunks;
-#endif
+    const int64_t blocks = persistent ? std::max<int64_t>(1, std::min<int64_t>(a.chunks, resident)) : a.chunks;
     kernel<<<static_cast<unsigned>(blocks), shape.block, smem, stream>>>(a);
     return cudaGetLastError();
   };

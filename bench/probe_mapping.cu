@@ -1,0 +1,160 @@
+// Probe: which thread mapping reaches the device's copy bandwidth for a rotate-half RoPE over a
+// contiguous bf16 BMHK tensor (angles from base, shared by the batch)? Stand-alone (no torch, no
+// oneflow_rope code), so the effect of each choice is seen alone. Prints GPU us (L2 flushed,
+// median of 40) and the fraction of cudaMemcpy D2D and of a plain vector copy kernel.
+//   nvcc -O3 -std=c++17 -arch=sm_90 bench/probe_mapping.cu -o /tmp/probe && /tmp/probe [B M H K]
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#define CHECK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { std::printf("%s: %s\n", #x, cudaGetErrorString(e_)); std::exit(1); } } while (0)
+
+struct Shape { int B, M, H, K; };
+
+__global__ void CopyKernel(const uint4* __restrict__ x, uint4* __restrict__ y, long long n) {
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) y[i] = x[i];
+}
+
+__device__ __forceinline__ void Rot8(const uint4& a, const uint4& z, const float* c, const float* s, uint4* oa, uint4* oz) {
+  const __nv_bfloat162* pa = reinterpret_cast<const __nv_bfloat162*>(&a);
+  const __nv_bfloat162* pz = reinterpret_cast<const __nv_bfloat162*>(&z);
+  __nv_bfloat162* qa = reinterpret_cast<__nv_bfloat162*>(oa);
+  __nv_bfloat162* qz = reinterpret_cast<__nv_bfloat162*>(oz);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const float2 fa = __bfloat1622float2(pa[e]), fz = __bfloat1622float2(pz[e]);
+    qa[e] = __floats2bfloat162_rn(fa.x * c[2 * e] - fz.x * s[2 * e], fa.y * c[2 * e + 1] - fz.y * s[2 * e + 1]);
+    qz[e] = __floats2bfloat162_rn(fz.x * c[2 * e] + fa.x * s[2 * e], fz.y * c[2 * e + 1] + fa.y * s[2 * e + 1]);
+  }
+}
+
+// kMode 0: default ld/st; 1: ld.cs / st.cs (streaming). kBatchLoop: the thread also loops over b
+// (angles computed once for all b) in batches of kHeads items. Block (units, head lanes, rows).
+template<int kHeads, int kMode, bool kBatchLoop>
+__global__ void __launch_bounds__(256) RopeProbe(const __nv_bfloat16* __restrict__ x, __nv_bfloat16* __restrict__ y,
+                                                 Shape sh, const float* __restrict__ theta, int rows_total) {
+  const int units = sh.K / 16;  // 8 bf16 per vector, plane pairs -> K/16 units
+  const int u = threadIdx.x;
+  const int row = blockIdx.x * blockDim.z + threadIdx.z;
+  if (row >= rows_total) return;
+  const int b0 = kBatchLoop ? 0 : row / sh.M;
+  const int m = kBatchLoop ? row : row - b0 * sh.M;
+  const int nb = kBatchLoop ? sh.B : 1;
+  const long long sm = (long long)sh.H * sh.K, sb = (long long)sh.M * sm;
+  const int k0 = u * 8, k1 = k0 + sh.K / 2;
+  (void)units;
+  float c[8], s[8];
+  bool have = false;
+  for (int b = b0; b < b0 + nb; ++b) {
+    for (int h0 = threadIdx.y; h0 < sh.H; h0 += blockDim.y * kHeads) {
+      uint4 va[kHeads], vz[kHeads];
+      long long off[kHeads];
+#pragma unroll
+      for (int i = 0; i < kHeads; ++i) {
+        const int h = h0 + i * blockDim.y;
+        off[i] = b * sb + m * sm + (long long)h * sh.K;
+        if (h < sh.H) {
+          const uint4* pa = reinterpret_cast<const uint4*>(x + off[i] + k0);
+          const uint4* pz = reinterpret_cast<const uint4*>(x + off[i] + k1);
+          if (kMode == 1) { va[i] = __ldcs(pa); vz[i] = __ldcs(pz); } else { va[i] = *pa; vz[i] = *pz; }
+        }
+      }
+      if (!have) {
+        have = true;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) __sincosf(m * __ldg(theta + k0 + e), &s[e], &c[e]);
+      }
+#pragma unroll
+      for (int i = 0; i < kHeads; ++i) {
+        const int h = h0 + i * blockDim.y;
+        if (h < sh.H) {
+          uint4 oa, oz;
+          Rot8(va[i], vz[i], c, s, &oa, &oz);
+          uint4* qa = reinterpret_cast<uint4*>(y + off[i] + k0);
+          uint4* qz = reinterpret_cast<uint4*>(y + off[i] + k1);
+          if (kMode == 1) { __stcs(qa, oa); __stcs(qz, oz); } else { *qa = oa; *qz = oz; }
+        }
+      }
+    }
+  }
+}
+
+int main(int argc, char** argv) {
+  Shape sh{4, 4096, 32, 128};
+  if (argc == 5) sh = {atoi(argv[1]), atoi(argv[2]), atoi(argv[3]), atoi(argv[4])};
+  const long long n = (long long)sh.B * sh.M * sh.H * sh.K;
+  const size_t bytes = n * 2;
+  __nv_bfloat16 *x, *y;
+  float* theta;
+  char* flush;
+  CHECK(cudaMalloc(&x, bytes));
+  CHECK(cudaMalloc(&y, bytes));
+  CHECK(cudaMalloc(&theta, sh.K * sizeof(float)));
+  CHECK(cudaMalloc(&flush, 256 << 20));
+  CHECK(cudaMemset(x, 0x3c, bytes));
+  std::vector<float> th(sh.K);
+  for (int i = 0; i < sh.K; ++i) th[i] = powf(10000.f, -2.f * (i % (sh.K / 2)) / sh.K);
+  CHECK(cudaMemcpy(theta, th.data(), sh.K * sizeof(float), cudaMemcpyHostToDevice));
+  int sms = 0;
+  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  cudaEvent_t e0, e1;
+  cudaEventCreate(&e0);
+  cudaEventCreate(&e1);
+  auto time = [&](auto fn) {
+    std::vector<float> v;
+    for (int r = 0; r < 45; ++r) {
+      CHECK(cudaMemsetAsync(flush, r, 256 << 20));
+      cudaEventRecord(e0);
+      fn();
+      cudaEventRecord(e1);
+      CHECK(cudaEventSynchronize(e1));
+      float ms = 0;
+      cudaEventElapsedTime(&ms, e0, e1);
+      if (r >= 5) v.push_back(ms * 1000.f);
+    }
+    std::sort(v.begin(), v.end());
+    CHECK(cudaGetLastError());
+    return v[v.size() / 2];
+  };
+  const float memcpy_us = time([&] { cudaMemcpyAsync(y, x, bytes, cudaMemcpyDeviceToDevice); });
+  const long long nv = bytes / 16;
+  float copy_us = 1e30f;
+  for (int per : {1, 2, 4, 8}) {
+    const long long blocks = (nv + 256LL * per - 1) / (256LL * per);
+    copy_us = std::min(copy_us, time([&] { CopyKernel<<<(unsigned)blocks, 256>>>((const uint4*)x, (uint4*)y, nv); }));
+  }
+  std::printf("# shape (%d,%d,%d,%d) bf16, %.1f MiB; cudaMemcpy %.2f us (%.2f TB/s), copy kernel %.2f us\n", sh.B, sh.M, sh.H,
+              sh.K, bytes / 1048576.0, memcpy_us, 2.0 * bytes / memcpy_us * 1e-6, copy_us);
+  auto report = [&](const char* name, float us) {
+    std::printf("%-44s %8.2f us  memcpy/ours %.3f  copykernel/ours %.3f\n", name, us, memcpy_us / us, copy_us / us);
+  };
+  const int units = sh.K / 16;
+  auto run = [&](const char* name, auto kernel, int head_lanes, int heads, bool batch_loop) {
+    const int rows_total = batch_loop ? sh.M : sh.B * sh.M;
+    const int per_row = std::max(1, head_lanes);
+    const int row_lanes = std::max(1, 256 / (units * per_row));
+    dim3 block(units, head_lanes, row_lanes);
+    const int blocks = (rows_total + row_lanes - 1) / row_lanes;
+    (void)heads;
+    report(name, time([&] { kernel<<<blocks, block>>>(x, y, sh, theta, rows_total); }));
+  };
+  char name[128];
+#define RUN(KH, MODE, BL, LANES)                                                                 \
+  std::snprintf(name, sizeof name, "heads/thread %d mode %d batchloop %d lanes %d", KH, MODE, BL, LANES); \
+  run(name, RopeProbe<KH, MODE, BL>, LANES, KH, BL)
+  RUN(1, 0, false, 32);
+  RUN(2, 0, false, 16);
+  RUN(4, 0, false, 8);
+  RUN(8, 0, false, 4);
+  RUN(4, 1, false, 8);
+  RUN(8, 1, false, 4);
+  RUN(2, 0, true, 16);
+  RUN(4, 0, true, 8);
+  RUN(8, 0, true, 4);
+  RUN(4, 1, true, 8);
+  return 0;
+}
