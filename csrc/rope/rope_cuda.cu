@@ -5,17 +5,17 @@
 // further when both hold whole pairs, else the next one), a pass-through unit is two vectors
 // past rotary_size. threadIdx.x is the unit (fixed for the thread's life, so its geometry is
 // decoded once), threadIdx.y an item lane and threadIdx.z a row lane. A row is one token (b, m),
-// or, with cos/sin tables and positions that do not depend on b, one position m shared by the
-// whole batch (then a block may take a chunk of the sequences). An item is one head of one of the
-// call's tensors (q and k of one launch). A thread walks the items of its row, tensor by tensor,
-// every blockDim.y-th one, with offsets that advance by steps computed on the host, one item at a
-// time: the item's two vectors are loaded (and the next item's prefetched into L2), then each
-// element's cos/sin is made just before use (computed, or from the table vectors of the row,
-// which the block's other heads find in L1), so few registers are live and many warps fit on an
-// SM. No shared memory; one barrier (only with cu_seqlens, at the start). Blocks stride over the
-// pieces of work (row groups x sequence chunks); when rows wait on dependent loads (position,
-// table row) the grid is the device's SM count times the blocks that fit on one SM, else one
-// block per piece.
+// or one position m shared by the whole batch when nothing makes positions depend on b (then a
+// block may take a chunk of the sequences). An item is one head of one of the call's tensors (q
+// and k of one launch). A thread walks the items of its row, tensor by tensor, every blockDim.y-th
+// one, with offsets that advance by steps computed on the host; the cos/sin of its unit for the
+// row are computed (or loaded from the tables) once into registers and serve every item.
+// - Large calls ("bandwidth" path, kItems > 1): angles first, then batches of kItems items:
+//   their loads, an L2 prefetch of the next batch (or of the next row's first), rotate, store.
+// - Small calls ("latency" path, kItems == 1): the position load first, then the item's loads,
+//   then the angles, so the dependent loads overlap.
+// No shared memory; one barrier (only with cu_seqlens, at the start). Blocks stride over the pieces of work (row groups x sequence
+// chunks); the grid is the device's SM count times the blocks that fit on one SM.
 //
 // Two variants: "vector" (16-byte loads and stores; unit-stride K, aligned pointers and sizes)
 // and "elementwise" (any strides and sizes, one element per access; V = 1 for plane, 2 for
@@ -45,6 +45,9 @@ namespace oneflow_rope {
 namespace {
 
 // Compile-time knobs (bench/run_gpu.sh VARIANTS builds alternatives to compare on the device).
+#ifndef ROPE_MAX_ITEMS
+#define ROPE_MAX_ITEMS 2  // 2 and 4 measured alike on the H200 (bench/results); 2 uses fewer registers
+#endif
 #ifndef ROPE_PERSISTENT
 // 1: grid of SMs x resident blocks, blocks loop over the work; 0: a block per piece of work;
 // 2: persistent only when rows start with a chain of dependent loads (position, table)
@@ -68,10 +71,25 @@ namespace {
 // table rows once per m); 0: rows are always (b, m); 2: share only with cos/sin tables
 #define ROPE_BATCH_SHARE 2
 #endif
+#ifndef ROPE_RING
+#define ROPE_RING 0  // 1, sm_80+: the bandwidth path streams x through a shared-memory ring (cp.async)
+#endif
+#ifndef ROPE_RING_DEPTH
+#define ROPE_RING_DEPTH 4  // items of a thread in flight in the ring
+#endif
+// The ring path exists in device code compiled for sm_80 and newer (cp.async); older targets
+// (and ROPE_RING=0) keep the register path.
+#if ROPE_RING && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define ROPE_RING_PATH 1
+#else
+#define ROPE_RING_PATH 0
+#endif
 constexpr int kBlockThreads = 256;     // threads per block the launch aims for
 // launch bound (RopeCudaSetLaunchOverride may ask for 512 unless registers are capped)
 constexpr int kMaxBlockThreads = ROPE_MIN_BLOCKS > 1 ? 256 : 512;
+constexpr int kMaxItems = ROPE_MAX_ITEMS;  // items (heads) per thread and row
 constexpr int kMaxUnitLanes = 256;     // threadIdx.x extent; a thread loops when a head has more units
+constexpr int kRingDepth = ROPE_RING_DEPTH;
 
 // ---- frequencies -------------------------------------------------------------------------------
 
@@ -336,6 +354,19 @@ __device__ __forceinline__ void PrefetchL2(const void* ptr) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
 }
 
+#if ROPE_RING_PATH
+// 16 bytes global -> shared without passing through registers (sm_80+), completed per thread
+// by groups: CommitAsync closes a group, WaitAsync<N> waits until at most N groups are pending.
+__device__ __forceinline__ void CopyAsync16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void CommitAsync() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template<int N>
+__device__ __forceinline__ void WaitAsync() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+#endif
 
 // Loads V consecutive (kVec) or strided elements; elements at or past `limit` are not read.
 template<typename T, int V, bool kVec>
@@ -431,6 +462,48 @@ __device__ __forceinline__ void Advance(const SegmentSteps& st, Cursor* c) {
   }
 }
 
+// A thread's place in its whole sequence of items: work piece w (a row group and sequence
+// chunk; the thread's row in it is threadIdx.z), tensor ti, and the item in that tensor.
+struct Walker {
+  int w, ti, seq_end, b_row, m;
+  Cursor c;
+};
+
+// Moves k to the thread's first item in tensor k->ti of piece k->w, or in a later tensor or
+// piece; false when the thread has no item left.
+__device__ __forceinline__ bool Seek(const KernelArgs& a, Walker* k) {
+  const RopeParams& p = a.p;
+  while (k->w < a.chunks) {
+    const int group = static_cast<int>(a.div_chunks.Div(static_cast<uint32_t>(k->w)));
+    const int seq0 = (k->w - group * a.seq_chunks) * a.seq_chunk;
+    const int row = group * static_cast<int>(blockDim.z) + static_cast<int>(threadIdx.z);
+    if (row < a.rows) {
+      k->seq_end = min(a.seqs, seq0 + a.seq_chunk);
+      k->b_row = 0;
+      k->m = row;
+      if (!a.batch_shared) {
+        k->b_row = static_cast<int>(a.div_m.Div(static_cast<uint32_t>(row)));
+        k->m = row - k->b_row * static_cast<int>(p.M);
+      }
+      for (; k->ti < p.num_tensors; ++k->ti) {
+        k->c = FirstItem(a, p.tensors[k->ti], a.steps[k->ti], k->b_row, k->m, seq0);
+        if (k->c.seq < k->seq_end) return true;
+      }
+    }
+    k->w += static_cast<int>(gridDim.x);
+    k->ti = 0;
+  }
+  return false;
+}
+
+// The thread's next item; false when none is left.
+__device__ __forceinline__ bool Step(const KernelArgs& a, Walker* k) {
+  Advance(a.steps[k->ti], &k->c);
+  if (k->c.seq < k->seq_end) return true;
+  ++k->ti;
+  return Seek(a, k);
+}
+
 // Unit geometry: the element offsets of its two vectors (k1 < 0: none), the elements of each
 // that exist, its rotary part r and whether it rotates.
 struct Unit {
@@ -467,38 +540,16 @@ __device__ __forceinline__ Unit UnitAt(const KernelArgs& a, int u, int part, int
   return g;
 }
 
-// Frequency i of a unit's rotary part (computed angles), as stored by kind: a float (hi, lo)
-// pair, or a double.
-template<typename C>
-__device__ __forceinline__ void Freq(FreqKind kind, const void* freq, int i, C* hi, C* lo) {
-  if (kind == FreqKind::kHiLo) {
-    LoadFreq<FreqKind::kHiLo>(freq, i, hi, lo);
-  } else if (kind == FreqKind::kFloat32) {
-    LoadFreq<FreqKind::kFloat32>(freq, i, hi, lo);
-  } else {
-    LoadFreq<FreqKind::kFloat64>(freq, i, hi, lo);
-  }
-}
-template<>
-__device__ __forceinline__ void Freq<double>(FreqKind kind, const void* freq, int i, double* d, double* lo) {
-  if (kind == FreqKind::kFloat32) {
-    LoadFreq<FreqKind::kFloat32>(freq, i, d, lo);
-  } else {
-    LoadFreq<FreqKind::kFloat64>(freq, i, d, lo);
-  }
-}
-
-// One thread rotates one item (a head of one tensor in one row) at a time: its two vectors are
-// loaded, then each element's cos/sin is made (computed, or taken from the table vectors loaded
-// with the item) just before it is used, so few values are live: registers stay low and many
-// warps keep loads in flight (bench/probe_mapping.cu measured this mapping at 0.98-0.99 of a
-// copy on the H200, where holding a row's angles for several items in registers ran at ~0.88).
-// Threads with more items of a row prefetch the next one into L2 while rotating the current.
-template<typename T, typename TT, int V, bool kVec, bool kPlane, bool kTable>
+// kItems: items a thread loads at a time. kItems == 1 (small calls, latency first): the row's
+// position, the item's loads and the angles are issued back to back. kItems > 1 (large calls,
+// bandwidth first): the row's cos/sin are made once into registers, then batches of kItems items
+// are loaded (the next batch prefetched into L2 meanwhile), rotated and stored.
+template<typename T, typename TT, int V, bool kVec, bool kPlane, bool kTable, int kItems>
 __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(const KernelArgs a) {
   using C = typename Compute<T>::type;
   using P = Pack<T, V>;
   constexpr bool kFast = sizeof(T) == 2;
+  constexpr int kStep = V >= 2 ? 2 : 1;  // elements rounded together
   const RopeParams& p = a.p;
   const int part = static_cast<int>(p.rotary_size / p.rotary_dim);
   const int half = part / 2;
@@ -518,14 +569,192 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
     cu_seqlens_decreasing = __syncthreads_or(cu_seqlens_decreasing) != 0;
   }
 
-  const C scale = static_cast<C>(p.attention_scaling);
-  const C sin_scale = p.inverse ? -scale : scale;
   for (int u = threadIdx.x; u < a.units; u += blockDim.x) {
     const Unit g = UnitAt<V, kPlane>(a, u, part, static_cast<int>(p.rotary_size), static_cast<int>(p.K));
-    // Offsets of the unit's vectors in its rotary part (table columns); computed angles use
-    // frequency j0 + e (plane) or j0 / 2 + e / 2 and j1 / 2 + e / 2 (interval) for element e.
-    const int j0 = g.k0 - g.r * part;
-    const int j1 = g.k1 - g.r * part;
+    // Computed angles: V per unit. Plane: angle e (frequency f0 + e) for element e of both
+    // vectors. Interval: angle e / 2 for the first vector (frequencies from f0 on) and
+    // V / 2 + e / 2 for the second (frequencies from f1 on).
+    const int f0 = kPlane ? g.k0 - g.r * part : (g.k0 - g.r * part) / 2;
+    const int f1 = kPlane ? f0 : (g.k1 >= 0 ? (g.k1 - g.r * part) / 2 : f0) - V / 2;
+
+    // The row's position (and whether it is usable) for this unit's rotary part
+    int64_t pos = 0;
+    bool found = true;
+    auto locate = [&](int b_row, int m) {
+      pos = 0;
+      found = true;
+      if (g.rot) {
+        found = RowPosition(p, b_row, g.r, m, cu_seqlens_decreasing, &pos);
+        if (kTable) found = found && pos >= 0 && pos < p.table_rows;
+      }
+    };
+    // x of one item and the load of its vectors
+    auto load = [&](const T* x, int64_t xs, P* lo, P* hi) {
+      *lo = LoadVec<T, V, kVec>(x + g.k0 * xs, xs, g.count0);
+      if (g.k1 >= 0) *hi = LoadVec<T, V, kVec>(x + g.k1 * xs, xs, g.count1);
+    };
+
+    // cos/sin of the unit: tables give one value per element of each vector (c0, s0, c1, s1);
+    // computed angles give V values shared as described above (c0, s0 only)
+    C c0[V], s0[V], c1[kTable ? V : 1], s1[kTable ? V : 1];
+    auto make_angles = [&]() {
+      const C scale = static_cast<C>(p.attention_scaling);
+      const C sin_scale = p.inverse ? -scale : scale;
+      if (!found) {
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          c0[e] = s0[e] = static_cast<C>(NAN);
+          if constexpr (kTable) c1[e] = s1[e] = static_cast<C>(NAN);
+        }
+      } else if constexpr (kTable) {
+        const int64_t cs = p.table_col_stride;
+        const TT* cos_row = static_cast<const TT*>(p.cos) + pos * p.table_row_stride;
+        const TT* sin_row = static_cast<const TT*>(p.sin) + pos * p.table_row_stride;
+        const int j0 = g.k0 - g.r * part;
+        LoadTable<TT, C, V, kVec>(cos_row + j0 * cs, cs, c0);
+        LoadTable<TT, C, V, kVec>(sin_row + j0 * cs, cs, s0);
+        if (g.k1 >= 0) {
+          const int j1 = g.k1 - g.r * part;
+          LoadTable<TT, C, V, kVec>(cos_row + j1 * cs, cs, c1);
+          LoadTable<TT, C, V, kVec>(sin_row + j1 * cs, cs, s1);
+        }
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          c0[e] *= scale;
+          s0[e] *= sin_scale;
+          c1[e] *= scale;
+          s1[e] *= sin_scale;
+        }
+      } else {
+        C hi_f[V], lo_f[V];
+        auto freq = [&](int e) { return min((kPlane || e < V / 2 ? f0 : f1) + e, half - 1); };
+        if (a.freq_kind == FreqKind::kHiLo) {
+#pragma unroll
+          for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kHiLo>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
+        } else if (a.freq_kind == FreqKind::kFloat32) {
+#pragma unroll
+          for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kFloat32>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kFloat64>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
+        }
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          SinCos<kFast>(pos, hi_f[e], lo_f[e], &s0[e], &c0[e]);
+          c0[e] *= scale;
+          s0[e] *= sin_scale;
+        }
+      }
+    };
+    auto cos_a = [&](int e) -> C { return kTable ? c0[e] : c0[kPlane ? e : e / 2]; };
+    auto sin_a = [&](int e) -> C { return kTable ? s0[e] : s0[kPlane ? e : e / 2]; };
+    auto cos_z = [&](int e) -> C { if constexpr (kTable) return c1[e]; else return c0[kPlane ? e : V / 2 + e / 2]; };
+    auto sin_z = [&](int e) -> C { if constexpr (kTable) return s1[e]; else return s0[kPlane ? e : V / 2 + e / 2]; };
+    // rotates one item's vectors and stores them (plus zeros in a packed gradient's other slots)
+    auto rotate_store = [&](T* out, const RopeTensor& tensor, const P& lo, const P& hi) {
+      const int64_t os = kVec ? 1 : tensor.out_stride_k;
+      P o0 = lo, o1 = hi;
+      if (g.rot) {
+        if constexpr (kPlane) {
+#pragma unroll
+          for (int e = 0; e < V; e += kStep) {
+            C ra[kStep], rz[kStep];
+#pragma unroll
+            for (int q = 0; q < kStep; ++q) {
+              const C xa = static_cast<C>(ToCompute(lo.v[e + q]));
+              const C xz = static_cast<C>(ToCompute(hi.v[e + q]));
+              ra[q] = xa * cos_a(e + q) - xz * sin_a(e + q);
+              rz[q] = xz * cos_z(e + q) + xa * sin_z(e + q);
+            }
+            if constexpr (kStep == 2) {
+              RoundPair<T, C>(ra[0], ra[1], &o0.v[e]);
+              RoundPair<T, C>(rz[0], rz[1], &o1.v[e]);
+            } else {
+              o0.v[e] = Round<T>(ra[0]);
+              o1.v[e] = Round<T>(rz[0]);
+            }
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < V; e += 2) {
+            const C a0 = static_cast<C>(ToCompute(lo.v[e]));
+            const C a1 = static_cast<C>(ToCompute(lo.v[e + 1]));
+            RoundPair<T, C>(a0 * cos_a(e) - a1 * sin_a(e), a1 * cos_a(e + 1) + a0 * sin_a(e + 1), &o0.v[e]);
+          }
+          if (g.k1 >= 0) {
+#pragma unroll
+            for (int e = 0; e < V; e += 2) {
+              const C z0 = static_cast<C>(ToCompute(hi.v[e]));
+              const C z1 = static_cast<C>(ToCompute(hi.v[e + 1]));
+              RoundPair<T, C>(z0 * cos_z(e) - z1 * sin_z(e), z1 * cos_z(e + 1) + z0 * sin_z(e + 1), &o1.v[e]);
+            }
+          }
+        }
+      }
+      StoreVec<T, V, kVec>(out + g.k0 * os, os, g.count0, o0);
+      if (g.k1 >= 0) StoreVec<T, V, kVec>(out + g.k1 * os, os, g.count1, o1);
+      const int zeros = tensor.num_zero_slots;
+      if (zeros > 0) {
+        P zero;
+#pragma unroll
+        for (int e = 0; e < V; ++e) zero.v[e] = Round<T>(C(0));
+        for (int z = 0; z < zeros; ++z) {
+          T* zout = out + tensor.zero_slot_offset[z];
+          StoreVec<T, V, kVec>(zout + g.k0 * os, os, g.count0, zero);
+          if (g.k1 >= 0) StoreVec<T, V, kVec>(zout + g.k1 * os, os, g.count1, zero);
+        }
+      }
+    };
+
+
+#if ROPE_RING_PATH
+    if constexpr (kVec && kItems > 1) {
+      // Bandwidth path on sm_80+: the thread's items stream through its kRingDepth slots of a
+      // shared-memory ring (cp.async, one group per item), so kRingDepth items stay in flight
+      // while it rotates and stores the oldest, across heads, tensors and rows alike, without
+      // holding them in registers. A thread reads only the slots it filled: no barrier.
+      extern __shared__ uint4 ring[];  // [kRingDepth][2][threads of the block]
+      const int nthreads = static_cast<int>(blockDim.x * blockDim.y * blockDim.z);
+      const int tid = static_cast<int>(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z));
+      Walker ld;
+      ld.w = static_cast<int>(blockIdx.x);
+      ld.ti = 0;
+      bool ld_ok = Seek(a, &ld);
+      Walker cs = ld;
+      bool cs_ok = ld_ok;
+      auto issue = [&](int slot) {  // the next item's vectors into `slot`; one group either way
+        if (ld_ok) {
+          const T* x = static_cast<const T*>(p.tensors[ld.ti].x) + ld.c.x_off;
+          CopyAsync16(&ring[(2 * slot) * nthreads + tid], x + g.k0);
+          if (g.k1 >= 0) CopyAsync16(&ring[(2 * slot + 1) * nthreads + tid], x + g.k1);
+          ld_ok = Step(a, &ld);
+        }
+        CommitAsync();
+      };
+#pragma unroll
+      for (int slot = 0; slot < kRingDepth; ++slot) issue(slot);
+      int slot = 0;
+      int angles_w = -1;  // the piece whose row the angles in registers belong to
+      while (cs_ok) {
+        if (cs.w != angles_w) {
+          angles_w = cs.w;
+          locate(cs.b_row, cs.m);
+          if (g.rot) make_angles();
+        }
+        WaitAsync<kRingDepth - 1>();  // the oldest group: this item's
+        const P lo = *reinterpret_cast<const P*>(&ring[(2 * slot) * nthreads + tid]);
+        P hi = lo;
+        if (g.k1 >= 0) hi = *reinterpret_cast<const P*>(&ring[(2 * slot + 1) * nthreads + tid]);
+        const RopeTensor& tensor = p.tensors[cs.ti];
+        rotate_store(static_cast<T*>(tensor.out) + cs.c.out_off, tensor, lo, hi);
+        issue(slot);  // the slot is free again: its values are in registers and stored
+        slot = slot + 1 == kRingDepth ? 0 : slot + 1;
+        cs_ok = Step(a, &cs);
+      }
+      WaitAsync<0>();
+      continue;
+    }
+#endif
 
     for (int w = blockIdx.x; w < a.chunks; w += gridDim.x) {
       const int group = static_cast<int>(a.div_chunks.Div(static_cast<uint32_t>(w)));
@@ -538,32 +767,15 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
         b_row = static_cast<int>(a.div_m.Div(static_cast<uint32_t>(row)));
         m = row - b_row * static_cast<int>(p.M);
       }
-      // the row's position for this unit's rotary part
-      int64_t pos = 0;
-      bool found = true;
-      if (g.rot) {
-        found = RowPosition(p, b_row, g.r, m, cu_seqlens_decreasing, &pos);
-        if (kTable) found = found && pos >= 0 && pos < p.table_rows;
+      // the position first: with tables it heads the longest chain of dependent loads
+      locate(b_row, m);
+      // The thread's items, tensor by tensor: item lane threadIdx.y, then every blockDim.y-th
+      // (sequence, head) pair of the tensor; offsets advance incrementally.
+      bool angles_ready = !g.rot;
+      if constexpr (kItems > 1) {
+        if (g.rot) make_angles();  // bandwidth first: the row's angles once, before the loads
+        angles_ready = true;
       }
-      const TT* cos_row = nullptr;
-      const TT* sin_row = nullptr;
-      if constexpr (kTable) {
-        if (found) {
-          cos_row = static_cast<const TT*>(p.cos) + pos * p.table_row_stride;
-          sin_row = static_cast<const TT*>(p.sin) + pos * p.table_row_stride;
-        }
-      }
-      const C nan = static_cast<C>(NAN);
-
-      // cos/sin of frequency i at the row's position, scaled (NaN when the row has none)
-      auto angle = [&](int i, C* c, C* s) {
-        C hi, lo;
-        Freq<C>(a.freq_kind, a.freq, min(i, half - 1), &hi, &lo);
-        SinCos<kFast>(pos, hi, lo, s, c);
-        *c = found ? *c * scale : nan;
-        *s = found ? *s * sin_scale : nan;
-      };
-
       for (int ti = 0; ti < p.num_tensors; ++ti) {
         const RopeTensor& tensor = p.tensors[ti];
         const SegmentSteps& st = a.steps[ti];
@@ -571,135 +783,60 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
         const T* xbase = static_cast<const T*>(tensor.x);
         T* obase = static_cast<T*>(tensor.out);
         const int64_t xs = kVec ? 1 : tensor.x_stride_k;
-        const int64_t os = kVec ? 1 : tensor.out_stride_k;
         while (cur.seq < seq_end) {
-          const T* x = xbase + cur.x_off;
-          T* out = obase + cur.out_off;
-          const P lo = LoadVec<T, V, kVec>(x + g.k0 * xs, xs, g.count0);
-          P hi = lo;
-          if (g.k1 >= 0) hi = LoadVec<T, V, kVec>(x + g.k1 * xs, xs, g.count1);
-          Advance(st, &cur);
+          T* outp[kItems];
+          bool live[kItems];
+          P lo[kItems], hi[kItems];
+#pragma unroll
+          for (int t = 0; t < kItems; ++t) {
+            live[t] = cur.seq < seq_end;
+            if (live[t]) {
+              outp[t] = obase + cur.out_off;
+              load(xbase + cur.x_off, xs, &lo[t], &hi[t]);
+            }
+            Advance(st, &cur);
+          }
 #if ROPE_PREFETCH
-          // while they fly: ask L2 for the thread's next item of this tensor
-          if (kVec && cur.seq < seq_end) {
-            PrefetchL2(xbase + cur.x_off + g.k0);
-            if (g.k1 >= 0) PrefetchL2(xbase + cur.x_off + g.k1);
+          if constexpr (kVec && kItems > 1) {
+            // while they fly: ask L2 for the next batch of this tensor, or the next row's first
+            Cursor pf = cur;
+            int pf_end = seq_end;
+            bool ok = cur.seq < seq_end;
+            const int w_next = w + static_cast<int>(gridDim.x);
+            if (!ok && ti + 1 == p.num_tensors && w_next < a.chunks) {
+              const int group_next = static_cast<int>(a.div_chunks.Div(static_cast<uint32_t>(w_next)));
+              const int seq0_next = (w_next - group_next * a.seq_chunks) * a.seq_chunk;
+              const int next = group_next * static_cast<int>(blockDim.z) + static_cast<int>(threadIdx.z);
+              if (next < a.rows) {
+                int b_next = 0, m_next = next;
+                if (!a.batch_shared) {
+                  b_next = static_cast<int>(a.div_m.Div(static_cast<uint32_t>(next)));
+                  m_next = next - b_next * static_cast<int>(p.M);
+                }
+                pf = FirstItem(a, tensor, st, b_next, m_next, seq0_next);
+                pf_end = min(a.seqs, seq0_next + a.seq_chunk);
+                ok = pf.seq < pf_end;
+              }
+            }
+            if (ok) {
+#pragma unroll
+              for (int t = 0; t < kItems; ++t) {
+                if (pf.seq < pf_end) {
+                  PrefetchL2(xbase + pf.x_off + g.k0);
+                  if (g.k1 >= 0) PrefetchL2(xbase + pf.x_off + g.k1);
+                }
+                Advance(st, &pf);
+              }
+            }
           }
 #endif
-          P o0 = lo, o1 = hi;
-          if (g.rot) {
-            if constexpr (kTable) {
-              // the unit's table entries, one per element of each vector
-              C c0[V], s0[V], c1[V], s1[V];
-#pragma unroll
-              for (int e = 0; e < V; ++e) c0[e] = s0[e] = c1[e] = s1[e] = nan;
-              if (found) {  // rows without a usable position read nothing and get NaN
-                const int64_t cs = p.table_col_stride;
-                LoadTable<TT, C, V, kVec>(cos_row + j0 * cs, cs, c0);
-                LoadTable<TT, C, V, kVec>(sin_row + j0 * cs, cs, s0);
-                if (g.k1 >= 0) {
-                  LoadTable<TT, C, V, kVec>(cos_row + j1 * cs, cs, c1);
-                  LoadTable<TT, C, V, kVec>(sin_row + j1 * cs, cs, s1);
-                }
-#pragma unroll
-                for (int e = 0; e < V; ++e) {
-                  c0[e] *= scale;
-                  s0[e] *= sin_scale;
-                  c1[e] *= scale;
-                  s1[e] *= sin_scale;
-                }
-              }
-              if constexpr (kPlane) {
-#pragma unroll
-                for (int e = 0; e < V; e += 2) {
-                  C ra[2], rz[2];
-#pragma unroll
-                  for (int q = 0; q < 2 && e + q < V; ++q) {
-                    const C xa = static_cast<C>(ToCompute(lo.v[e + q]));
-                    const C xz = static_cast<C>(ToCompute(hi.v[e + q]));
-                    ra[q] = xa * c0[e + q] - xz * s0[e + q];
-                    rz[q] = xz * c1[e + q] + xa * s1[e + q];
-                  }
-                  if constexpr (V >= 2) {
-                    RoundPair<T, C>(ra[0], ra[1], &o0.v[e]);
-                    RoundPair<T, C>(rz[0], rz[1], &o1.v[e]);
-                  } else {
-                    o0.v[e] = Round<T>(ra[0]);
-                    o1.v[e] = Round<T>(rz[0]);
-                  }
-                }
-              } else {
-#pragma unroll
-                for (int e = 0; e < V; e += 2) {
-                  const C a0 = static_cast<C>(ToCompute(lo.v[e]));
-                  const C a1 = static_cast<C>(ToCompute(lo.v[e + 1]));
-                  RoundPair<T, C>(a0 * c0[e] - a1 * s0[e], a1 * c0[e + 1] + a0 * s0[e + 1], &o0.v[e]);
-                }
-                if (g.k1 >= 0) {
-#pragma unroll
-                  for (int e = 0; e < V; e += 2) {
-                    const C z0 = static_cast<C>(ToCompute(hi.v[e]));
-                    const C z1 = static_cast<C>(ToCompute(hi.v[e + 1]));
-                    RoundPair<T, C>(z0 * c1[e] - z1 * s1[e], z1 * c1[e + 1] + z0 * s1[e + 1], &o1.v[e]);
-                  }
-                }
-              }
-            } else if constexpr (kPlane) {
-              // element e of both vectors turns by angle j0 + e
-#pragma unroll
-              for (int e = 0; e < V; e += 2) {
-                C ra[2], rz[2];
-#pragma unroll
-                for (int q = 0; q < 2 && e + q < V; ++q) {
-                  C c, s;
-                  angle(j0 + e + q, &c, &s);
-                  const C xa = static_cast<C>(ToCompute(lo.v[e + q]));
-                  const C xz = static_cast<C>(ToCompute(hi.v[e + q]));
-                  ra[q] = xa * c - xz * s;
-                  rz[q] = xz * c + xa * s;
-                }
-                if constexpr (V >= 2) {
-                  RoundPair<T, C>(ra[0], ra[1], &o0.v[e]);
-                  RoundPair<T, C>(rz[0], rz[1], &o1.v[e]);
-                } else {
-                  o0.v[e] = Round<T>(ra[0]);
-                  o1.v[e] = Round<T>(rz[0]);
-                }
-              }
-            } else {
-              // pair (e, e + 1) of a vector turns by angle j / 2 + e / 2
-#pragma unroll
-              for (int e = 0; e < V; e += 2) {
-                C c, s;
-                angle(j0 / 2 + e / 2, &c, &s);
-                const C a0 = static_cast<C>(ToCompute(lo.v[e]));
-                const C a1 = static_cast<C>(ToCompute(lo.v[e + 1]));
-                RoundPair<T, C>(a0 * c - a1 * s, a1 * c + a0 * s, &o0.v[e]);
-              }
-              if (g.k1 >= 0) {
-#pragma unroll
-                for (int e = 0; e < V; e += 2) {
-                  C c, s;
-                  angle(j1 / 2 + e / 2, &c, &s);
-                  const C z0 = static_cast<C>(ToCompute(hi.v[e]));
-                  const C z1 = static_cast<C>(ToCompute(hi.v[e + 1]));
-                  RoundPair<T, C>(z0 * c - z1 * s, z1 * c + z0 * s, &o1.v[e]);
-                }
-              }
-            }
+          if (!angles_ready) {  // latency first: the angles after the item's loads
+            angles_ready = true;
+            make_angles();
           }
-          StoreVec<T, V, kVec>(out + g.k0 * os, os, g.count0, o0);
-          if (g.k1 >= 0) StoreVec<T, V, kVec>(out + g.k1 * os, os, g.count1, o1);
-          const int zeros = tensor.num_zero_slots;
-          if (zeros > 0) {  // a packed gradient's other slots
-            P zero;
 #pragma unroll
-            for (int e = 0; e < V; ++e) zero.v[e] = Round<T>(C(0));
-            for (int z = 0; z < zeros; ++z) {
-              T* zout = out + tensor.zero_slot_offset[z];
-              StoreVec<T, V, kVec>(zout + g.k0 * os, os, g.count0, zero);
-              if (g.k1 >= 0) StoreVec<T, V, kVec>(zout + g.k1 * os, os, g.count1, zero);
-            }
+          for (int t = 0; t < kItems; ++t) {
+            if (live[t]) rotate_store(outp[t], tensor, lo[t], hi[t]);
           }
         }
       }
@@ -730,21 +867,29 @@ const DeviceInfo& CurrentDeviceInfo() {
   return infos.emplace(device, info).first->second;
 }
 
-// Blocks of `threads` threads of `kernel` that fit on one SM (registers, threads), cached.
-int BlocksPerSm(const void* kernel, int threads) {
+// Blocks of `threads` threads of `kernel` with `smem` bytes of dynamic shared memory that fit on
+// one SM (registers, threads, shared memory), cached. Allows the kernel more than the default
+// 48 KiB of dynamic shared memory when it asks for it; 0 when it cannot have `smem`.
+int BlocksPerSm(const void* kernel, int threads, int smem) {
   static std::mutex mutex;
-  static std::map<std::tuple<int, const void*, int>, int> cache;
+  static std::map<std::tuple<int, const void*, int, int>, int> cache;
   int device = 0;
   cudaGetDevice(&device);
   std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_tuple(device, kernel, threads);
+  const auto key = std::make_tuple(device, kernel, threads, smem);
   auto found = cache.find(key);
   if (found != cache.end()) return found->second;
   int blocks = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0) != cudaSuccess
+  if (smem > 48 * 1024
+      && cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
+    cudaGetLastError();
+    cache.emplace(key, 0);
+    return 0;
+  }
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem) != cudaSuccess
       || blocks < 1) {
     cudaGetLastError();
-    blocks = 1;
+    blocks = smem > 0 ? 0 : 1;
   }
   cache.emplace(key, blocks);
   return blocks;
@@ -782,7 +927,7 @@ bool VectorFits(const RopeParams& p) {
 }
 
 struct LaunchShape {
-  int items_per_thread;  // a thread's items of one row
+  int items_per_thread;  // a thread's items of one row (it loads kMaxItems at a time)
   dim3 block;            // (unit lanes, item lanes, row lanes)
 };
 
@@ -891,17 +1036,36 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
   }
   const int threads = static_cast<int>(shape.block.x * shape.block.y * shape.block.z);
 
+  // one item at a time for small calls (latency), kMaxItems for large ones (bandwidth); the
+  // elementwise variant (a fallback) always takes one
+  constexpr int kBig = kVec ? kMaxItems : 1;
+  const bool batched = shape.items_per_thread > 1;
+  // the bandwidth path's shared-memory ring (device code for sm_80+ only; see ROPE_RING_PATH)
+  const int smem = ROPE_RING && kVec && kBig > 1 && batched && dev.major >= 8
+                       ? kRingDepth * 2 * 16 * threads
+                       : 0;
   auto launch = [&](auto kernel) -> cudaError_t {
-    const int64_t resident =
-        static_cast<int64_t>(dev.sms) * BlocksPerSm(reinterpret_cast<const void*>(kernel), threads);
+    const int per_sm = BlocksPerSm(reinterpret_cast<const void*>(kernel), threads, smem);
+    if (per_sm < 1) return cudaErrorInvalidConfiguration;  // the ring does not fit
+    const int64_t resident = static_cast<int64_t>(dev.sms) * per_sm;
     const int64_t blocks = persistent ? std::max<int64_t>(1, std::min<int64_t>(a.chunks, resident)) : a.chunks;
-    kernel<<<static_cast<unsigned>(blocks), shape.block, 0, stream>>>(a);
+    kernel<<<static_cast<unsigned>(blocks), shape.block, smem, stream>>>(a);
     return cudaGetLastError();
   };
-  if (plane && table) return launch(RopeKernel<T, TT, V, kVec, true, true>);
-  if (plane) return launch(RopeKernel<T, T, V, kVec, true, false>);
-  if (table) return launch(RopeKernel<T, TT, V, kVec, false, true>);
-  return launch(RopeKernel<T, T, V, kVec, false, false>);
+  if (plane && table) {
+    return batched ? launch(RopeKernel<T, TT, V, kVec, true, true, kBig>)
+                   : launch(RopeKernel<T, TT, V, kVec, true, true, 1>);
+  }
+  if (plane) {
+    return batched ? launch(RopeKernel<T, T, V, kVec, true, false, kBig>)
+                   : launch(RopeKernel<T, T, V, kVec, true, false, 1>);
+  }
+  if (table) {
+    return batched ? launch(RopeKernel<T, TT, V, kVec, false, true, kBig>)
+                   : launch(RopeKernel<T, TT, V, kVec, false, true, 1>);
+  }
+  return batched ? launch(RopeKernel<T, T, V, kVec, false, false, kBig>)
+                 : launch(RopeKernel<T, T, V, kVec, false, false, 1>);
 }
 
 template<typename T, typename TT>
