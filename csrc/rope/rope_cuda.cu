@@ -36,7 +36,6 @@
 #include <map>
 #include <mutex>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
 #include "rope/rope_cuda.h"
@@ -71,9 +70,6 @@ namespace {
 // 1: when positions do not depend on b, a row is a position m for the whole batch (angles or
 // table rows once per m); 0: rows are always (b, m); 2: share only with cos/sin tables
 #define ROPE_BATCH_SHARE 2
-#endif
-#ifndef ROPE_SMEM_ANGLES
-#define ROPE_SMEM_ANGLES 1  // bandwidth path: the row's cos/sin wait in shared memory, not registers
 #endif
 #ifndef ROPE_RING
 #define ROPE_RING 0  // 1, sm_80+: the bandwidth path streams x through a shared-memory ring (cp.async)
@@ -372,21 +368,6 @@ __device__ __forceinline__ void WaitAsync() {
 }
 #endif
 
-// A value from shared memory, read at every call (the compiler may not keep it in a register
-// across calls: keeping it out of registers is what parking values in shared memory is for).
-__device__ __forceinline__ float LoadSharedVolatile(const float* ptr) {
-  float v;
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(ptr));
-  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(addr) : "memory");
-  return v;
-}
-__device__ __forceinline__ double LoadSharedVolatile(const double* ptr) {
-  double v;
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(ptr));
-  asm volatile("ld.shared.f64 %0, [%1];" : "=d"(v) : "r"(addr) : "memory");
-  return v;
-}
-
 // Loads V consecutive (kVec) or strided elements; elements at or past `limit` are not read.
 template<typename T, int V, bool kVec>
 __device__ __forceinline__ Pack<T, V> LoadVec(const T* ptr, int64_t stride, int count) {
@@ -665,85 +646,10 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
         }
       }
     };
-    // Bandwidth path: the row's cos/sin are parked in the thread's own shared-memory slots
-    // (layout [value][thread]: conflict-free) and each is read back just before use, so they
-    // hold no registers while items are loaded and rotated, and more warps fit on an SM.
-    constexpr bool kPark = ROPE_SMEM_ANGLES && kVec && kItems > 1;
-    C* const park_smem = [] {
-      extern __shared__ uint4 dyn_smem[];
-      return reinterpret_cast<C*>(dyn_smem);
-    }();
-    const int park_tid = static_cast<int>(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z));
-    const int park_stride = static_cast<int>(blockDim.x * blockDim.y * blockDim.z);
-    // value slots: c0 [0, V), s0 [V, 2V), c1 [2V, 3V), s1 [3V, 4V)
-    // make_angles for the parked case: each value goes to its slot as soon as it is made
-    auto make_parked_angles = [&]() {
-      const C nan = static_cast<C>(NAN);
-      const C scale = static_cast<C>(p.attention_scaling);
-      const C sin_scale = p.inverse ? -scale : scale;
-      if (!found) {
-#pragma unroll
-        for (int v = 0; v < (kTable ? 4 : 2) * V; ++v) park_smem[v * park_stride + park_tid] = nan;
-      } else if constexpr (kTable) {
-        const int64_t cs = p.table_col_stride;
-        const TT* cos_row = static_cast<const TT*>(p.cos) + pos * p.table_row_stride;
-        const TT* sin_row = static_cast<const TT*>(p.sin) + pos * p.table_row_stride;
-#pragma unroll
-        for (int arr = 0; arr < 4; ++arr) {
-          const int j = (arr < 2 ? g.k0 : g.k1) - g.r * part;
-          if (arr >= 2 && g.k1 < 0) break;
-          C vals[V];
-          LoadTable<TT, C, V, kVec>((arr % 2 == 0 ? cos_row : sin_row) + j * cs, cs, vals);
-          const C sc = arr % 2 == 0 ? scale : sin_scale;
-#pragma unroll
-          for (int e = 0; e < V; ++e) park_smem[(arr * V + e) * park_stride + park_tid] = vals[e] * sc;
-        }
-      } else {
-        auto one = [&](auto kind_tag) {
-          constexpr FreqKind kKind = decltype(kind_tag)::value;
-#pragma unroll
-          for (int e = 0; e < V; ++e) {
-            C hi_f, lo_f, sv, cv;
-            LoadFreq<kKind>(a.freq, min((kPlane || e < V / 2 ? f0 : f1) + e, half - 1), &hi_f, &lo_f);
-            SinCos<kFast>(pos, hi_f, lo_f, &sv, &cv);
-            park_smem[e * park_stride + park_tid] = cv * scale;
-            park_smem[(V + e) * park_stride + park_tid] = sv * sin_scale;
-          }
-        };
-        if (a.freq_kind == FreqKind::kHiLo) {
-          if constexpr (sizeof(C) == 4) one(std::integral_constant<FreqKind, FreqKind::kHiLo>());
-        } else if (a.freq_kind == FreqKind::kFloat32) {
-          one(std::integral_constant<FreqKind, FreqKind::kFloat32>());
-        } else {
-          one(std::integral_constant<FreqKind, FreqKind::kFloat64>());
-        }
-      }
-    };
-    auto parked = [&](int slot) -> C { return LoadSharedVolatile(&park_smem[slot * park_stride + park_tid]); };
-    auto cos_a = [&](int e) -> C {
-      const int i = kTable || kPlane ? e : e / 2;
-      if constexpr (kPark) return parked(i); else return c0[i];
-    };
-    auto sin_a = [&](int e) -> C {
-      const int i = kTable || kPlane ? e : e / 2;
-      if constexpr (kPark) return parked(V + i); else return s0[i];
-    };
-    auto cos_z = [&](int e) -> C {
-      if constexpr (kTable) {
-        if constexpr (kPark) return parked(2 * V + e); else return c1[e];
-      } else {
-        const int i = kPlane ? e : V / 2 + e / 2;
-        if constexpr (kPark) return parked(i); else return c0[i];
-      }
-    };
-    auto sin_z = [&](int e) -> C {
-      if constexpr (kTable) {
-        if constexpr (kPark) return parked(3 * V + e); else return s1[e];
-      } else {
-        const int i = kPlane ? e : V / 2 + e / 2;
-        if constexpr (kPark) return parked(V + i); else return s0[i];
-      }
-    };
+    auto cos_a = [&](int e) -> C { return kTable ? c0[e] : c0[kPlane ? e : e / 2]; };
+    auto sin_a = [&](int e) -> C { return kTable ? s0[e] : s0[kPlane ? e : e / 2]; };
+    auto cos_z = [&](int e) -> C { if constexpr (kTable) return c1[e]; else return c0[kPlane ? e : V / 2 + e / 2]; };
+    auto sin_z = [&](int e) -> C { if constexpr (kTable) return s1[e]; else return s0[kPlane ? e : V / 2 + e / 2]; };
     // rotates one item's vectors and stores them (plus zeros in a packed gradient's other slots)
     auto rotate_store = [&](T* out, const RopeTensor& tensor, const P& lo, const P& hi) {
       const int64_t os = kVec ? 1 : tensor.out_stride_k;
@@ -867,14 +773,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
       // (sequence, head) pair of the tensor; offsets advance incrementally.
       bool angles_ready = !g.rot;
       if constexpr (kItems > 1) {
-        if (g.rot) {
-          // bandwidth first: the row's angles once, before the loads
-          if constexpr (kPark) {
-            make_parked_angles();
-          } else {
-            make_angles();
-          }
-        }
+        if (g.rot) make_angles();  // bandwidth first: the row's angles once, before the loads
         angles_ready = true;
       }
       for (int ti = 0; ti < p.num_tensors; ++ti) {
@@ -937,9 +836,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
           }
 #pragma unroll
           for (int t = 0; t < kItems; ++t) {
-            if (live[t]) {
-              rotate_store(outp[t], tensor, lo[t], hi[t]);
-            }
+            if (live[t]) rotate_store(outp[t], tensor, lo[t], hi[t]);
           }
         }
       }
@@ -1144,13 +1041,9 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
   constexpr int kBig = kVec ? kMaxItems : 1;
   const bool batched = shape.items_per_thread > 1;
   // the bandwidth path's shared-memory ring (device code for sm_80+ only; see ROPE_RING_PATH)
-  int smem = ROPE_RING && kVec && kBig > 1 && batched && dev.major >= 8
-                 ? kRingDepth * 2 * 16 * threads
-                 : 0;
-  // the bandwidth path's parked cos/sin (ROPE_SMEM_ANGLES)
-  if (ROPE_SMEM_ANGLES && !ROPE_RING && kVec && kBig > 1 && batched) {
-    smem = (table ? 4 : 2) * V * static_cast<int>(sizeof(C)) * threads;
-  }
+  const int smem = ROPE_RING && kVec && kBig > 1 && batched && dev.major >= 8
+                       ? kRingDepth * 2 * 16 * threads
+                       : 0;
   auto launch = [&](auto kernel) -> cudaError_t {
     const int per_sm = BlocksPerSm(reinterpret_cast<const void*>(kernel), threads, smem);
     if (per_sm < 1) return cudaErrorInvalidConfiguration;  // the ring does not fit
