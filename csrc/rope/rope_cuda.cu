@@ -71,25 +71,11 @@ namespace {
 // table rows once per m); 0: rows are always (b, m); 2: share only with cos/sin tables
 #define ROPE_BATCH_SHARE 2
 #endif
-#ifndef ROPE_RING
-#define ROPE_RING 0  // 1, sm_80+: the bandwidth path streams x through a shared-memory ring (cp.async)
-#endif
-#ifndef ROPE_RING_DEPTH
-#define ROPE_RING_DEPTH 4  // items of a thread in flight in the ring
-#endif
-// The ring path exists in device code compiled for sm_80 and newer (cp.async); older targets
-// (and ROPE_RING=0) keep the register path.
-#if ROPE_RING && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-#define ROPE_RING_PATH 1
-#else
-#define ROPE_RING_PATH 0
-#endif
 constexpr int kBlockThreads = 256;     // threads per block the launch aims for
 // launch bound (RopeCudaSetLaunchOverride may ask for 512 unless registers are capped)
 constexpr int kMaxBlockThreads = ROPE_MIN_BLOCKS > 1 ? 256 : 512;
 constexpr int kMaxItems = ROPE_MAX_ITEMS;  // items (heads) per thread and row
 constexpr int kMaxUnitLanes = 256;     // threadIdx.x extent; a thread loops when a head has more units
-constexpr int kRingDepth = ROPE_RING_DEPTH;
 
 // ---- frequencies -------------------------------------------------------------------------------
 
@@ -354,19 +340,6 @@ __device__ __forceinline__ void PrefetchL2(const void* ptr) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
 }
 
-#if ROPE_RING_PATH
-// 16 bytes global -> shared without passing through registers (sm_80+), completed per thread
-// by groups: CommitAsync closes a group, WaitAsync<N> waits until at most N groups are pending.
-__device__ __forceinline__ void CopyAsync16(void* smem, const void* gmem) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void CommitAsync() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template<int N>
-__device__ __forceinline__ void WaitAsync() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-#endif
 
 // Loads V consecutive (kVec) or strided elements; elements at or past `limit` are not read.
 template<typename T, int V, bool kVec>
@@ -460,48 +433,6 @@ __device__ __forceinline__ void Advance(const SegmentSteps& st, Cursor* c) {
     c->x_off += st.x_wrap;
     c->out_off += st.out_wrap;
   }
-}
-
-// A thread's place in its whole sequence of items: work piece w (a row group and sequence
-// chunk; the thread's row in it is threadIdx.z), tensor ti, and the item in that tensor.
-struct Walker {
-  int w, ti, seq_end, b_row, m;
-  Cursor c;
-};
-
-// Moves k to the thread's first item in tensor k->ti of piece k->w, or in a later tensor or
-// piece; false when the thread has no item left.
-__device__ __forceinline__ bool Seek(const KernelArgs& a, Walker* k) {
-  const RopeParams& p = a.p;
-  while (k->w < a.chunks) {
-    const int group = static_cast<int>(a.div_chunks.Div(static_cast<uint32_t>(k->w)));
-    const int seq0 = (k->w - group * a.seq_chunks) * a.seq_chunk;
-    const int row = group * static_cast<int>(blockDim.z) + static_cast<int>(threadIdx.z);
-    if (row < a.rows) {
-      k->seq_end = min(a.seqs, seq0 + a.seq_chunk);
-      k->b_row = 0;
-      k->m = row;
-      if (!a.batch_shared) {
-        k->b_row = static_cast<int>(a.div_m.Div(static_cast<uint32_t>(row)));
-        k->m = row - k->b_row * static_cast<int>(p.M);
-      }
-      for (; k->ti < p.num_tensors; ++k->ti) {
-        k->c = FirstItem(a, p.tensors[k->ti], a.steps[k->ti], k->b_row, k->m, seq0);
-        if (k->c.seq < k->seq_end) return true;
-      }
-    }
-    k->w += static_cast<int>(gridDim.x);
-    k->ti = 0;
-  }
-  return false;
-}
-
-// The thread's next item; false when none is left.
-__device__ __forceinline__ bool Step(const KernelArgs& a, Walker* k) {
-  Advance(a.steps[k->ti], &k->c);
-  if (k->c.seq < k->seq_end) return true;
-  ++k->ti;
-  return Seek(a, k);
 }
 
 // Unit geometry: the element offsets of its two vectors (k1 < 0: none), the elements of each
@@ -707,54 +638,6 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
     };
 
 
-#if ROPE_RING_PATH
-    if constexpr (kVec && kItems > 1) {
-      // Bandwidth path on sm_80+: the thread's items stream through its kRingDepth slots of a
-      // shared-memory ring (cp.async, one group per item), so kRingDepth items stay in flight
-      // while it rotates and stores the oldest, across heads, tensors and rows alike, without
-      // holding them in registers. A thread reads only the slots it filled: no barrier.
-      extern __shared__ uint4 ring[];  // [kRingDepth][2][threads of the block]
-      const int nthreads = static_cast<int>(blockDim.x * blockDim.y * blockDim.z);
-      const int tid = static_cast<int>(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z));
-      Walker ld;
-      ld.w = static_cast<int>(blockIdx.x);
-      ld.ti = 0;
-      bool ld_ok = Seek(a, &ld);
-      Walker cs = ld;
-      bool cs_ok = ld_ok;
-      auto issue = [&](int slot) {  // the next item's vectors into `slot`; one group either way
-        if (ld_ok) {
-          const T* x = static_cast<const T*>(p.tensors[ld.ti].x) + ld.c.x_off;
-          CopyAsync16(&ring[(2 * slot) * nthreads + tid], x + g.k0);
-          if (g.k1 >= 0) CopyAsync16(&ring[(2 * slot + 1) * nthreads + tid], x + g.k1);
-          ld_ok = Step(a, &ld);
-        }
-        CommitAsync();
-      };
-#pragma unroll
-      for (int slot = 0; slot < kRingDepth; ++slot) issue(slot);
-      int slot = 0;
-      int angles_w = -1;  // the piece whose row the angles in registers belong to
-      while (cs_ok) {
-        if (cs.w != angles_w) {
-          angles_w = cs.w;
-          locate(cs.b_row, cs.m);
-          if (g.rot) make_angles();
-        }
-        WaitAsync<kRingDepth - 1>();  // the oldest group: this item's
-        const P lo = *reinterpret_cast<const P*>(&ring[(2 * slot) * nthreads + tid]);
-        P hi = lo;
-        if (g.k1 >= 0) hi = *reinterpret_cast<const P*>(&ring[(2 * slot + 1) * nthreads + tid]);
-        const RopeTensor& tensor = p.tensors[cs.ti];
-        rotate_store(static_cast<T*>(tensor.out) + cs.c.out_off, tensor, lo, hi);
-        issue(slot);  // the slot is free again: its values are in registers and stored
-        slot = slot + 1 == kRingDepth ? 0 : slot + 1;
-        cs_ok = Step(a, &cs);
-      }
-      WaitAsync<0>();
-      continue;
-    }
-#endif
 
     for (int w = blockIdx.x; w < a.chunks; w += gridDim.x) {
       const int group = static_cast<int>(a.div_chunks.Div(static_cast<uint32_t>(w)));
@@ -849,7 +732,6 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
 struct DeviceInfo {
   int sms = 80;
   int threads_per_sm = 2048;
-  int major = 7;  // compute capability
 };
 
 const DeviceInfo& CurrentDeviceInfo() {
@@ -863,33 +745,24 @@ const DeviceInfo& CurrentDeviceInfo() {
   DeviceInfo info;
   cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device);
   cudaDeviceGetAttribute(&info.threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device);
-  cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device);
   return infos.emplace(device, info).first->second;
 }
 
-// Blocks of `threads` threads of `kernel` with `smem` bytes of dynamic shared memory that fit on
-// one SM (registers, threads, shared memory), cached. Allows the kernel more than the default
-// 48 KiB of dynamic shared memory when it asks for it; 0 when it cannot have `smem`.
-int BlocksPerSm(const void* kernel, int threads, int smem) {
+// Blocks of `threads` threads of `kernel` that fit on one SM (registers, threads), cached.
+int BlocksPerSm(const void* kernel, int threads) {
   static std::mutex mutex;
-  static std::map<std::tuple<int, const void*, int, int>, int> cache;
+  static std::map<std::tuple<int, const void*, int>, int> cache;
   int device = 0;
   cudaGetDevice(&device);
   std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_tuple(device, kernel, threads, smem);
+  const auto key = std::make_tuple(device, kernel, threads);
   auto found = cache.find(key);
   if (found != cache.end()) return found->second;
   int blocks = 0;
-  if (smem > 48 * 1024
-      && cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
-    cudaGetLastError();
-    cache.emplace(key, 0);
-    return 0;
-  }
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem) != cudaSuccess
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, 0) != cudaSuccess
       || blocks < 1) {
     cudaGetLastError();
-    blocks = smem > 0 ? 0 : 1;
+    blocks = 1;
   }
   cache.emplace(key, blocks);
   return blocks;
@@ -1040,16 +913,11 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
   // elementwise variant (a fallback) always takes one
   constexpr int kBig = kVec ? kMaxItems : 1;
   const bool batched = shape.items_per_thread > 1;
-  // the bandwidth path's shared-memory ring (device code for sm_80+ only; see ROPE_RING_PATH)
-  const int smem = ROPE_RING && kVec && kBig > 1 && batched && dev.major >= 8
-                       ? kRingDepth * 2 * 16 * threads
-                       : 0;
   auto launch = [&](auto kernel) -> cudaError_t {
-    const int per_sm = BlocksPerSm(reinterpret_cast<const void*>(kernel), threads, smem);
-    if (per_sm < 1) return cudaErrorInvalidConfiguration;  // the ring does not fit
+    const int per_sm = BlocksPerSm(reinterpret_cast<const void*>(kernel), threads);
     const int64_t resident = static_cast<int64_t>(dev.sms) * per_sm;
     const int64_t blocks = persistent ? std::max<int64_t>(1, std::min<int64_t>(a.chunks, resident)) : a.chunks;
-    kernel<<<static_cast<unsigned>(blocks), shape.block, smem, stream>>>(a);
+    kernel<<<static_cast<unsigned>(blocks), shape.block, 0, stream>>>(a);
     return cudaGetLastError();
   };
   if (plane && table) {
