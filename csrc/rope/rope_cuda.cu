@@ -50,8 +50,9 @@ namespace {
 #endif
 #ifndef ROPE_PERSISTENT
 // 1: grid of SMs x resident blocks, blocks loop over the work; 0: a block per piece of work;
-// 2: persistent only when rows start with a chain of dependent loads (position, table)
-#define ROPE_PERSISTENT 2
+// 2: persistent only when rows start with a chain of dependent loads (position, table).
+// On the H200, 2 ran large calls 1-2% faster and 32 MiB calls 3-5% slower than 1 (bench/results/h200_2026-11-29)
+#define ROPE_PERSISTENT 1
 #endif
 #ifndef ROPE_MIN_BLOCKS
 #define ROPE_MIN_BLOCKS 1  // > 1: blocks of 256 threads that must fit per SM (caps registers)
@@ -68,8 +69,9 @@ namespace {
 #endif
 #ifndef ROPE_BATCH_SHARE
 // 1: when positions do not depend on b, a row is a position m for the whole batch (angles or
-// table rows once per m); 0: rows are always (b, m); 2: share only with cos/sin tables
-#define ROPE_BATCH_SHARE 2
+// table rows once per m); 0: rows are always (b, m); 2: share only with cos/sin tables (measured
+// alike on the H200)
+#define ROPE_BATCH_SHARE 1
 #endif
 constexpr int kBlockThreads = 256;     // threads per block the launch aims for
 // launch bound (RopeCudaSetLaunchOverride may ask for 512 unless registers are capped)
