@@ -17,11 +17,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <string>
 #include <system_error>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "rope/rope_cpu_internal.h"
@@ -123,6 +126,23 @@ int64_t LastLevelCacheBytes() {
 }
 
 // Bytes read and written per row: the rotated heads, plus the zero slots.
+// theta_i = base^(-2i/A), i < A/2, computed once per (base, A) and kept for the process (the
+// vectors are never freed or moved, so the pointer stays valid).
+const double* BaseFrequencies(double base, int64_t part) {
+  static std::mutex mutex;
+  static std::map<std::pair<double, int64_t>, std::unique_ptr<std::vector<double>>> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  std::unique_ptr<std::vector<double>>& slot = cache[{base, part}];
+  if (!slot) {
+    const int64_t half = part / 2;
+    slot.reset(new std::vector<double>(static_cast<size_t>(std::max<int64_t>(1, half))));
+    for (int64_t i = 0; i < half; ++i) {
+      (*slot)[i] = std::pow(base, -2.0 * static_cast<double>(i) / static_cast<double>(part));
+    }
+  }
+  return slot->data();
+}
+
 int64_t RowBytes(const RopeParams& p) {
   int64_t heads = 0;
   for (int t = 0; t < p.num_tensors && t < kMaxRopeTensors; ++t) {
@@ -178,20 +198,22 @@ int64_t RopeForwardCpu(const RopeParams& params) {
   const RopeParams& p = checked;
   const RowsFn rows_fn = Isa().fn;
 
-  // Frequencies theta_i (or inv_freq[i]), in double, shared by all threads.
+  // Frequencies theta_i (or inv_freq[i]), in double, shared by all threads. Those from base are
+  // kept per (base, A) for the process (a call of a small tensor would spend more on std::pow
+  // than on its rows).
   const int64_t part = p.rotary_part();
   const int64_t half = part / 2;
-  std::vector<double> theta(p.cos == nullptr ? half : 0);
-  if (p.cos == nullptr) {
+  std::vector<double> theta_given;
+  const double* theta = nullptr;
+  if (p.cos == nullptr && p.inv_freq != nullptr) {
+    theta_given.resize(half);
     for (int64_t i = 0; i < half; ++i) {
-      if (p.inv_freq == nullptr) {
-        theta[i] = std::pow(p.base, -2.0 * static_cast<double>(i) / static_cast<double>(part));
-      } else if (p.inv_freq_dtype == DType::kFloat64) {
-        theta[i] = static_cast<const double*>(p.inv_freq)[i];
-      } else {
-        theta[i] = static_cast<const float*>(p.inv_freq)[i];
-      }
+      theta_given[i] = p.inv_freq_dtype == DType::kFloat64 ? static_cast<const double*>(p.inv_freq)[i]
+                                                           : static_cast<const float*>(p.inv_freq)[i];
     }
+    theta = theta_given.data();
+  } else if (p.cos == nullptr) {
+    theta = BaseFrequencies(p.base, part);
   }
 
   const int64_t rows = p.num_rows();
@@ -229,7 +251,7 @@ int64_t RopeForwardCpu(const RopeParams& params) {
     if (scratch[t].bytes < layout.bytes) scratch[t] = AlignedBuffer(layout.bytes);
     cpu::RowTask& task = tasks[t];
     task.p = &p;
-    task.theta = theta.data();
+    task.theta = theta;
     task.next = &next;
     task.num_rows = rows;
     task.claim_rows = claim_rows;

@@ -966,6 +966,7 @@ int64_t Rows(const RowTask& task) {
   bool* row_paired = reinterpret_cast<bool*>(base + layout.row_paired);
 
   const bool m_inner = RowOrderMInner(p);
+  const bool shared_by_batch = p.positions_shared_by_batch();
   int64_t bad = 0;
   for (;;) {
     const int64_t claimed = __atomic_fetch_add(task.next, task.claim_rows, __ATOMIC_RELAXED);
@@ -974,13 +975,28 @@ int64_t Rows(const RowTask& task) {
         task.num_rows - claimed < task.claim_rows ? task.num_rows : claimed + task.claim_rows;
     for (int64_t first = claimed; first < claim_end; first += task.block_rows) {
       const int64_t n = claim_end - first < task.block_rows ? claim_end - first : task.block_rows;
+      int64_t prev_bad = 0;
       for (int64_t i = 0; i < n; ++i) {
         const int64_t row = first + i;
         row_b[i] = m_inner ? row / p.M : row % p.B;
         row_m[i] = m_inner ? row % p.M : row / p.B;
         C* c = cos_block + i * g.rotary;
         C* s = sin_block + i * g.rotary;
-        bad += PrepareRow<C, TT>(p, g, task.theta, row_b[i], row_m[i], c, s, tmp, &row_paired[i]);
+        if (i > 0 && shared_by_batch && row_m[i] == row_m[i - 1]) {
+          // same position as the row before (another sequence of a batch-shared position, e.g.
+          // a decode step): its cos/sin, not a second computation
+          std::memcpy(c, c - g.rotary, sizeof(C) * g.rotary);
+          std::memcpy(s, s - g.rotary, sizeof(C) * g.rotary);
+          row_paired[i] = row_paired[i - 1];
+          bad += prev_bad;
+          if (kSplit) {
+            std::memcpy(cos_split + i * g.rotary, cos_split + (i - 1) * g.rotary, sizeof(float) * g.rotary);
+            std::memcpy(sin_split + i * g.rotary, sin_split + (i - 1) * g.rotary, sizeof(float) * g.rotary);
+          }
+          continue;
+        }
+        prev_bad = PrepareRow<C, TT>(p, g, task.theta, row_b[i], row_m[i], c, s, tmp, &row_paired[i]);
+        bad += prev_bad;
         if (kSplit) {
           float* cs = cos_split + i * g.rotary;
           float* ss = sin_split + i * g.rotary;
