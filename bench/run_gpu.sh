@@ -4,7 +4,7 @@
 # launch sweep and the benchmark. Results go to $OUT (default bench/results/latest). Used through
 # the device tool as
 #   bash bench/run_gpu.sh            (carry .whl for liger-kernel / torchtune wheels, if present)
-# Steps can be chosen: STEPS="check memcheck racecheck sweep variants ncu bench" (default: check
+# Steps can be chosen: STEPS="check memcheck racecheck sweep variants probe ncu bench" (default: check
 # memcheck racecheck bench); BENCH_ARGS passes options to bench_gpu.py. VARIANTS="name=-DFLAG=1 ..."
 # builds alternatives of the kernel (its compile-time knobs) next to the main build; the step
 # "variants" times each on the sweep's calls with the built-in launch rule.
@@ -68,6 +68,10 @@ for step in $STEPS; do
         echo "== variant ${v%%=*}: ${v#*=}" | tee -a "$OUT/variants.txt"
         python3 -m bench.sweep_launch --build "build-gpu-${v%%=*}" --settings "0,0" 2>&1 | tail -n 1 | tee -a "$OUT/variants.txt"
       done ;;
+    probe)
+      # stand-alone thread-mapping probe (no oneflow_rope code): what a plain kernel reaches here
+      nvcc -O3 -std=c++17 -arch=sm_$ARCH bench/probe_mapping.cu -o /tmp/probe_mapping &&
+        { /tmp/probe_mapping 4 4096 32 128; /tmp/probe_mapping 2 8192 8 128; } 2>&1 | tee "$OUT/probe_mapping.txt" || status=1 ;;
     ncu)
       ncu --clock-control none --kernel-name regex:RopeKernel --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
