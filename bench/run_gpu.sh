@@ -7,7 +7,8 @@
 # Steps can be chosen: STEPS="check memcheck racecheck sweep variants probe ncu bench" (default: check
 # memcheck racecheck bench); BENCH_ARGS passes options to bench_gpu.py. VARIANTS="name=-DFLAG=1 ..."
 # builds alternatives of the kernel (its compile-time knobs) next to the main build; the step
-# "variants" times each on the sweep's calls with the built-in launch rule.
+# "variants" times each on the sweep's calls with the built-in launch rule. CUDA_FLAGS="-DA=1 ..." builds
+# the main build (the one every other step uses) with other knobs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/latest}
@@ -41,7 +42,7 @@ for v in ${VARIANTS:-}; do flags=${v#*=}; build_variant "${v%%=*}" "${flags//,/ 
 {
   cmake -S . -B build-gpu -DONEFLOW_ROPE_BUILD_ONEFLOW_OPS=OFF -DONEFLOW_ROPE_BUILD_RAW=ON \
     -DONEFLOW_ROPE_WITH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$ARCH" -DPython_EXECUTABLE="$(command -v python3)" \
-    -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" -DCMAKE_BUILD_TYPE=Release &&
+    -Dpybind11_DIR="$(python3 -m pybind11 --cmakedir)" -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_FLAGS="${CUDA_FLAGS:-}" &&
   cmake --build build-gpu -j 16
 } >>"$OUT/build.log" 2>&1 || { tail -n 40 "$OUT/build.log"; exit 1; }
 wait

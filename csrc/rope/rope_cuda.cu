@@ -67,6 +67,16 @@ namespace {
 #define ROPE_STREAM_HINTS 0  // 1: x loads and out stores marked streaming (evict-first); measured
                              // ~6% slower on the H200 (bench/probe_mapping.cu)
 #endif
+#ifndef ROPE_LEAN
+// 1: calls of one tensor without zero slots take a specialisation of the bandwidth path built for
+// ROPE_LEAN_MIN_BLOCKS blocks of 256 threads per SM (at most 80 registers: without the second
+// tensor and the zero slots the bf16 kernels fit with no spill for computed angles, 36 bytes for
+// tables, per ptxas). Not yet measured on a GPU: off until a run shows it faster.
+#define ROPE_LEAN 0
+#endif
+#ifndef ROPE_LEAN_MIN_BLOCKS
+#define ROPE_LEAN_MIN_BLOCKS 3
+#endif
 #ifndef ROPE_BATCH_SHARE
 // 1: when positions do not depend on b, a row is a position m for the whole batch (angles or
 // table rows once per m); 0: rows are always (b, m); 2: share only with cos/sin tables (measured
@@ -477,8 +487,12 @@ __device__ __forceinline__ Unit UnitAt(const KernelArgs& a, int u, int part, int
 // position, the item's loads and the angles are issued back to back. kItems > 1 (large calls,
 // bandwidth first): the row's cos/sin are made once into registers, then batches of kItems items
 // are loaded (the next batch prefetched into L2 meanwhile), rotated and stored.
-template<typename T, typename TT, int V, bool kVec, bool kPlane, bool kTable, int kItems>
-__global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(const KernelArgs a) {
+// kOne: the call has one tensor and no zero slots (ROPE_LEAN), launched with at most
+// kLeanBlockThreads threads per block.
+constexpr int kLeanBlockThreads = 256;
+template<typename T, typename TT, int V, bool kVec, bool kPlane, bool kTable, int kItems, bool kOne = false>
+__global__ void __launch_bounds__(kOne ? kLeanBlockThreads : kMaxBlockThreads,
+                                  kOne ? ROPE_LEAN_MIN_BLOCKS : ROPE_MIN_BLOCKS) RopeKernel(const KernelArgs a) {
   using C = typename Compute<T>::type;
   using P = Pack<T, V>;
   constexpr bool kFast = sizeof(T) == 2;
@@ -626,7 +640,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
       }
       StoreVec<T, V, kVec>(out + g.k0 * os, os, g.count0, o0);
       if (g.k1 >= 0) StoreVec<T, V, kVec>(out + g.k1 * os, os, g.count1, o1);
-      const int zeros = tensor.num_zero_slots;
+      const int zeros = kOne ? 0 : tensor.num_zero_slots;
       if (zeros > 0) {
         P zero;
 #pragma unroll
@@ -661,7 +675,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
         if (g.rot) make_angles();  // bandwidth first: the row's angles once, before the loads
         angles_ready = true;
       }
-      for (int ti = 0; ti < p.num_tensors; ++ti) {
+      const int num_tensors = kOne ? 1 : p.num_tensors;
+      for (int ti = 0; ti < num_tensors; ++ti) {
         const RopeTensor& tensor = p.tensors[ti];
         const SegmentSteps& st = a.steps[ti];
         Cursor cur = FirstItem(a, tensor, st, b_row, m, seq0);
@@ -922,6 +937,17 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
     kernel<<<static_cast<unsigned>(blocks), shape.block, 0, stream>>>(a);
     return cudaGetLastError();
   };
+  // ROPE_LEAN: one tensor, no zero slots, blocks that fit the lean launch bound
+  const bool lean = ROPE_LEAN && batched && p.num_tensors == 1 && p.tensors[0].num_zero_slots == 0
+                    && threads <= kLeanBlockThreads;
+  if constexpr (kVec) {
+    if (lean) {
+      if (plane && table) return launch(RopeKernel<T, TT, V, kVec, true, true, kBig, true>);
+      if (plane) return launch(RopeKernel<T, T, V, kVec, true, false, kBig, true>);
+      if (table) return launch(RopeKernel<T, TT, V, kVec, false, true, kBig, true>);
+      return launch(RopeKernel<T, T, V, kVec, false, false, kBig, true>);
+    }
+  }
   if (plane && table) {
     return batched ? launch(RopeKernel<T, TT, V, kVec, true, true, kBig>)
                    : launch(RopeKernel<T, TT, V, kVec, true, true, 1>);
