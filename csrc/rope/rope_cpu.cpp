@@ -125,7 +125,6 @@ int64_t LastLevelCacheBytes() {
   return bytes;
 }
 
-// Bytes read and written per row: the rotated heads, plus the zero slots.
 // theta_i = base^(-2i/A), i < A/2, computed once per (base, A) and kept for the process (the
 // vectors are never freed or moved, so the pointer stays valid).
 const double* BaseFrequencies(double base, int64_t part) {
@@ -143,6 +142,7 @@ const double* BaseFrequencies(double base, int64_t part) {
   return slot->data();
 }
 
+// Bytes read and written per row: the rotated heads, plus the zero slots.
 int64_t RowBytes(const RopeParams& p) {
   int64_t heads = 0;
   for (int t = 0; t < p.num_tensors && t < kMaxRopeTensors; ++t) {

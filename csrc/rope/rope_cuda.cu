@@ -352,7 +352,6 @@ __device__ __forceinline__ void PrefetchL2(const void* ptr) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
 }
 
-
 // Loads V consecutive (kVec) or strided elements; elements at or past `limit` are not read.
 template<typename T, int V, bool kVec>
 __device__ __forceinline__ Pack<T, V> LoadVec(const T* ptr, int64_t stride, int count) {
@@ -524,137 +523,6 @@ __global__ void __launch_bounds__(kOne ? kLeanBlockThreads : kMaxBlockThreads,
     const int f0 = kPlane ? g.k0 - g.r * part : (g.k0 - g.r * part) / 2;
     const int f1 = kPlane ? f0 : (g.k1 >= 0 ? (g.k1 - g.r * part) / 2 : f0) - V / 2;
 
-    // The row's position (and whether it is usable) for this unit's rotary part
-    int64_t pos = 0;
-    bool found = true;
-    auto locate = [&](int b_row, int m) {
-      pos = 0;
-      found = true;
-      if (g.rot) {
-        found = RowPosition(p, b_row, g.r, m, cu_seqlens_decreasing, &pos);
-        if (kTable) found = found && pos >= 0 && pos < p.table_rows;
-      }
-    };
-    // x of one item and the load of its vectors
-    auto load = [&](const T* x, int64_t xs, P* lo, P* hi) {
-      *lo = LoadVec<T, V, kVec>(x + g.k0 * xs, xs, g.count0);
-      if (g.k1 >= 0) *hi = LoadVec<T, V, kVec>(x + g.k1 * xs, xs, g.count1);
-    };
-
-    // cos/sin of the unit: tables give one value per element of each vector (c0, s0, c1, s1);
-    // computed angles give V values shared as described above (c0, s0 only)
-    C c0[V], s0[V], c1[kTable ? V : 1], s1[kTable ? V : 1];
-    auto make_angles = [&]() {
-      const C scale = static_cast<C>(p.attention_scaling);
-      const C sin_scale = p.inverse ? -scale : scale;
-      if (!found) {
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          c0[e] = s0[e] = static_cast<C>(NAN);
-          if constexpr (kTable) c1[e] = s1[e] = static_cast<C>(NAN);
-        }
-      } else if constexpr (kTable) {
-        const int64_t cs = p.table_col_stride;
-        const TT* cos_row = static_cast<const TT*>(p.cos) + pos * p.table_row_stride;
-        const TT* sin_row = static_cast<const TT*>(p.sin) + pos * p.table_row_stride;
-        const int j0 = g.k0 - g.r * part;
-        LoadTable<TT, C, V, kVec>(cos_row + j0 * cs, cs, c0);
-        LoadTable<TT, C, V, kVec>(sin_row + j0 * cs, cs, s0);
-        if (g.k1 >= 0) {
-          const int j1 = g.k1 - g.r * part;
-          LoadTable<TT, C, V, kVec>(cos_row + j1 * cs, cs, c1);
-          LoadTable<TT, C, V, kVec>(sin_row + j1 * cs, cs, s1);
-        }
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          c0[e] *= scale;
-          s0[e] *= sin_scale;
-          c1[e] *= scale;
-          s1[e] *= sin_scale;
-        }
-      } else {
-        C hi_f[V], lo_f[V];
-        auto freq = [&](int e) { return min((kPlane || e < V / 2 ? f0 : f1) + e, half - 1); };
-        if (a.freq_kind == FreqKind::kHiLo) {
-#pragma unroll
-          for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kHiLo>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
-        } else if (a.freq_kind == FreqKind::kFloat32) {
-#pragma unroll
-          for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kFloat32>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
-        } else {
-#pragma unroll
-          for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kFloat64>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
-        }
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          SinCos<kFast>(pos, hi_f[e], lo_f[e], &s0[e], &c0[e]);
-          c0[e] *= scale;
-          s0[e] *= sin_scale;
-        }
-      }
-    };
-    auto cos_a = [&](int e) -> C { return kTable ? c0[e] : c0[kPlane ? e : e / 2]; };
-    auto sin_a = [&](int e) -> C { return kTable ? s0[e] : s0[kPlane ? e : e / 2]; };
-    auto cos_z = [&](int e) -> C { if constexpr (kTable) return c1[e]; else return c0[kPlane ? e : V / 2 + e / 2]; };
-    auto sin_z = [&](int e) -> C { if constexpr (kTable) return s1[e]; else return s0[kPlane ? e : V / 2 + e / 2]; };
-    // rotates one item's vectors and stores them (plus zeros in a packed gradient's other slots)
-    auto rotate_store = [&](T* out, const RopeTensor& tensor, const P& lo, const P& hi) {
-      const int64_t os = kVec ? 1 : tensor.out_stride_k;
-      P o0 = lo, o1 = hi;
-      if (g.rot) {
-        if constexpr (kPlane) {
-#pragma unroll
-          for (int e = 0; e < V; e += kStep) {
-            C ra[kStep], rz[kStep];
-#pragma unroll
-            for (int q = 0; q < kStep; ++q) {
-              const C xa = static_cast<C>(ToCompute(lo.v[e + q]));
-              const C xz = static_cast<C>(ToCompute(hi.v[e + q]));
-              ra[q] = xa * cos_a(e + q) - xz * sin_a(e + q);
-              rz[q] = xz * cos_z(e + q) + xa * sin_z(e + q);
-            }
-            if constexpr (kStep == 2) {
-              RoundPair<T, C>(ra[0], ra[1], &o0.v[e]);
-              RoundPair<T, C>(rz[0], rz[1], &o1.v[e]);
-            } else {
-              o0.v[e] = Round<T>(ra[0]);
-              o1.v[e] = Round<T>(rz[0]);
-            }
-          }
-        } else {
-#pragma unroll
-          for (int e = 0; e < V; e += 2) {
-            const C a0 = static_cast<C>(ToCompute(lo.v[e]));
-            const C a1 = static_cast<C>(ToCompute(lo.v[e + 1]));
-            RoundPair<T, C>(a0 * cos_a(e) - a1 * sin_a(e), a1 * cos_a(e + 1) + a0 * sin_a(e + 1), &o0.v[e]);
-          }
-          if (g.k1 >= 0) {
-#pragma unroll
-            for (int e = 0; e < V; e += 2) {
-              const C z0 = static_cast<C>(ToCompute(hi.v[e]));
-              const C z1 = static_cast<C>(ToCompute(hi.v[e + 1]));
-              RoundPair<T, C>(z0 * cos_z(e) - z1 * sin_z(e), z1 * cos_z(e + 1) + z0 * sin_z(e + 1), &o1.v[e]);
-            }
-          }
-        }
-      }
-      StoreVec<T, V, kVec>(out + g.k0 * os, os, g.count0, o0);
-      if (g.k1 >= 0) StoreVec<T, V, kVec>(out + g.k1 * os, os, g.count1, o1);
-      const int zeros = kOne ? 0 : tensor.num_zero_slots;
-      if (zeros > 0) {
-        P zero;
-#pragma unroll
-        for (int e = 0; e < V; ++e) zero.v[e] = Round<T>(C(0));
-        for (int z = 0; z < zeros; ++z) {
-          T* zout = out + tensor.zero_slot_offset[z];
-          StoreVec<T, V, kVec>(zout + g.k0 * os, os, g.count0, zero);
-          if (g.k1 >= 0) StoreVec<T, V, kVec>(zout + g.k1 * os, os, g.count1, zero);
-        }
-      }
-    };
-
-
-
     for (int w = blockIdx.x; w < a.chunks; w += gridDim.x) {
       const int group = static_cast<int>(a.div_chunks.Div(static_cast<uint32_t>(w)));
       const int seq0 = (w - group * a.seq_chunks) * a.seq_chunk;
@@ -667,7 +535,130 @@ __global__ void __launch_bounds__(kOne ? kLeanBlockThreads : kMaxBlockThreads,
         m = row - b_row * static_cast<int>(p.M);
       }
       // the position first: with tables it heads the longest chain of dependent loads
-      locate(b_row, m);
+      int64_t pos = 0;
+      bool found = true;
+      if (g.rot) {
+        found = RowPosition(p, b_row, g.r, m, cu_seqlens_decreasing, &pos);
+        if (kTable) found = found && pos >= 0 && pos < p.table_rows;
+      }
+      // x of one item and the load of its vectors
+      auto load = [&](const T* x, int64_t xs, P* lo, P* hi) {
+        *lo = LoadVec<T, V, kVec>(x + g.k0 * xs, xs, g.count0);
+        if (g.k1 >= 0) *hi = LoadVec<T, V, kVec>(x + g.k1 * xs, xs, g.count1);
+      };
+
+      // cos/sin of the unit: tables give one value per element of each vector (c0, s0, c1, s1);
+      // computed angles give V values shared as described above (c0, s0 only)
+      C c0[V], s0[V], c1[kTable ? V : 1], s1[kTable ? V : 1];
+      auto make_angles = [&]() {
+        const C scale = static_cast<C>(p.attention_scaling);
+        const C sin_scale = p.inverse ? -scale : scale;
+        if (!found) {
+#pragma unroll
+          for (int e = 0; e < V; ++e) {
+            c0[e] = s0[e] = static_cast<C>(NAN);
+            if constexpr (kTable) c1[e] = s1[e] = static_cast<C>(NAN);
+          }
+        } else if constexpr (kTable) {
+          const int64_t cs = p.table_col_stride;
+          const TT* cos_row = static_cast<const TT*>(p.cos) + pos * p.table_row_stride;
+          const TT* sin_row = static_cast<const TT*>(p.sin) + pos * p.table_row_stride;
+          const int j0 = g.k0 - g.r * part;
+          LoadTable<TT, C, V, kVec>(cos_row + j0 * cs, cs, c0);
+          LoadTable<TT, C, V, kVec>(sin_row + j0 * cs, cs, s0);
+          if (g.k1 >= 0) {
+            const int j1 = g.k1 - g.r * part;
+            LoadTable<TT, C, V, kVec>(cos_row + j1 * cs, cs, c1);
+            LoadTable<TT, C, V, kVec>(sin_row + j1 * cs, cs, s1);
+          }
+#pragma unroll
+          for (int e = 0; e < V; ++e) {
+            c0[e] *= scale;
+            s0[e] *= sin_scale;
+            c1[e] *= scale;
+            s1[e] *= sin_scale;
+          }
+        } else {
+          C hi_f[V], lo_f[V];
+          auto freq = [&](int e) { return min((kPlane || e < V / 2 ? f0 : f1) + e, half - 1); };
+          if (a.freq_kind == FreqKind::kHiLo) {
+#pragma unroll
+            for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kHiLo>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
+          } else if (a.freq_kind == FreqKind::kFloat32) {
+#pragma unroll
+            for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kFloat32>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
+          } else {
+#pragma unroll
+            for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kFloat64>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
+          }
+#pragma unroll
+          for (int e = 0; e < V; ++e) {
+            SinCos<kFast>(pos, hi_f[e], lo_f[e], &s0[e], &c0[e]);
+            c0[e] *= scale;
+            s0[e] *= sin_scale;
+          }
+        }
+      };
+      auto cos_a = [&](int e) -> C { return kTable ? c0[e] : c0[kPlane ? e : e / 2]; };
+      auto sin_a = [&](int e) -> C { return kTable ? s0[e] : s0[kPlane ? e : e / 2]; };
+      auto cos_z = [&](int e) -> C { if constexpr (kTable) return c1[e]; else return c0[kPlane ? e : V / 2 + e / 2]; };
+      auto sin_z = [&](int e) -> C { if constexpr (kTable) return s1[e]; else return s0[kPlane ? e : V / 2 + e / 2]; };
+      // rotates one item's vectors and stores them (plus zeros in a packed gradient's other slots)
+      auto rotate_store = [&](T* out, const RopeTensor& tensor, const P& lo, const P& hi) {
+        const int64_t os = kVec ? 1 : tensor.out_stride_k;
+        P o0 = lo, o1 = hi;
+        if (g.rot) {
+          if constexpr (kPlane) {
+#pragma unroll
+            for (int e = 0; e < V; e += kStep) {
+              C ra[kStep], rz[kStep];
+#pragma unroll
+              for (int q = 0; q < kStep; ++q) {
+                const C xa = static_cast<C>(ToCompute(lo.v[e + q]));
+                const C xz = static_cast<C>(ToCompute(hi.v[e + q]));
+                ra[q] = xa * cos_a(e + q) - xz * sin_a(e + q);
+                rz[q] = xz * cos_z(e + q) + xa * sin_z(e + q);
+              }
+              if constexpr (kStep == 2) {
+                RoundPair<T, C>(ra[0], ra[1], &o0.v[e]);
+                RoundPair<T, C>(rz[0], rz[1], &o1.v[e]);
+              } else {
+                o0.v[e] = Round<T>(ra[0]);
+                o1.v[e] = Round<T>(rz[0]);
+              }
+            }
+          } else {
+#pragma unroll
+            for (int e = 0; e < V; e += 2) {
+              const C a0 = static_cast<C>(ToCompute(lo.v[e]));
+              const C a1 = static_cast<C>(ToCompute(lo.v[e + 1]));
+              RoundPair<T, C>(a0 * cos_a(e) - a1 * sin_a(e), a1 * cos_a(e + 1) + a0 * sin_a(e + 1), &o0.v[e]);
+            }
+            if (g.k1 >= 0) {
+#pragma unroll
+              for (int e = 0; e < V; e += 2) {
+                const C z0 = static_cast<C>(ToCompute(hi.v[e]));
+                const C z1 = static_cast<C>(ToCompute(hi.v[e + 1]));
+                RoundPair<T, C>(z0 * cos_z(e) - z1 * sin_z(e), z1 * cos_z(e + 1) + z0 * sin_z(e + 1), &o1.v[e]);
+              }
+            }
+          }
+        }
+        StoreVec<T, V, kVec>(out + g.k0 * os, os, g.count0, o0);
+        if (g.k1 >= 0) StoreVec<T, V, kVec>(out + g.k1 * os, os, g.count1, o1);
+        const int zeros = kOne ? 0 : tensor.num_zero_slots;
+        if (zeros > 0) {
+          P zero;
+#pragma unroll
+          for (int e = 0; e < V; ++e) zero.v[e] = Round<T>(C(0));
+          for (int z = 0; z < zeros; ++z) {
+            T* zout = out + tensor.zero_slot_offset[z];
+            StoreVec<T, V, kVec>(zout + g.k0 * os, os, g.count0, zero);
+            if (g.k1 >= 0) StoreVec<T, V, kVec>(zout + g.k1 * os, os, g.count1, zero);
+          }
+        }
+      };
+
       // The thread's items, tensor by tensor: item lane threadIdx.y, then every blockDim.y-th
       // (sequence, head) pair of the tensor; offsets advance incrementally.
       bool angles_ready = !g.rot;
@@ -885,12 +876,11 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
   a.units = a.rot_units + a.pass_units;
   if (a.units == 0) return cudaSuccess;
   const int64_t heads = p.total_heads();
-  // Measured on the H200 (bench/probe_mapping.cu, variants in bench/results): a thread looping
-  // over the batch is ~4% slower than rows of one (b, m); sharing pays only for table rows.
+  // Grid rules (ROPE_BATCH_SHARE, ROPE_PERSISTENT; what each measured on the H200 is in
+  // bench/results/h200_2026-11-29/NOTES.md). Rule 2 of ROPE_PERSISTENT: rows whose angles wait on
+  // dependent loads (position, then table row) keep the persistent grid, whose blocks prefetch the
+  // next row; rows with angles from the row index alone get a block per piece of work.
   a.batch_shared = p.positions_shared_by_batch() && (ROPE_BATCH_SHARE == 1 || (ROPE_BATCH_SHARE == 2 && table));
-  // Rows whose angles wait on dependent loads (position, then table row) gain from a persistent
-  // grid, whose blocks prefetch the next row; with angles from the row index alone a block per
-  // piece of work streams faster.
   const bool persistent = ROPE_PERSISTENT == 1 || (ROPE_PERSISTENT == 2 && (table || !p.positions_shared_by_batch()));
   const int64_t rows = a.batch_shared ? p.M : p.B * p.M;
   const int64_t seqs = a.batch_shared ? p.B : 1;
@@ -931,9 +921,12 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
   constexpr int kBig = kVec ? kMaxItems : 1;
   const bool batched = shape.items_per_thread > 1;
   auto launch = [&](auto kernel) -> cudaError_t {
-    const int per_sm = BlocksPerSm(reinterpret_cast<const void*>(kernel), threads);
-    const int64_t resident = static_cast<int64_t>(dev.sms) * per_sm;
-    const int64_t blocks = persistent ? std::max<int64_t>(1, std::min<int64_t>(a.chunks, resident)) : a.chunks;
+    int64_t blocks = a.chunks;
+    if (persistent) {
+      const int64_t resident =
+          static_cast<int64_t>(dev.sms) * BlocksPerSm(reinterpret_cast<const void*>(kernel), threads);
+      blocks = std::max<int64_t>(1, std::min<int64_t>(a.chunks, resident));
+    }
     kernel<<<static_cast<unsigned>(blocks), shape.block, 0, stream>>>(a);
     return cudaGetLastError();
   };
