@@ -32,9 +32,26 @@ __device__ __forceinline__ void Rot8(const uint4& a, const uint4& z, const float
   }
 }
 
-// kMode 0: default ld/st; 1: ld.cs / st.cs (streaming). kBatchLoop: the thread also loops over b
-// (angles computed once for all b) in batches of kHeads items. Block (units, head lanes, rows).
-template<int kHeads, int kMode, bool kBatchLoop>
+// The angle as oneflow_rope computes it: int64 position times theta as a float (hi, lo) pair in
+// float-float, reduced by 2*pi with a three-part constant, then the hardware sincos.
+__device__ __forceinline__ void ExactSinCos(long long pos, float hi, float lo, float* s, float* c) {
+  const float pf = static_cast<float>(pos);
+  const float pl = static_cast<float>(pos - static_cast<long long>(pf));
+  const float prod = pf * hi;
+  const float err = fmaf(pf, hi, -prod);
+  const float tail = fmaf(pf, lo, fmaf(pl, hi, err));
+  const float k = rintf(prod * 0.15915494309189535f);
+  float r = fmaf(-k, 6.28318548202514648f, prod);
+  r = fmaf(-k, -1.7484555314695172e-07f, r);
+  r = fmaf(-k, -6.8604980400235275e-15f, r);
+  __sincosf(r + tail, s, c);
+}
+
+// kMode 0: default ld/st (the compiler may use the read-only path: x is __restrict__); 1: ld.cs /
+// st.cs (streaming); 2: plain ld.global. kBatchLoop: the thread also loops over b
+// (angles computed once for all b) in batches of kHeads items. kExact: angles as ExactSinCos
+// (theta_lo from theta + K). Block (units, head lanes, rows).
+template<int kHeads, int kMode, bool kBatchLoop, bool kExact = false>
 __global__ void __launch_bounds__(256) RopeProbe(const __nv_bfloat16* __restrict__ x, __nv_bfloat16* __restrict__ y,
                                                  Shape sh, const float* __restrict__ theta, int rows_total) {
   const int units = sh.K / 16;  // 8 bf16 per vector, plane pairs -> K/16 units
@@ -60,13 +77,28 @@ __global__ void __launch_bounds__(256) RopeProbe(const __nv_bfloat16* __restrict
         if (h < sh.H) {
           const uint4* pa = reinterpret_cast<const uint4*>(x + off[i] + k0);
           const uint4* pz = reinterpret_cast<const uint4*>(x + off[i] + k1);
-          if (kMode == 1) { va[i] = __ldcs(pa); vz[i] = __ldcs(pz); } else { va[i] = *pa; vz[i] = *pz; }
+          if (kMode == 1) {
+            va[i] = __ldcs(pa);
+            vz[i] = __ldcs(pz);
+          } else if (kMode == 2) {  // plain ld.global (not the read-only path __restrict__ allows)
+            asm volatile("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(va[i].x), "=r"(va[i].y), "=r"(va[i].z), "=r"(va[i].w) : "l"(pa));
+            asm volatile("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(vz[i].x), "=r"(vz[i].y), "=r"(vz[i].z), "=r"(vz[i].w) : "l"(pz));
+          } else {
+            va[i] = *pa;
+            vz[i] = *pz;
+          }
         }
       }
       if (!have) {
         have = true;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) __sincosf(m * __ldg(theta + k0 + e), &s[e], &c[e]);
+        for (int e = 0; e < 8; ++e) {
+          if (kExact) {
+            ExactSinCos(m, __ldg(theta + k0 + e), __ldg(theta + sh.K + k0 + e), &s[e], &c[e]);
+          } else {
+            __sincosf(m * __ldg(theta + k0 + e), &s[e], &c[e]);
+          }
+        }
       }
 #pragma unroll
       for (int i = 0; i < kHeads; ++i) {
@@ -76,7 +108,13 @@ __global__ void __launch_bounds__(256) RopeProbe(const __nv_bfloat16* __restrict
           Rot8(va[i], vz[i], c, s, &oa, &oz);
           uint4* qa = reinterpret_cast<uint4*>(y + off[i] + k0);
           uint4* qz = reinterpret_cast<uint4*>(y + off[i] + k1);
-          if (kMode == 1) { __stcs(qa, oa); __stcs(qz, oz); } else { *qa = oa; *qz = oz; }
+          if (kMode == 1) {
+            __stcs(qa, oa);
+            __stcs(qz, oz);
+          } else {
+            *qa = oa;
+            *qz = oz;
+          }
         }
       }
     }
@@ -93,12 +131,16 @@ int main(int argc, char** argv) {
   char* flush;
   CHECK(cudaMalloc(&x, bytes));
   CHECK(cudaMalloc(&y, bytes));
-  CHECK(cudaMalloc(&theta, sh.K * sizeof(float)));
+  CHECK(cudaMalloc(&theta, 2 * sh.K * sizeof(float)));
   CHECK(cudaMalloc(&flush, 256 << 20));
   CHECK(cudaMemset(x, 0x3c, bytes));
-  std::vector<float> th(sh.K);
-  for (int i = 0; i < sh.K; ++i) th[i] = powf(10000.f, -2.f * (i % (sh.K / 2)) / sh.K);
-  CHECK(cudaMemcpy(theta, th.data(), sh.K * sizeof(float), cudaMemcpyHostToDevice));
+  std::vector<float> th(2 * sh.K);
+  for (int i = 0; i < sh.K; ++i) {
+    const double t = pow(10000.0, -2.0 * (i % (sh.K / 2)) / sh.K);
+    th[i] = static_cast<float>(t);
+    th[sh.K + i] = static_cast<float>(t - static_cast<double>(th[i]));
+  }
+  CHECK(cudaMemcpy(theta, th.data(), 2 * sh.K * sizeof(float), cudaMemcpyHostToDevice));
   int sms = 0;
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   cudaEvent_t e0, e1;
@@ -134,6 +176,7 @@ int main(int argc, char** argv) {
   };
   const int units = sh.K / 16;
   auto run = [&](const char* name, auto kernel, int head_lanes, int heads, bool batch_loop) {
+    head_lanes = std::max(1, std::min(head_lanes, sh.H / heads));  // no idle lanes on few heads
     const int rows_total = batch_loop ? sh.M : sh.B * sh.M;
     const int per_row = std::max(1, head_lanes);
     const int row_lanes = std::max(1, 256 / (units * per_row));
@@ -146,6 +189,18 @@ int main(int argc, char** argv) {
 #define RUN(KH, MODE, BL, LANES)                                                                 \
   std::snprintf(name, sizeof name, "heads/thread %d mode %d batchloop %d lanes %d", KH, MODE, BL, LANES); \
   run(name, RopeProbe<KH, MODE, BL>, LANES, KH, BL)
+#define RUNX(KH, BL, LANES)                                                                      \
+  std::snprintf(name, sizeof name, "exact angle: heads/thread %d batchloop %d lanes %d", KH, BL, LANES); \
+  run(name, RopeProbe<KH, 0, BL, true>, LANES, KH, BL)
+#define RUNXP(KH, LANES)                                                                         \
+  std::snprintf(name, sizeof name, "exact angle, plain ld.global: heads/thread %d lanes %d", KH, LANES); \
+  run(name, RopeProbe<KH, 2, false, true>, LANES, KH, false)
+  RUNXP(2, 16);
+  RUNXP(4, 8);
+  RUNX(1, false, 32);
+  RUNX(2, false, 16);
+  RUNX(4, false, 8);
+  RUNX(4, true, 8);
   RUN(1, 0, false, 32);
   RUN(2, 0, false, 16);
   RUN(4, 0, false, 8);

@@ -8,7 +8,8 @@
 # memcheck racecheck bench); BENCH_ARGS passes options to bench_gpu.py. VARIANTS="name=-DFLAG=1 ..."
 # builds alternatives of the kernel (its compile-time knobs) next to the main build; the step
 # "variants" times each on the sweep's calls with the built-in launch rule. CUDA_FLAGS="-DA=1 ..." builds
-# the main build (the one every other step uses) with other knobs.
+# the main build (the one every other step uses) with other knobs. VARIANT_SETTINGS="items,threads;..." gives the
+# launch settings the step "variants" times (default "0,0", the built-in rule); SWEEP_SETTINGS the step "sweep"'s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/latest}
@@ -63,11 +64,11 @@ for step in $STEPS; do
         python3 -m bench.gpu_check --build build-gpu --subset 97 --no-large --only cases,extensions >"$OUT/racecheck.txt" 2>&1 || status=1
       tail -n 4 "$OUT/racecheck.txt" ;;
     sweep)
-      python3 -m bench.sweep_launch --build build-gpu 2>&1 | tee "$OUT/sweep_launch.txt" || status=1 ;;
+      python3 -m bench.sweep_launch --build build-gpu ${SWEEP_SETTINGS:+--settings "$SWEEP_SETTINGS"} 2>&1 | tee "$OUT/sweep_launch.txt" || status=1 ;;
     variants)
       for v in ${VARIANTS:-}; do
         echo "== variant ${v%%=*}: ${v#*=}" | tee -a "$OUT/variants.txt"
-        python3 -m bench.sweep_launch --build "build-gpu-${v%%=*}" --settings "0,0" 2>&1 | tail -n 1 | tee -a "$OUT/variants.txt"
+        python3 -m bench.sweep_launch --build "build-gpu-${v%%=*}" --settings "${VARIANT_SETTINGS:-0,0}" 2>&1 | grep -v "^#" | tail -n +2 | tee -a "$OUT/variants.txt"
       done ;;
     probe)
       # stand-alone thread-mapping probe (no oneflow_rope code): what a plain kernel reaches here

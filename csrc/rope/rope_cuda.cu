@@ -36,6 +36,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "rope/rope_cuda.h"
@@ -46,48 +47,32 @@ namespace {
 
 // Compile-time knobs (bench/run_gpu.sh VARIANTS builds alternatives to compare on the device).
 #ifndef ROPE_MAX_ITEMS
-#define ROPE_MAX_ITEMS 2  // 2 and 4 measured alike on the H200 (bench/results); 2 uses fewer registers
+#define ROPE_MAX_ITEMS 4  // heads a thread rotates in large calls: 2 or 4
+#endif
+#ifndef ROPE_ITEMS_WAVES
+// large calls (more one-item threads than this many waves of the device's resident threads)
+// give each thread ROPE_MAX_ITEMS heads; smaller ones one head per thread (latency first)
+#define ROPE_ITEMS_WAVES 1
 #endif
 #ifndef ROPE_PERSISTENT
-// 1: grid of SMs x resident blocks, blocks loop over the work; 0: a block per piece of work;
-// 2: persistent only when rows start with a chain of dependent loads (position, table).
-// On the H200, 2 ran large calls 1-2% faster and 32 MiB calls 3-5% slower than 1 (bench/results/h200_2026-11-29)
-#define ROPE_PERSISTENT 1
+// 0: a block per piece of the work; 1: at most the blocks that fit on the device at once, each
+// looping over pieces and loading the next piece's position ahead; 2: 1 for calls whose positions
+// are read from memory, else 0. Calls with cu_seqlens always take 1 (blocks check it once).
+#define ROPE_PERSISTENT 2
 #endif
 #ifndef ROPE_MIN_BLOCKS
 #define ROPE_MIN_BLOCKS 1  // > 1: blocks of 256 threads that must fit per SM (caps registers)
 #endif
-#ifndef ROPE_LD_HINT
-#define ROPE_LD_HINT 0  // 1: x loads ask L2 for 256-byte lines (sm_80+)
-#endif
-#ifndef ROPE_PREFETCH
-#define ROPE_PREFETCH 1  // prefetch the next batch of items (or the next row's) into L2
+#ifndef ROPE_X_NC
+#define ROPE_X_NC 0  // 1: x loads through the read-only (non-coherent) path
 #endif
 #ifndef ROPE_STREAM_HINTS
 #define ROPE_STREAM_HINTS 0  // 1: x loads and out stores marked streaming (evict-first); measured
                              // ~6% slower on the H200 (bench/probe_mapping.cu)
 #endif
-#ifndef ROPE_LEAN
-// 1: calls of one tensor without zero slots take a specialisation of the bandwidth path built for
-// ROPE_LEAN_MIN_BLOCKS blocks of 256 threads per SM (at most 80 registers: without the second
-// tensor and the zero slots the bf16 kernels fit with no spill for computed angles, 36 bytes for
-// tables, per ptxas). Not yet measured on a GPU: off until a run shows it faster.
-#define ROPE_LEAN 0
-#endif
-#ifndef ROPE_LEAN_MIN_BLOCKS
-#define ROPE_LEAN_MIN_BLOCKS 3
-#endif
-#ifndef ROPE_BATCH_SHARE
-// 1: when positions do not depend on b, a row is a position m for the whole batch (angles or
-// table rows once per m); 0: rows are always (b, m); 2: share only with cos/sin tables (measured
-// alike on the H200)
-#define ROPE_BATCH_SHARE 1
-#endif
-constexpr int kBlockThreads = 256;     // threads per block the launch aims for
+constexpr int kBlockThreads = 256;  // threads per block the launch aims for
 // launch bound (RopeCudaSetLaunchOverride may ask for 512 unless registers are capped)
 constexpr int kMaxBlockThreads = ROPE_MIN_BLOCKS > 1 ? 256 : 512;
-constexpr int kMaxItems = ROPE_MAX_ITEMS;  // items (heads) per thread and row
-constexpr int kMaxUnitLanes = 256;     // threadIdx.x extent; a thread loops when a head has more units
 
 // ---- frequencies -------------------------------------------------------------------------------
 
@@ -233,33 +218,23 @@ struct FastDiv {
 
 enum class FreqKind : int32_t { kHiLo = 0, kFloat32 = 1, kFloat64 = 2 };
 
-// How an item lane walks one tensor's (sequence, head) pairs: blockDim.y pairs per step.
-struct SegmentSteps {
-  int32_t heads;           // the tensor's H
-  int32_t step_b, step_h;  // blockDim.y as (sequences, heads)
-  int64_t x_step, out_step;  // offset change of a step
-  int64_t x_wrap, out_wrap;  // extra change when the head wraps into the next sequence
-  FastDiv div_heads;
-};
-
+// Work of one launch: for tensor t, threads (row, item lane, unit) in that order, unit fastest;
+// rows are the tokens (b, m), m fastest. Blocks [0, blocks0) hold tensor 0's threads, the rest
+// tensor 1's. An item lane takes heads lane, lane + lanes, ... (kItems of them).
 struct KernelArgs {
-  // launch geometry first: the fields every thread reads share a few constant-cache lines
   int32_t units;          // units per head
   int32_t rot_units;      // rotary units per head (the first ones)
   int32_t units_per_part; // rotary units per rotary part
-  int32_t rows;           // M when the batch shares positions, else B * M
-  int32_t seqs;           // sequences per row: B when the batch shares positions, else 1
-  int32_t seq_chunk;      // sequences of a row one block takes (rows shared by a large batch
-  int32_t seq_chunks;     // are split so that small calls still spread over many blocks)
-  FastDiv div_chunks;     // work piece -> (row group, sequence chunk)
-  int32_t chunks;         // pieces of work: row groups (blockDim.z rows) x sequence chunks
   int32_t pass_units;     // pass-through units; unit c moves vectors c and c + pass_units
-  bool batch_shared;
   bool interval_halves;   // interval units pair vector c with the one A/2 further (else c + 1)
   FreqKind freq_kind;
   const void* freq;       // frequencies for computed angles (FreqKind says how they are stored)
-  FastDiv div_m;          // row -> (b, m)
-  SegmentSteps steps[kMaxRopeTensors];
+  int32_t rows;           // B * M
+  int32_t blocks0;        // blocks of tensor 0
+  int32_t blocks;         // blocks of the whole call (the grid may be smaller: blocks loop)
+  int32_t lanes[kMaxRopeTensors];  // item lanes per row of each tensor
+  FastDiv div_units, div_m;
+  FastDiv div_lanes[kMaxRopeTensors];
   RopeParams p;
 };
 
@@ -346,25 +321,16 @@ __device__ __forceinline__ void SinCos(int64_t pos, double theta, double, double
   sincos(static_cast<double>(pos) * theta, s, c);
 }
 
-// Asks L2 for the line holding ptr (no register, no wait): keeps more bytes in flight than the
-// registers that receive loads allow.
-__device__ __forceinline__ void PrefetchL2(const void* ptr) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr));
-}
-
 // Loads V consecutive (kVec) or strided elements; elements at or past `limit` are not read.
 template<typename T, int V, bool kVec>
 __device__ __forceinline__ Pack<T, V> LoadVec(const T* ptr, int64_t stride, int count) {
   Pack<T, V> out;
   if constexpr (kVec) {
     static_assert(sizeof(Pack<T, V>) == 16, "vector variant moves 16 bytes per access");
-#if ROPE_LD_HINT && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    uint4 raw;
-    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(raw.x), "=r"(raw.y), "=r"(raw.z), "=r"(raw.w)
-                 : "l"(ptr));
-#elif ROPE_STREAM_HINTS
+#if ROPE_STREAM_HINTS
     const uint4 raw = __ldcs(reinterpret_cast<const uint4*>(ptr));
+#elif ROPE_X_NC
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(ptr));
 #else
     const uint4 raw = *reinterpret_cast<const uint4*>(ptr);
 #endif
@@ -413,39 +379,6 @@ __device__ __forceinline__ void LoadTable(const TT* ptr, int64_t stride, C* out)
 
 // ---- the kernel --------------------------------------------------------------------------------
 
-// A thread's walk over the items of one tensor in a row: item lane threadIdx.y, then every
-// blockDim.y-th (sequence, head) pair; x_off / out_off are the element offsets of the current
-// item. Steps come from the host (SegmentSteps), so a step is a few additions.
-struct Cursor {
-  int seq, head;
-  int64_t x_off, out_off;
-};
-
-__device__ __forceinline__ Cursor FirstItem(const KernelArgs& a, const RopeTensor& t,
-                                            const SegmentSteps& st, int b_row, int m, int seq0) {
-  Cursor c;
-  const int lane_seq = static_cast<int>(st.div_heads.Div(threadIdx.y));
-  c.head = static_cast<int>(threadIdx.y) - lane_seq * static_cast<int>(t.H);
-  c.seq = t.H == 0 ? a.seqs : seq0 + lane_seq;  // no items when the tensor has no heads
-  const int64_t b = b_row + c.seq;
-  c.x_off = b * t.x_stride_b + m * t.x_stride_m + c.head * t.x_stride_h;
-  c.out_off = b * t.out_stride_b + m * t.out_stride_m + c.head * t.out_stride_h;
-  return c;
-}
-
-__device__ __forceinline__ void Advance(const SegmentSteps& st, Cursor* c) {
-  c->head += st.step_h;
-  c->seq += st.step_b;
-  c->x_off += st.x_step;
-  c->out_off += st.out_step;
-  if (c->head >= st.heads) {
-    c->head -= st.heads;
-    ++c->seq;
-    c->x_off += st.x_wrap;
-    c->out_off += st.out_wrap;
-  }
-}
-
 // Unit geometry: the element offsets of its two vectors (k1 < 0: none), the elements of each
 // that exist, its rotary part r and whether it rotates.
 struct Unit {
@@ -460,7 +393,7 @@ __device__ __forceinline__ Unit UnitAt(const KernelArgs& a, int u, int part, int
   g.r = 0;
   g.count0 = g.count1 = V;
   if (g.rot) {
-    g.r = u / a.units_per_part;
+    g.r = a.units_per_part == a.rot_units ? 0 : u / a.units_per_part;
     const int c = u - g.r * a.units_per_part;
     if (kPlane || a.interval_halves) {
       // a vector and the one A/2 further: plane partners; for interval both hold whole pairs,
@@ -482,16 +415,46 @@ __device__ __forceinline__ Unit UnitAt(const KernelArgs& a, int u, int part, int
   return g;
 }
 
-// kItems: items a thread loads at a time. kItems == 1 (small calls, latency first): the row's
-// position, the item's loads and the angles are issued back to back. kItems > 1 (large calls,
-// bandwidth first): the row's cos/sin are made once into registers, then batches of kItems items
-// are loaded (the next batch prefetched into L2 meanwhile), rotated and stored.
-// kOne: the call has one tensor and no zero slots (ROPE_LEAN), launched with at most
-// kLeanBlockThreads threads per block.
-constexpr int kLeanBlockThreads = 256;
-template<typename T, typename TT, int V, bool kVec, bool kPlane, bool kTable, int kItems, bool kOne = false>
-__global__ void __launch_bounds__(kOne ? kLeanBlockThreads : kMaxBlockThreads,
-                                  kOne ? ROPE_LEAN_MIN_BLOCKS : ROPE_MIN_BLOCKS) RopeKernel(const KernelArgs a) {
+// One thread's piece of work in block blk: tensor, token (b, m), item lane and unit.
+struct Piece {
+  bool live, second;
+  int u, lane, lanes, b, m;
+};
+
+__device__ __forceinline__ Piece PieceAt(const KernelArgs& a, int blk) {
+  Piece w;
+  w.second = blk >= a.blocks0;
+  const uint32_t gid = static_cast<uint32_t>(w.second ? blk - a.blocks0 : blk) * blockDim.x + threadIdx.x;
+  const uint32_t lane_row = a.div_units.Div(gid);
+  w.u = static_cast<int>(gid - lane_row * static_cast<uint32_t>(a.units));
+  w.lanes = w.second ? a.lanes[1] : a.lanes[0];
+  const uint32_t row = (w.second ? a.div_lanes[1] : a.div_lanes[0]).Div(lane_row);
+  w.lane = static_cast<int>(lane_row - row * static_cast<uint32_t>(w.lanes));
+  w.live = blk < a.blocks && row < static_cast<uint32_t>(a.rows);
+  w.b = static_cast<int>(a.div_m.Div(row));
+  w.m = static_cast<int>(row) - w.b * static_cast<int>(a.p.M);
+  return w;
+}
+
+// Position of the piece's token for its unit's rotary part (0 for pass-through units); false
+// when it has none (cu_seqlens places no token there, or it falls outside the cos/sin table).
+template<bool kTable>
+__device__ __forceinline__ bool PiecePosition(const KernelArgs& a, const Piece& w, bool cu_seqlens_decreasing,
+                                              int64_t* pos) {
+  *pos = 0;
+  if (!w.live || w.u >= a.rot_units) return true;
+  const int r = a.units_per_part == a.rot_units ? 0 : w.u / a.units_per_part;
+  bool found = RowPosition(a.p, w.b, r, w.m, cu_seqlens_decreasing, pos);
+  if (kTable) found = found && *pos >= 0 && *pos < a.p.table_rows;
+  return found;
+}
+
+// One thread: one unit of kItems heads of one token (b, m) of one tensor. In order: the token's
+// position (the head of the longest chain of dependent loads, with tables), the loads of its
+// heads' vectors, the unit's cos/sin (table loads, or computed while the loads fly), then the
+// rotation and the stores. Large calls give a thread 2 heads (ROPE_MAX_ITEMS), small ones 1.
+template<typename T, typename TT, int V, bool kVec, bool kPlane, bool kTable, int kItems, bool kPipe>
+__global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(const KernelArgs a) {
   using C = typename Compute<T>::type;
   using P = Pack<T, V>;
   constexpr bool kFast = sizeof(T) == 2;
@@ -505,9 +468,7 @@ __global__ void __launch_bounds__(kOne ? kLeanBlockThreads : kMaxBlockThreads,
   // block reaches it: the condition is the same for all).
   bool cu_seqlens_decreasing = false;
   if (p.cu_seqlens_type != IndexType::kNone) {
-    const int tid = static_cast<int>(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z));
-    const int nthreads = static_cast<int>(blockDim.x * blockDim.y * blockDim.z);
-    for (int64_t s = tid; s < p.num_seqs; s += nthreads) {
+    for (int64_t s = threadIdx.x; s < p.num_seqs; s += blockDim.x) {
       if (LoadIndex(p.cu_seqlens, p.cu_seqlens_type, s + 1) < LoadIndex(p.cu_seqlens, p.cu_seqlens_type, s)) {
         cu_seqlens_decreasing = true;
       }
@@ -515,54 +476,49 @@ __global__ void __launch_bounds__(kOne ? kLeanBlockThreads : kMaxBlockThreads,
     cu_seqlens_decreasing = __syncthreads_or(cu_seqlens_decreasing) != 0;
   }
 
-  for (int u = threadIdx.x; u < a.units; u += blockDim.x) {
-    const Unit g = UnitAt<V, kPlane>(a, u, part, static_cast<int>(p.rotary_size), static_cast<int>(p.K));
-    // Computed angles: V per unit. Plane: angle e (frequency f0 + e) for element e of both
-    // vectors. Interval: angle e / 2 for the first vector (frequencies from f0 on) and
-    // V / 2 + e / 2 for the second (frequencies from f1 on).
-    const int f0 = kPlane ? g.k0 - g.r * part : (g.k0 - g.r * part) / 2;
-    const int f1 = kPlane ? f0 : (g.k1 >= 0 ? (g.k1 - g.r * part) / 2 : f0) - V / 2;
+  // One piece of work: the rotation of the thread's heads at token (cur.b, cur.m), whose
+  // position is cur_pos (cur_found false: none, NaN out).
+  auto run_piece = [&](const Piece& cur, int64_t cur_pos, bool cur_found) {
+      const int b = cur.b, m = cur.m, lane = cur.lane, lanes = cur.lanes;
+      const RopeTensor& ts = cur.second ? p.tensors[1] : p.tensors[0];
+      const int H = static_cast<int>(ts.H);
+      const Unit g = UnitAt<V, kPlane>(a, cur.u, part, static_cast<int>(p.rotary_size), static_cast<int>(p.K));
 
-    for (int w = blockIdx.x; w < a.chunks; w += gridDim.x) {
-      const int group = static_cast<int>(a.div_chunks.Div(static_cast<uint32_t>(w)));
-      const int seq0 = (w - group * a.seq_chunks) * a.seq_chunk;
-      const int seq_end = min(a.seqs, seq0 + a.seq_chunk);
-      const int row = group * static_cast<int>(blockDim.z) + static_cast<int>(threadIdx.z);
-      if (row >= a.rows) continue;
-      int b_row = 0, m = row;
-      if (!a.batch_shared) {
-        b_row = static_cast<int>(a.div_m.Div(static_cast<uint32_t>(row)));
-        m = row - b_row * static_cast<int>(p.M);
+      // the heads' loads
+      const int64_t xs = kVec ? 1 : ts.x_stride_k;
+      const int64_t os = kVec ? 1 : ts.out_stride_k;
+      const T* x = static_cast<const T*>(ts.x) + b * ts.x_stride_b + m * ts.x_stride_m + lane * ts.x_stride_h;
+      T* out = static_cast<T*>(ts.out) + b * ts.out_stride_b + m * ts.out_stride_m + lane * ts.out_stride_h;
+      const int64_t x_step = lanes * ts.x_stride_h;
+      const int64_t out_step = lanes * ts.out_stride_h;
+      P lo[kItems], hi[kItems];
+  #pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        if (lane + i * lanes < H) {
+          const T* xi = x + i * x_step;
+          lo[i] = LoadVec<T, V, kVec>(xi + g.k0 * xs, xs, g.count0);
+          if (g.k1 >= 0) hi[i] = LoadVec<T, V, kVec>(xi + g.k1 * xs, xs, g.count1);
+        }
       }
-      // the position first: with tables it heads the longest chain of dependent loads
-      int64_t pos = 0;
-      bool found = true;
-      if (g.rot) {
-        found = RowPosition(p, b_row, g.r, m, cu_seqlens_decreasing, &pos);
-        if (kTable) found = found && pos >= 0 && pos < p.table_rows;
-      }
-      // x of one item and the load of its vectors
-      auto load = [&](const T* x, int64_t xs, P* lo, P* hi) {
-        *lo = LoadVec<T, V, kVec>(x + g.k0 * xs, xs, g.count0);
-        if (g.k1 >= 0) *hi = LoadVec<T, V, kVec>(x + g.k1 * xs, xs, g.count1);
-      };
 
       // cos/sin of the unit: tables give one value per element of each vector (c0, s0, c1, s1);
-      // computed angles give V values shared as described above (c0, s0 only)
+      // computed angles give V values (c0, s0). Plane: angle e (frequency f0 + e) for element e of
+      // both vectors. Interval: angle e / 2 for the first vector (frequencies from f0 on) and
+      // V / 2 + e / 2 for the second (frequencies from f1 on).
       C c0[V], s0[V], c1[kTable ? V : 1], s1[kTable ? V : 1];
-      auto make_angles = [&]() {
+      if (g.rot) {
         const C scale = static_cast<C>(p.attention_scaling);
         const C sin_scale = p.inverse ? -scale : scale;
-        if (!found) {
-#pragma unroll
+        if (!cur_found) {
+  #pragma unroll
           for (int e = 0; e < V; ++e) {
             c0[e] = s0[e] = static_cast<C>(NAN);
             if constexpr (kTable) c1[e] = s1[e] = static_cast<C>(NAN);
           }
         } else if constexpr (kTable) {
           const int64_t cs = p.table_col_stride;
-          const TT* cos_row = static_cast<const TT*>(p.cos) + pos * p.table_row_stride;
-          const TT* sin_row = static_cast<const TT*>(p.sin) + pos * p.table_row_stride;
+          const TT* cos_row = static_cast<const TT*>(p.cos) + cur_pos * p.table_row_stride;
+          const TT* sin_row = static_cast<const TT*>(p.sin) + cur_pos * p.table_row_stride;
           const int j0 = g.k0 - g.r * part;
           LoadTable<TT, C, V, kVec>(cos_row + j0 * cs, cs, c0);
           LoadTable<TT, C, V, kVec>(sin_row + j0 * cs, cs, s0);
@@ -571,7 +527,7 @@ __global__ void __launch_bounds__(kOne ? kLeanBlockThreads : kMaxBlockThreads,
             LoadTable<TT, C, V, kVec>(cos_row + j1 * cs, cs, c1);
             LoadTable<TT, C, V, kVec>(sin_row + j1 * cs, cs, s1);
           }
-#pragma unroll
+  #pragma unroll
           for (int e = 0; e < V; ++e) {
             c0[e] *= scale;
             s0[e] *= sin_scale;
@@ -579,43 +535,48 @@ __global__ void __launch_bounds__(kOne ? kLeanBlockThreads : kMaxBlockThreads,
             s1[e] *= sin_scale;
           }
         } else {
-          C hi_f[V], lo_f[V];
+          const int f0 = kPlane ? g.k0 - g.r * part : (g.k0 - g.r * part) / 2;
+          const int f1 = kPlane ? f0 : (g.k1 >= 0 ? (g.k1 - g.r * part) / 2 : f0) - V / 2;
           auto freq = [&](int e) { return min((kPlane || e < V / 2 ? f0 : f1) + e, half - 1); };
+          C hi_f[V], lo_f[V];
           if (a.freq_kind == FreqKind::kHiLo) {
-#pragma unroll
+  #pragma unroll
             for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kHiLo>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
           } else if (a.freq_kind == FreqKind::kFloat32) {
-#pragma unroll
+  #pragma unroll
             for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kFloat32>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
           } else {
-#pragma unroll
+  #pragma unroll
             for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kFloat64>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
           }
-#pragma unroll
+  #pragma unroll
           for (int e = 0; e < V; ++e) {
-            SinCos<kFast>(pos, hi_f[e], lo_f[e], &s0[e], &c0[e]);
+            SinCos<kFast>(cur_pos, hi_f[e], lo_f[e], &s0[e], &c0[e]);
             c0[e] *= scale;
             s0[e] *= sin_scale;
           }
         }
-      };
+      }
       auto cos_a = [&](int e) -> C { return kTable ? c0[e] : c0[kPlane ? e : e / 2]; };
       auto sin_a = [&](int e) -> C { return kTable ? s0[e] : s0[kPlane ? e : e / 2]; };
       auto cos_z = [&](int e) -> C { if constexpr (kTable) return c1[e]; else return c0[kPlane ? e : V / 2 + e / 2]; };
       auto sin_z = [&](int e) -> C { if constexpr (kTable) return s1[e]; else return s0[kPlane ? e : V / 2 + e / 2]; };
-      // rotates one item's vectors and stores them (plus zeros in a packed gradient's other slots)
-      auto rotate_store = [&](T* out, const RopeTensor& tensor, const P& lo, const P& hi) {
-        const int64_t os = kVec ? 1 : tensor.out_stride_k;
-        P o0 = lo, o1 = hi;
+
+      // rotate and store each head (plus zeros in a packed gradient's other slots)
+  #pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        if (lane + i * lanes >= H) continue;
+        T* oi = out + i * out_step;
+        P o0 = lo[i], o1 = hi[i];
         if (g.rot) {
           if constexpr (kPlane) {
-#pragma unroll
+  #pragma unroll
             for (int e = 0; e < V; e += kStep) {
               C ra[kStep], rz[kStep];
-#pragma unroll
+  #pragma unroll
               for (int q = 0; q < kStep; ++q) {
-                const C xa = static_cast<C>(ToCompute(lo.v[e + q]));
-                const C xz = static_cast<C>(ToCompute(hi.v[e + q]));
+                const C xa = static_cast<C>(ToCompute(lo[i].v[e + q]));
+                const C xz = static_cast<C>(ToCompute(hi[i].v[e + q]));
                 ra[q] = xa * cos_a(e + q) - xz * sin_a(e + q);
                 rz[q] = xz * cos_z(e + q) + xa * sin_z(e + q);
               }
@@ -628,109 +589,61 @@ __global__ void __launch_bounds__(kOne ? kLeanBlockThreads : kMaxBlockThreads,
               }
             }
           } else {
-#pragma unroll
+  #pragma unroll
             for (int e = 0; e < V; e += 2) {
-              const C a0 = static_cast<C>(ToCompute(lo.v[e]));
-              const C a1 = static_cast<C>(ToCompute(lo.v[e + 1]));
+              const C a0 = static_cast<C>(ToCompute(lo[i].v[e]));
+              const C a1 = static_cast<C>(ToCompute(lo[i].v[e + 1]));
               RoundPair<T, C>(a0 * cos_a(e) - a1 * sin_a(e), a1 * cos_a(e + 1) + a0 * sin_a(e + 1), &o0.v[e]);
             }
             if (g.k1 >= 0) {
-#pragma unroll
+  #pragma unroll
               for (int e = 0; e < V; e += 2) {
-                const C z0 = static_cast<C>(ToCompute(hi.v[e]));
-                const C z1 = static_cast<C>(ToCompute(hi.v[e + 1]));
+                const C z0 = static_cast<C>(ToCompute(hi[i].v[e]));
+                const C z1 = static_cast<C>(ToCompute(hi[i].v[e + 1]));
                 RoundPair<T, C>(z0 * cos_z(e) - z1 * sin_z(e), z1 * cos_z(e + 1) + z0 * sin_z(e + 1), &o1.v[e]);
               }
             }
           }
         }
-        StoreVec<T, V, kVec>(out + g.k0 * os, os, g.count0, o0);
-        if (g.k1 >= 0) StoreVec<T, V, kVec>(out + g.k1 * os, os, g.count1, o1);
-        const int zeros = kOne ? 0 : tensor.num_zero_slots;
-        if (zeros > 0) {
+        StoreVec<T, V, kVec>(oi + g.k0 * os, os, g.count0, o0);
+        if (g.k1 >= 0) StoreVec<T, V, kVec>(oi + g.k1 * os, os, g.count1, o1);
+        if (ts.num_zero_slots > 0) {
           P zero;
-#pragma unroll
+  #pragma unroll
           for (int e = 0; e < V; ++e) zero.v[e] = Round<T>(C(0));
-          for (int z = 0; z < zeros; ++z) {
-            T* zout = out + tensor.zero_slot_offset[z];
+          for (int z = 0; z < ts.num_zero_slots; ++z) {
+            T* zout = oi + ts.zero_slot_offset[z];
             StoreVec<T, V, kVec>(zout + g.k0 * os, os, g.count0, zero);
             if (g.k1 >= 0) StoreVec<T, V, kVec>(zout + g.k1 * os, os, g.count1, zero);
           }
         }
-      };
+      }
+  };
 
-      // The thread's items, tensor by tensor: item lane threadIdx.y, then every blockDim.y-th
-      // (sequence, head) pair of the tensor; offsets advance incrementally.
-      bool angles_ready = !g.rot;
-      if constexpr (kItems > 1) {
-        if (g.rot) make_angles();  // bandwidth first: the row's angles once, before the loads
-        angles_ready = true;
+  if constexpr (!kPipe) {
+    // a block per piece of work
+    const Piece w = PieceAt(a, blockIdx.x);
+    if (!w.live) return;
+    int64_t pos = 0;
+    const bool found = PiecePosition<kTable>(a, w, cu_seqlens_decreasing, &pos);
+    run_piece(w, pos, found);
+  } else {
+    // A persistent grid: blockIdx.x, then every gridDim.x-th piece. The position of the next
+    // piece is loaded while the current one is processed, so a piece's x and table loads go out
+    // together instead of waiting on its position.
+    int blk = blockIdx.x;
+    Piece w = PieceAt(a, blk);
+    int64_t pos = 0;
+    bool found = PiecePosition<kTable>(a, w, cu_seqlens_decreasing, &pos);
+    for (; blk < a.blocks; blk += gridDim.x) {
+      const Piece cur = w;
+      const int64_t cur_pos = pos;
+      const bool cur_found = found;
+      if (blk + static_cast<int>(gridDim.x) < a.blocks) {
+        w = PieceAt(a, blk + static_cast<int>(gridDim.x));
+        found = PiecePosition<kTable>(a, w, cu_seqlens_decreasing, &pos);
       }
-      const int num_tensors = kOne ? 1 : p.num_tensors;
-      for (int ti = 0; ti < num_tensors; ++ti) {
-        const RopeTensor& tensor = p.tensors[ti];
-        const SegmentSteps& st = a.steps[ti];
-        Cursor cur = FirstItem(a, tensor, st, b_row, m, seq0);
-        const T* xbase = static_cast<const T*>(tensor.x);
-        T* obase = static_cast<T*>(tensor.out);
-        const int64_t xs = kVec ? 1 : tensor.x_stride_k;
-        while (cur.seq < seq_end) {
-          T* outp[kItems];
-          bool live[kItems];
-          P lo[kItems], hi[kItems];
-#pragma unroll
-          for (int t = 0; t < kItems; ++t) {
-            live[t] = cur.seq < seq_end;
-            if (live[t]) {
-              outp[t] = obase + cur.out_off;
-              load(xbase + cur.x_off, xs, &lo[t], &hi[t]);
-            }
-            Advance(st, &cur);
-          }
-#if ROPE_PREFETCH
-          if constexpr (kVec && kItems > 1) {
-            // while they fly: ask L2 for the next batch of this tensor, or the next row's first
-            Cursor pf = cur;
-            int pf_end = seq_end;
-            bool ok = cur.seq < seq_end;
-            const int w_next = w + static_cast<int>(gridDim.x);
-            if (!ok && ti + 1 == p.num_tensors && w_next < a.chunks) {
-              const int group_next = static_cast<int>(a.div_chunks.Div(static_cast<uint32_t>(w_next)));
-              const int seq0_next = (w_next - group_next * a.seq_chunks) * a.seq_chunk;
-              const int next = group_next * static_cast<int>(blockDim.z) + static_cast<int>(threadIdx.z);
-              if (next < a.rows) {
-                int b_next = 0, m_next = next;
-                if (!a.batch_shared) {
-                  b_next = static_cast<int>(a.div_m.Div(static_cast<uint32_t>(next)));
-                  m_next = next - b_next * static_cast<int>(p.M);
-                }
-                pf = FirstItem(a, tensor, st, b_next, m_next, seq0_next);
-                pf_end = min(a.seqs, seq0_next + a.seq_chunk);
-                ok = pf.seq < pf_end;
-              }
-            }
-            if (ok) {
-#pragma unroll
-              for (int t = 0; t < kItems; ++t) {
-                if (pf.seq < pf_end) {
-                  PrefetchL2(xbase + pf.x_off + g.k0);
-                  if (g.k1 >= 0) PrefetchL2(xbase + pf.x_off + g.k1);
-                }
-                Advance(st, &pf);
-              }
-            }
-          }
-#endif
-          if (!angles_ready) {  // latency first: the angles after the item's loads
-            angles_ready = true;
-            make_angles();
-          }
-#pragma unroll
-          for (int t = 0; t < kItems; ++t) {
-            if (live[t]) rotate_store(outp[t], tensor, lo[t], hi[t]);
-          }
-        }
-      }
+      if (cur.live) run_piece(cur, cur_pos, cur_found);
     }
   }
 }
@@ -807,40 +720,8 @@ bool VectorFits(const RopeParams& p) {
   return true;
 }
 
-struct LaunchShape {
-  int items_per_thread;  // a thread's items of one row (it loads kMaxItems at a time)
-  dim3 block;            // (unit lanes, item lanes, row lanes)
-};
-
 int g_override_items = 0;    // RopeCudaSetLaunchOverride: 0 keeps the rule's choice
 int g_override_threads = 0;
-
-// Block shape. A thread rotates every blockDim.y-th item of its row with the row's cos/sin, so
-// more items per thread amortise the angles (or table loads) over more heads; fewer items per
-// thread spread a small call over more threads. The rule takes the most items per thread that
-// still give about one wave of threads on the device (SM count x resident threads per SM).
-LaunchShape ChooseShape(int units, int64_t rows, int64_t items, const DeviceInfo& dev) {
-  const int unit_lanes = std::min(units, kMaxUnitLanes);
-  const int block_threads =
-      g_override_threads > 0 ? std::min(g_override_threads, kMaxBlockThreads) : kBlockThreads;
-  int64_t per_thread = g_override_items;
-  if (per_thread <= 0) {
-    const int64_t wave = static_cast<int64_t>(dev.sms) * dev.threads_per_sm / 2;
-    per_thread = 1;
-    for (int64_t cand = 64; cand > 1; cand /= 2) {
-      if (rows * unit_lanes * ((items + cand - 1) / cand) >= wave) {
-        per_thread = cand;
-        break;
-      }
-    }
-  }
-  const int64_t item_lanes_wanted = (items + per_thread - 1) / per_thread;
-  const int item_lanes = static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>(item_lanes_wanted, std::max(1, block_threads / unit_lanes))));
-  const int row_lanes = static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>({rows, std::max(1, block_threads / (unit_lanes * item_lanes)), 64})));
-  return {static_cast<int>(per_thread), dim3(unit_lanes, item_lanes, row_lanes)};
-}
 
 template<typename T, typename TT, int V, bool kVec>
 cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const DeviceInfo& dev) {
@@ -875,86 +756,68 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
   a.pass_units = static_cast<int32_t>((pass_vectors + 1) / 2);
   a.units = a.rot_units + a.pass_units;
   if (a.units == 0) return cudaSuccess;
-  const int64_t heads = p.total_heads();
-  // Grid rules (ROPE_BATCH_SHARE, ROPE_PERSISTENT; what each measured on the H200 is in
-  // bench/results/h200_2026-11-29/NOTES.md). Rule 2 of ROPE_PERSISTENT: rows whose angles wait on
-  // dependent loads (position, then table row) keep the persistent grid, whose blocks prefetch the
-  // next row; rows with angles from the row index alone get a block per piece of work.
-  a.batch_shared = p.positions_shared_by_batch() && (ROPE_BATCH_SHARE == 1 || (ROPE_BATCH_SHARE == 2 && table));
-  const bool persistent = ROPE_PERSISTENT == 1 || (ROPE_PERSISTENT == 2 && (table || !p.positions_shared_by_batch()));
-  const int64_t rows = a.batch_shared ? p.M : p.B * p.M;
-  const int64_t seqs = a.batch_shared ? p.B : 1;
-  const int64_t items = seqs * heads;
-  // 32-bit row and item arithmetic inside the kernel
-  if (rows >= (int64_t{1} << 31) || items >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
-  const LaunchShape shape = ChooseShape(a.units, rows, items, dev);
-  a.rows = static_cast<int32_t>(rows);
-  a.seqs = static_cast<int32_t>(seqs);
-  // A block's item lanes take items_per_thread items each; rows shared by more sequences than
-  // that covers are split into sequence chunks (decode with a large batch, say).
-  const int64_t lane_items = static_cast<int64_t>(shape.block.y) * shape.items_per_thread;
-  const int64_t seq_chunk = std::max<int64_t>(1, std::min<int64_t>(seqs, lane_items / std::max<int64_t>(1, heads)));
-  a.seq_chunk = static_cast<int32_t>(seq_chunk);
-  a.seq_chunks = static_cast<int32_t>((seqs + seq_chunk - 1) / seq_chunk);
-  a.div_chunks = FastDiv(static_cast<uint32_t>(a.seq_chunks));
-  const int64_t chunks = (rows + shape.block.z - 1) / shape.block.z * a.seq_chunks;
-  if (chunks >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
-  a.chunks = static_cast<int32_t>(chunks);
-  a.div_m = FastDiv(static_cast<uint32_t>(std::max<int64_t>(1, p.M)));
-  for (int i = 0; i < p.num_tensors; ++i) {
-    const RopeTensor& t = p.tensors[i];
-    SegmentSteps& st = a.steps[i];
-    const int64_t H = std::max<int64_t>(1, t.H);
-    st.heads = static_cast<int32_t>(H);
-    st.step_b = static_cast<int32_t>(shape.block.y / H);
-    st.step_h = static_cast<int32_t>(shape.block.y % H);
-    st.x_step = st.step_b * t.x_stride_b + st.step_h * t.x_stride_h;
-    st.out_step = st.step_b * t.out_stride_b + st.step_h * t.out_stride_h;
-    st.x_wrap = t.x_stride_b - H * t.x_stride_h;
-    st.out_wrap = t.out_stride_b - H * t.out_stride_h;
-    st.div_heads = FastDiv(static_cast<uint32_t>(H));
-  }
-  const int threads = static_cast<int>(shape.block.x * shape.block.y * shape.block.z);
+  const int64_t rows = p.B * p.M;
 
-  // one item at a time for small calls (latency), kMaxItems for large ones (bandwidth); the
-  // elementwise variant (a fallback) always takes one
-  constexpr int kBig = kVec ? kMaxItems : 1;
-  const bool batched = shape.items_per_thread > 1;
+  // Heads per thread: ROPE_MAX_ITEMS when one head per thread would give more than
+  // ROPE_ITEMS_WAVES waves of the device's resident threads, else 1 (the elementwise variant, a
+  // fallback for strided or misaligned tensors, always 1).
+  const int64_t one_item_threads = rows * a.units * p.total_heads();
+  const int64_t wave = static_cast<int64_t>(dev.sms) * dev.threads_per_sm;
+  int items = g_override_items > 0 ? g_override_items
+                                   : (one_item_threads > ROPE_ITEMS_WAVES * wave ? ROPE_MAX_ITEMS : 1);
+  items = !kVec || items < 2 ? 1 : (ROPE_MAX_ITEMS >= 4 ? 4 : 2);
+  const int threads = g_override_threads > 0 ? std::min(g_override_threads, kMaxBlockThreads) : kBlockThreads;
+  int64_t blocks = 0;
+  for (int t = 0; t < p.num_tensors; ++t) {
+    const int64_t lanes = std::max<int64_t>(1, (p.tensors[t].H + items - 1) / items);
+    const int64_t tensor_blocks = p.tensors[t].H > 0 ? (rows * lanes * a.units + threads - 1) / threads : 0;
+    // 32-bit thread indices (and FastDiv numerators below 2^31) inside the kernel
+    if (rows >= (int64_t{1} << 31) || tensor_blocks * threads >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
+    a.lanes[t] = static_cast<int32_t>(lanes);
+    a.div_lanes[t] = FastDiv(static_cast<uint32_t>(lanes));
+    if (t == 0) a.blocks0 = static_cast<int32_t>(tensor_blocks);
+    blocks += tensor_blocks;
+  }
+  if (blocks == 0) return cudaSuccess;
+  if (blocks >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
+  a.blocks = static_cast<int32_t>(blocks);
+  a.rows = static_cast<int32_t>(rows);
+  a.div_units = FastDiv(static_cast<uint32_t>(a.units));
+  a.div_m = FastDiv(static_cast<uint32_t>(std::max<int64_t>(1, p.M)));
+
+  // Calls whose positions are read from memory (position_ids, offsets, cu_seqlens) take the
+  // persistent grid, whose threads load the next piece's position ahead (ROPE_PERSISTENT 2);
+  // cu_seqlens always does (its blocks check cu_seqlens once).
+  const bool pipe = ROPE_PERSISTENT == 1 || p.cu_seqlens != nullptr
+                    || (ROPE_PERSISTENT == 2 && !p.positions_shared_by_batch());
   auto launch = [&](auto kernel) -> cudaError_t {
-    int64_t blocks = a.chunks;
-    if (persistent) {
+    int64_t grid = blocks;
+    if (pipe) {
       const int64_t resident =
           static_cast<int64_t>(dev.sms) * BlocksPerSm(reinterpret_cast<const void*>(kernel), threads);
-      blocks = std::max<int64_t>(1, std::min<int64_t>(a.chunks, resident));
+      grid = std::max<int64_t>(1, std::min<int64_t>(blocks, resident));
     }
-    kernel<<<static_cast<unsigned>(blocks), shape.block, 0, stream>>>(a);
+    kernel<<<static_cast<unsigned>(grid), threads, 0, stream>>>(a);
     return cudaGetLastError();
   };
-  // ROPE_LEAN: one tensor, no zero slots, blocks that fit the lean launch bound
-  const bool lean = ROPE_LEAN && batched && p.num_tensors == 1 && p.tensors[0].num_zero_slots == 0
-                    && threads <= kLeanBlockThreads;
-  if constexpr (kVec) {
-    if (lean) {
-      if (plane && table) return launch(RopeKernel<T, TT, V, kVec, true, true, kBig, true>);
-      if (plane) return launch(RopeKernel<T, T, V, kVec, true, false, kBig, true>);
-      if (table) return launch(RopeKernel<T, TT, V, kVec, false, true, kBig, true>);
-      return launch(RopeKernel<T, T, V, kVec, false, false, kBig, true>);
+  // kernel instances: heads per thread 1 and ROPE_MAX_ITEMS (2 or 4), each with and without the
+  // persistent grid
+  constexpr int kBig = !kVec ? 1 : (ROPE_MAX_ITEMS >= 4 ? 4 : 2);
+  auto dispatch = [&](auto plane_c, auto table_c) -> cudaError_t {
+    constexpr bool kP = decltype(plane_c)::value;
+    constexpr bool kT = decltype(table_c)::value;
+    using TK = std::conditional_t<kT, TT, T>;
+    if (items == 1) {
+      return pipe ? launch(RopeKernel<T, TK, V, kVec, kP, kT, 1, true>)
+                  : launch(RopeKernel<T, TK, V, kVec, kP, kT, 1, false>);
     }
-  }
-  if (plane && table) {
-    return batched ? launch(RopeKernel<T, TT, V, kVec, true, true, kBig>)
-                   : launch(RopeKernel<T, TT, V, kVec, true, true, 1>);
-  }
-  if (plane) {
-    return batched ? launch(RopeKernel<T, T, V, kVec, true, false, kBig>)
-                   : launch(RopeKernel<T, T, V, kVec, true, false, 1>);
-  }
-  if (table) {
-    return batched ? launch(RopeKernel<T, TT, V, kVec, false, true, kBig>)
-                   : launch(RopeKernel<T, TT, V, kVec, false, true, 1>);
-  }
-  return batched ? launch(RopeKernel<T, T, V, kVec, false, false, kBig>)
-                 : launch(RopeKernel<T, T, V, kVec, false, false, 1>);
+    return pipe ? launch(RopeKernel<T, TK, V, kVec, kP, kT, kBig, true>)
+                : launch(RopeKernel<T, TK, V, kVec, kP, kT, kBig, false>);
+  };
+  using True = std::true_type;
+  using False = std::false_type;
+  if (plane) return table ? dispatch(True{}, True{}) : dispatch(True{}, False{});
+  return table ? dispatch(False{}, True{}) : dispatch(False{}, False{});
 }
 
 template<typename T, typename TT>
