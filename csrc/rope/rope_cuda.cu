@@ -250,9 +250,10 @@ __device__ __forceinline__ int64_t LoadIndex(const void* data, IndexType type, i
 }
 
 // Position of token m of sequence b for rotary part r (see RopeParams); false when cu_seqlens
-// gives none.
+// gives none. *seq (cu_seqlens only) is a guess of the token's sequence on entry (the sequence of
+// the thread's previous token, which precedes this one) and the sequence found on return.
 __device__ __forceinline__ bool RowPosition(const RopeParams& p, int64_t b, int r, int64_t m,
-                                            bool cu_seqlens_decreasing, int64_t* pos) {
+                                            bool cu_seqlens_decreasing, int64_t* pos, int64_t* seq) {
   if (p.pos_type != IndexType::kNone) {
     *pos = LoadIndex(p.position_ids, p.pos_type,
                            b * p.pos_stride_b + r * p.pos_stride_r + m * p.pos_stride_m);
@@ -272,6 +273,13 @@ __device__ __forceinline__ bool RowPosition(const RopeParams& p, int64_t b, int 
     return false;
   }
   int64_t lo = 0, hi = S;  // last s in [0, S) with cu_seqlens[s] <= g
+  // cu_seqlens does not decrease (checked), so a guess whose start is <= g bounds the search from
+  // below, and ends it when its end is > g: consecutive pieces mostly stay in one sequence
+  const int64_t guess = *seq;
+  if (guess >= 0 && guess < S && LoadIndex(p.cu_seqlens, p.cu_seqlens_type, guess) <= g) {
+    lo = guess;
+    if (g < LoadIndex(p.cu_seqlens, p.cu_seqlens_type, guess + 1)) hi = guess + 1;
+  }
   while (hi - lo > 1) {
     const int64_t mid = lo + (hi - lo) / 2;
     if (LoadIndex(p.cu_seqlens, p.cu_seqlens_type, mid) <= g) {
@@ -283,6 +291,7 @@ __device__ __forceinline__ bool RowPosition(const RopeParams& p, int64_t b, int 
   const int64_t start = LoadIndex(p.cu_seqlens, p.cu_seqlens_type, lo);
   const int64_t end = LoadIndex(p.cu_seqlens, p.cu_seqlens_type, lo + 1);
   if (!(start <= g && g < end)) return false;
+  *seq = lo;
   *pos = g - start;
   return true;
 }
@@ -440,11 +449,11 @@ __device__ __forceinline__ Piece PieceAt(const KernelArgs& a, int blk) {
 // when it has none (cu_seqlens places no token there, or it falls outside the cos/sin table).
 template<bool kTable>
 __device__ __forceinline__ bool PiecePosition(const KernelArgs& a, const Piece& w, bool cu_seqlens_decreasing,
-                                              int64_t* pos) {
+                                              int64_t* pos, int64_t* seq) {
   *pos = 0;
   if (!w.live || w.u >= a.rot_units) return true;
   const int r = a.units_per_part == a.rot_units ? 0 : w.u / a.units_per_part;
-  bool found = RowPosition(a.p, w.b, r, w.m, cu_seqlens_decreasing, pos);
+  bool found = RowPosition(a.p, w.b, r, w.m, cu_seqlens_decreasing, pos, seq);
   if (kTable) found = found && *pos >= 0 && *pos < a.p.table_rows;
   return found;
 }
@@ -625,7 +634,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
     const Piece w = PieceAt(a, blockIdx.x);
     if (!w.live) return;
     int64_t pos = 0;
-    const bool found = PiecePosition<kTable>(a, w, cu_seqlens_decreasing, &pos);
+    int64_t seq = 0;
+    const bool found = PiecePosition<kTable>(a, w, cu_seqlens_decreasing, &pos, &seq);
     run_piece(w, pos, found);
   } else {
     // A persistent grid: blockIdx.x, then every gridDim.x-th piece. The position of the next
@@ -634,14 +644,15 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
     int blk = blockIdx.x;
     Piece w = PieceAt(a, blk);
     int64_t pos = 0;
-    bool found = PiecePosition<kTable>(a, w, cu_seqlens_decreasing, &pos);
+    int64_t seq = 0;  // the sequence of the thread's last token (cu_seqlens)
+    bool found = PiecePosition<kTable>(a, w, cu_seqlens_decreasing, &pos, &seq);
     for (; blk < a.blocks; blk += gridDim.x) {
       const Piece cur = w;
       const int64_t cur_pos = pos;
       const bool cur_found = found;
       if (blk + static_cast<int>(gridDim.x) < a.blocks) {
         w = PieceAt(a, blk + static_cast<int>(gridDim.x));
-        found = PiecePosition<kTable>(a, w, cu_seqlens_decreasing, &pos);
+        found = PiecePosition<kTable>(a, w, cu_seqlens_decreasing, &pos, &seq);
       }
       if (cur.live) run_piece(cur, cur_pos, cur_found);
     }
