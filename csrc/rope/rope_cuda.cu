@@ -3,23 +3,20 @@
 // Thread mapping. A head vector of K elements is cut into "units": a rotary unit is a vector of
 // V elements and its rotation partner (plane: the vector A/2 further; interval: the vector A/2
 // further when both hold whole pairs, else the next one), a pass-through unit is two vectors
-// past rotary_size. threadIdx.x is the unit (fixed for the thread's life, so its geometry is
-// decoded once), threadIdx.y an item lane and threadIdx.z a row lane. A row is one token (b, m),
-// or one position m shared by the whole batch when nothing makes positions depend on b (then a
-// block may take a chunk of the sequences). An item is one head of one of the call's tensors (q
-// and k of one launch). A thread walks the items of its row, tensor by tensor, every blockDim.y-th
-// one, with offsets that advance by steps computed on the host; the cos/sin of its unit for the
-// row are computed (or loaded from the tables) once into registers and serve every item.
-// - Large calls ("bandwidth" path, kItems > 1): angles first, then batches of kItems items:
-//   their loads, an L2 prefetch of the next batch (or of the next row's first), rotate, store.
-// - Small calls ("latency" path, kItems == 1): the position load first, then the item's loads,
-//   then the angles, so the dependent loads overlap.
-// No shared memory; one barrier (only with cu_seqlens, at the start). Blocks stride over the pieces of work (row groups x sequence
-// chunks); the grid is the device's SM count times the blocks that fit on one SM.
+// past rotary_size. A thread rotates one unit of up to kItems heads (item lane, item lane +
+// lanes, ...) of one token (b, m) of one of the call's tensors (q and k of one launch): the grid
+// is flat over (tensor, token, item lane, unit), unit fastest, so a warp reads whole head vectors.
+// Large calls give a thread ROPE_MAX_ITEMS heads, small ones (decode) one.
+// A thread issues its heads' loads first, then makes its unit's cos/sin (computed while the loads
+// fly, or loaded from the tables), then rotates and stores; no shared memory, no barrier (one,
+// with cu_seqlens, at the start). Calls whose positions come from the token index get a block per
+// piece of work; calls whose positions are read from memory (position_ids, offsets, cu_seqlens)
+// a persistent grid whose threads load the next piece's position while they process the current
+// one, so a piece's x and table loads go out together.
 //
 // Two variants: "vector" (16-byte loads and stores; unit-stride K, aligned pointers and sizes)
 // and "elementwise" (any strides and sizes, one element per access; V = 1 for plane, 2 for
-// interval). Both compute the same values. bench/results/h200_2026-11-28/NOTES.md has what was
+// interval). Both compute the same values. bench/results/h200_2026-11-29b/NOTES.md has what was
 // measured and tried.
 //
 // Angles: p * theta in float-float (theta as a float hi + lo pair), reduced by 2*pi with a
@@ -47,7 +44,9 @@ namespace {
 
 // Compile-time knobs (bench/run_gpu.sh VARIANTS builds alternatives to compare on the device).
 #ifndef ROPE_MAX_ITEMS
-#define ROPE_MAX_ITEMS 4  // heads a thread rotates in large calls: 2 or 4
+// heads a thread rotates in large calls: 2 or 4 (4 ran 5-15% faster than 2 on the H200 with this
+// kernel, though a bare probe of the same mapping ran best at 2: bench/results/h200_2026-11-29b)
+#define ROPE_MAX_ITEMS 4
 #endif
 #ifndef ROPE_ITEMS_WAVES
 // large calls (more one-item threads than this many waves of the device's resident threads)
@@ -57,14 +56,12 @@ namespace {
 #ifndef ROPE_PERSISTENT
 // 0: a block per piece of the work; 1: at most the blocks that fit on the device at once, each
 // looping over pieces and loading the next piece's position ahead; 2: 1 for calls whose positions
-// are read from memory, else 0. Calls with cu_seqlens always take 1 (blocks check it once).
+// are read from memory, else 0 (2 measured best on the H200: 1 helps tables with position_ids,
+// costs computed angles ~6%). Calls with cu_seqlens always take 1 (blocks check it once).
 #define ROPE_PERSISTENT 2
 #endif
 #ifndef ROPE_MIN_BLOCKS
 #define ROPE_MIN_BLOCKS 1  // > 1: blocks of 256 threads that must fit per SM (caps registers)
-#endif
-#ifndef ROPE_X_NC
-#define ROPE_X_NC 0  // 1: x loads through the read-only (non-coherent) path
 #endif
 #ifndef ROPE_STREAM_HINTS
 #define ROPE_STREAM_HINTS 0  // 1: x loads and out stores marked streaming (evict-first); measured
@@ -338,8 +335,6 @@ __device__ __forceinline__ Pack<T, V> LoadVec(const T* ptr, int64_t stride, int 
     static_assert(sizeof(Pack<T, V>) == 16, "vector variant moves 16 bytes per access");
 #if ROPE_STREAM_HINTS
     const uint4 raw = __ldcs(reinterpret_cast<const uint4*>(ptr));
-#elif ROPE_X_NC
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(ptr));
 #else
     const uint4 raw = *reinterpret_cast<const uint4*>(ptr);
 #endif
@@ -461,7 +456,7 @@ __device__ __forceinline__ bool PiecePosition(const KernelArgs& a, const Piece& 
 // One thread: one unit of kItems heads of one token (b, m) of one tensor. In order: the token's
 // position (the head of the longest chain of dependent loads, with tables), the loads of its
 // heads' vectors, the unit's cos/sin (table loads, or computed while the loads fly), then the
-// rotation and the stores. Large calls give a thread 2 heads (ROPE_MAX_ITEMS), small ones 1.
+// rotation and the stores. Large calls give a thread ROPE_MAX_ITEMS heads, small ones 1.
 template<typename T, typename TT, int V, bool kVec, bool kPlane, bool kTable, int kItems, bool kPipe>
 __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(const KernelArgs a) {
   using C = typename Compute<T>::type;
@@ -488,145 +483,145 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
   // One piece of work: the rotation of the thread's heads at token (cur.b, cur.m), whose
   // position is cur_pos (cur_found false: none, NaN out).
   auto run_piece = [&](const Piece& cur, int64_t cur_pos, bool cur_found) {
-      const int b = cur.b, m = cur.m, lane = cur.lane, lanes = cur.lanes;
-      const RopeTensor& ts = cur.second ? p.tensors[1] : p.tensors[0];
-      const int H = static_cast<int>(ts.H);
-      const Unit g = UnitAt<V, kPlane>(a, cur.u, part, static_cast<int>(p.rotary_size), static_cast<int>(p.K));
+    const int b = cur.b, m = cur.m, lane = cur.lane, lanes = cur.lanes;
+    const RopeTensor& ts = cur.second ? p.tensors[1] : p.tensors[0];
+    const int H = static_cast<int>(ts.H);
+    const Unit g = UnitAt<V, kPlane>(a, cur.u, part, static_cast<int>(p.rotary_size), static_cast<int>(p.K));
 
-      // the heads' loads
-      const int64_t xs = kVec ? 1 : ts.x_stride_k;
-      const int64_t os = kVec ? 1 : ts.out_stride_k;
-      const T* x = static_cast<const T*>(ts.x) + b * ts.x_stride_b + m * ts.x_stride_m + lane * ts.x_stride_h;
-      T* out = static_cast<T*>(ts.out) + b * ts.out_stride_b + m * ts.out_stride_m + lane * ts.out_stride_h;
-      const int64_t x_step = lanes * ts.x_stride_h;
-      const int64_t out_step = lanes * ts.out_stride_h;
-      P lo[kItems], hi[kItems];
-  #pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        if (lane + i * lanes < H) {
-          const T* xi = x + i * x_step;
-          lo[i] = LoadVec<T, V, kVec>(xi + g.k0 * xs, xs, g.count0);
-          if (g.k1 >= 0) hi[i] = LoadVec<T, V, kVec>(xi + g.k1 * xs, xs, g.count1);
+    // the heads' loads
+    const int64_t xs = kVec ? 1 : ts.x_stride_k;
+    const int64_t os = kVec ? 1 : ts.out_stride_k;
+    const T* x = static_cast<const T*>(ts.x) + b * ts.x_stride_b + m * ts.x_stride_m + lane * ts.x_stride_h;
+    T* out = static_cast<T*>(ts.out) + b * ts.out_stride_b + m * ts.out_stride_m + lane * ts.out_stride_h;
+    const int64_t x_step = lanes * ts.x_stride_h;
+    const int64_t out_step = lanes * ts.out_stride_h;
+    P lo[kItems], hi[kItems];
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      if (lane + i * lanes < H) {
+        const T* xi = x + i * x_step;
+        lo[i] = LoadVec<T, V, kVec>(xi + g.k0 * xs, xs, g.count0);
+        if (g.k1 >= 0) hi[i] = LoadVec<T, V, kVec>(xi + g.k1 * xs, xs, g.count1);
+      }
+    }
+
+    // cos/sin of the unit: tables give one value per element of each vector (c0, s0, c1, s1);
+    // computed angles give V values (c0, s0). Plane: angle e (frequency f0 + e) for element e of
+    // both vectors. Interval: angle e / 2 for the first vector (frequencies from f0 on) and
+    // V / 2 + e / 2 for the second (frequencies from f1 on).
+    C c0[V], s0[V], c1[kTable ? V : 1], s1[kTable ? V : 1];
+    if (g.rot) {
+      const C scale = static_cast<C>(p.attention_scaling);
+      const C sin_scale = p.inverse ? -scale : scale;
+      if (!cur_found) {
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          c0[e] = s0[e] = static_cast<C>(NAN);
+          if constexpr (kTable) c1[e] = s1[e] = static_cast<C>(NAN);
+        }
+      } else if constexpr (kTable) {
+        const int64_t cs = p.table_col_stride;
+        const TT* cos_row = static_cast<const TT*>(p.cos) + cur_pos * p.table_row_stride;
+        const TT* sin_row = static_cast<const TT*>(p.sin) + cur_pos * p.table_row_stride;
+        const int j0 = g.k0 - g.r * part;
+        LoadTable<TT, C, V, kVec>(cos_row + j0 * cs, cs, c0);
+        LoadTable<TT, C, V, kVec>(sin_row + j0 * cs, cs, s0);
+        if (g.k1 >= 0) {
+          const int j1 = g.k1 - g.r * part;
+          LoadTable<TT, C, V, kVec>(cos_row + j1 * cs, cs, c1);
+          LoadTable<TT, C, V, kVec>(sin_row + j1 * cs, cs, s1);
+        }
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          c0[e] *= scale;
+          s0[e] *= sin_scale;
+          c1[e] *= scale;
+          s1[e] *= sin_scale;
+        }
+      } else {
+        const int f0 = kPlane ? g.k0 - g.r * part : (g.k0 - g.r * part) / 2;
+        const int f1 = kPlane ? f0 : (g.k1 >= 0 ? (g.k1 - g.r * part) / 2 : f0) - V / 2;
+        auto freq = [&](int e) { return min((kPlane || e < V / 2 ? f0 : f1) + e, half - 1); };
+        C hi_f[V], lo_f[V];
+        if (a.freq_kind == FreqKind::kHiLo) {
+#pragma unroll
+          for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kHiLo>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
+        } else if (a.freq_kind == FreqKind::kFloat32) {
+#pragma unroll
+          for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kFloat32>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kFloat64>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
+        }
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          SinCos<kFast>(cur_pos, hi_f[e], lo_f[e], &s0[e], &c0[e]);
+          c0[e] *= scale;
+          s0[e] *= sin_scale;
         }
       }
+    }
+    auto cos_a = [&](int e) -> C { return kTable ? c0[e] : c0[kPlane ? e : e / 2]; };
+    auto sin_a = [&](int e) -> C { return kTable ? s0[e] : s0[kPlane ? e : e / 2]; };
+    auto cos_z = [&](int e) -> C { if constexpr (kTable) return c1[e]; else return c0[kPlane ? e : V / 2 + e / 2]; };
+    auto sin_z = [&](int e) -> C { if constexpr (kTable) return s1[e]; else return s0[kPlane ? e : V / 2 + e / 2]; };
 
-      // cos/sin of the unit: tables give one value per element of each vector (c0, s0, c1, s1);
-      // computed angles give V values (c0, s0). Plane: angle e (frequency f0 + e) for element e of
-      // both vectors. Interval: angle e / 2 for the first vector (frequencies from f0 on) and
-      // V / 2 + e / 2 for the second (frequencies from f1 on).
-      C c0[V], s0[V], c1[kTable ? V : 1], s1[kTable ? V : 1];
+    // rotate and store each head (plus zeros in a packed gradient's other slots)
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      if (lane + i * lanes >= H) continue;
+      T* oi = out + i * out_step;
+      P o0 = lo[i], o1 = hi[i];
       if (g.rot) {
-        const C scale = static_cast<C>(p.attention_scaling);
-        const C sin_scale = p.inverse ? -scale : scale;
-        if (!cur_found) {
-  #pragma unroll
-          for (int e = 0; e < V; ++e) {
-            c0[e] = s0[e] = static_cast<C>(NAN);
-            if constexpr (kTable) c1[e] = s1[e] = static_cast<C>(NAN);
-          }
-        } else if constexpr (kTable) {
-          const int64_t cs = p.table_col_stride;
-          const TT* cos_row = static_cast<const TT*>(p.cos) + cur_pos * p.table_row_stride;
-          const TT* sin_row = static_cast<const TT*>(p.sin) + cur_pos * p.table_row_stride;
-          const int j0 = g.k0 - g.r * part;
-          LoadTable<TT, C, V, kVec>(cos_row + j0 * cs, cs, c0);
-          LoadTable<TT, C, V, kVec>(sin_row + j0 * cs, cs, s0);
-          if (g.k1 >= 0) {
-            const int j1 = g.k1 - g.r * part;
-            LoadTable<TT, C, V, kVec>(cos_row + j1 * cs, cs, c1);
-            LoadTable<TT, C, V, kVec>(sin_row + j1 * cs, cs, s1);
-          }
-  #pragma unroll
-          for (int e = 0; e < V; ++e) {
-            c0[e] *= scale;
-            s0[e] *= sin_scale;
-            c1[e] *= scale;
-            s1[e] *= sin_scale;
+        if constexpr (kPlane) {
+#pragma unroll
+          for (int e = 0; e < V; e += kStep) {
+            C ra[kStep], rz[kStep];
+#pragma unroll
+            for (int q = 0; q < kStep; ++q) {
+              const C xa = static_cast<C>(ToCompute(lo[i].v[e + q]));
+              const C xz = static_cast<C>(ToCompute(hi[i].v[e + q]));
+              ra[q] = xa * cos_a(e + q) - xz * sin_a(e + q);
+              rz[q] = xz * cos_z(e + q) + xa * sin_z(e + q);
+            }
+            if constexpr (kStep == 2) {
+              RoundPair<T, C>(ra[0], ra[1], &o0.v[e]);
+              RoundPair<T, C>(rz[0], rz[1], &o1.v[e]);
+            } else {
+              o0.v[e] = Round<T>(ra[0]);
+              o1.v[e] = Round<T>(rz[0]);
+            }
           }
         } else {
-          const int f0 = kPlane ? g.k0 - g.r * part : (g.k0 - g.r * part) / 2;
-          const int f1 = kPlane ? f0 : (g.k1 >= 0 ? (g.k1 - g.r * part) / 2 : f0) - V / 2;
-          auto freq = [&](int e) { return min((kPlane || e < V / 2 ? f0 : f1) + e, half - 1); };
-          C hi_f[V], lo_f[V];
-          if (a.freq_kind == FreqKind::kHiLo) {
-  #pragma unroll
-            for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kHiLo>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
-          } else if (a.freq_kind == FreqKind::kFloat32) {
-  #pragma unroll
-            for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kFloat32>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
-          } else {
-  #pragma unroll
-            for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kFloat64>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
+#pragma unroll
+          for (int e = 0; e < V; e += 2) {
+            const C a0 = static_cast<C>(ToCompute(lo[i].v[e]));
+            const C a1 = static_cast<C>(ToCompute(lo[i].v[e + 1]));
+            RoundPair<T, C>(a0 * cos_a(e) - a1 * sin_a(e), a1 * cos_a(e + 1) + a0 * sin_a(e + 1), &o0.v[e]);
           }
-  #pragma unroll
-          for (int e = 0; e < V; ++e) {
-            SinCos<kFast>(cur_pos, hi_f[e], lo_f[e], &s0[e], &c0[e]);
-            c0[e] *= scale;
-            s0[e] *= sin_scale;
-          }
-        }
-      }
-      auto cos_a = [&](int e) -> C { return kTable ? c0[e] : c0[kPlane ? e : e / 2]; };
-      auto sin_a = [&](int e) -> C { return kTable ? s0[e] : s0[kPlane ? e : e / 2]; };
-      auto cos_z = [&](int e) -> C { if constexpr (kTable) return c1[e]; else return c0[kPlane ? e : V / 2 + e / 2]; };
-      auto sin_z = [&](int e) -> C { if constexpr (kTable) return s1[e]; else return s0[kPlane ? e : V / 2 + e / 2]; };
-
-      // rotate and store each head (plus zeros in a packed gradient's other slots)
-  #pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        if (lane + i * lanes >= H) continue;
-        T* oi = out + i * out_step;
-        P o0 = lo[i], o1 = hi[i];
-        if (g.rot) {
-          if constexpr (kPlane) {
-  #pragma unroll
-            for (int e = 0; e < V; e += kStep) {
-              C ra[kStep], rz[kStep];
-  #pragma unroll
-              for (int q = 0; q < kStep; ++q) {
-                const C xa = static_cast<C>(ToCompute(lo[i].v[e + q]));
-                const C xz = static_cast<C>(ToCompute(hi[i].v[e + q]));
-                ra[q] = xa * cos_a(e + q) - xz * sin_a(e + q);
-                rz[q] = xz * cos_z(e + q) + xa * sin_z(e + q);
-              }
-              if constexpr (kStep == 2) {
-                RoundPair<T, C>(ra[0], ra[1], &o0.v[e]);
-                RoundPair<T, C>(rz[0], rz[1], &o1.v[e]);
-              } else {
-                o0.v[e] = Round<T>(ra[0]);
-                o1.v[e] = Round<T>(rz[0]);
-              }
-            }
-          } else {
-  #pragma unroll
+          if (g.k1 >= 0) {
+#pragma unroll
             for (int e = 0; e < V; e += 2) {
-              const C a0 = static_cast<C>(ToCompute(lo[i].v[e]));
-              const C a1 = static_cast<C>(ToCompute(lo[i].v[e + 1]));
-              RoundPair<T, C>(a0 * cos_a(e) - a1 * sin_a(e), a1 * cos_a(e + 1) + a0 * sin_a(e + 1), &o0.v[e]);
+              const C z0 = static_cast<C>(ToCompute(hi[i].v[e]));
+              const C z1 = static_cast<C>(ToCompute(hi[i].v[e + 1]));
+              RoundPair<T, C>(z0 * cos_z(e) - z1 * sin_z(e), z1 * cos_z(e + 1) + z0 * sin_z(e + 1), &o1.v[e]);
             }
-            if (g.k1 >= 0) {
-  #pragma unroll
-              for (int e = 0; e < V; e += 2) {
-                const C z0 = static_cast<C>(ToCompute(hi[i].v[e]));
-                const C z1 = static_cast<C>(ToCompute(hi[i].v[e + 1]));
-                RoundPair<T, C>(z0 * cos_z(e) - z1 * sin_z(e), z1 * cos_z(e + 1) + z0 * sin_z(e + 1), &o1.v[e]);
-              }
-            }
-          }
-        }
-        StoreVec<T, V, kVec>(oi + g.k0 * os, os, g.count0, o0);
-        if (g.k1 >= 0) StoreVec<T, V, kVec>(oi + g.k1 * os, os, g.count1, o1);
-        if (ts.num_zero_slots > 0) {
-          P zero;
-  #pragma unroll
-          for (int e = 0; e < V; ++e) zero.v[e] = Round<T>(C(0));
-          for (int z = 0; z < ts.num_zero_slots; ++z) {
-            T* zout = oi + ts.zero_slot_offset[z];
-            StoreVec<T, V, kVec>(zout + g.k0 * os, os, g.count0, zero);
-            if (g.k1 >= 0) StoreVec<T, V, kVec>(zout + g.k1 * os, os, g.count1, zero);
           }
         }
       }
+      StoreVec<T, V, kVec>(oi + g.k0 * os, os, g.count0, o0);
+      if (g.k1 >= 0) StoreVec<T, V, kVec>(oi + g.k1 * os, os, g.count1, o1);
+      if (ts.num_zero_slots > 0) {
+        P zero;
+#pragma unroll
+        for (int e = 0; e < V; ++e) zero.v[e] = Round<T>(C(0));
+        for (int z = 0; z < ts.num_zero_slots; ++z) {
+          T* zout = oi + ts.zero_slot_offset[z];
+          StoreVec<T, V, kVec>(zout + g.k0 * os, os, g.count0, zero);
+          if (g.k1 >= 0) StoreVec<T, V, kVec>(zout + g.k1 * os, os, g.count1, zero);
+        }
+      }
+    }
   };
 
   if constexpr (!kPipe) {
@@ -641,20 +636,23 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
     // A persistent grid: blockIdx.x, then every gridDim.x-th piece. The position of the next
     // piece is loaded while the current one is processed, so a piece's x and table loads go out
     // together instead of waiting on its position.
-    int blk = blockIdx.x;
+    int blk = blockIdx.x;  // < a.blocks: the grid is at most a.blocks
     Piece w = PieceAt(a, blk);
     int64_t pos = 0;
     int64_t seq = 0;  // the sequence of the thread's last token (cu_seqlens)
     bool found = PiecePosition<kTable>(a, w, cu_seqlens_decreasing, &pos, &seq);
-    for (; blk < a.blocks; blk += gridDim.x) {
+    while (true) {
       const Piece cur = w;
       const int64_t cur_pos = pos;
       const bool cur_found = found;
-      if (blk + static_cast<int>(gridDim.x) < a.blocks) {
+      const bool more = static_cast<int>(gridDim.x) < a.blocks - blk;  // no overflow near 2^31
+      if (more) {
         w = PieceAt(a, blk + static_cast<int>(gridDim.x));
         found = PiecePosition<kTable>(a, w, cu_seqlens_decreasing, &pos, &seq);
       }
       if (cur.live) run_piece(cur, cur_pos, cur_found);
+      if (!more) break;
+      blk += static_cast<int>(gridDim.x);
     }
   }
 }
