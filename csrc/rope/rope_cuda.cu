@@ -247,10 +247,9 @@ __device__ __forceinline__ int64_t LoadIndex(const void* data, IndexType type, i
 }
 
 // Position of token m of sequence b for rotary part r (see RopeParams); false when cu_seqlens
-// gives none. *seq (cu_seqlens only) is a guess of the token's sequence on entry (the sequence of
-// the thread's previous token, which precedes this one) and the sequence found on return.
+// gives none.
 __device__ __forceinline__ bool RowPosition(const RopeParams& p, int64_t b, int r, int64_t m,
-                                            bool cu_seqlens_decreasing, int64_t* pos, int64_t* seq) {
+                                            bool cu_seqlens_decreasing, int64_t* pos) {
   if (p.pos_type != IndexType::kNone) {
     *pos = LoadIndex(p.position_ids, p.pos_type,
                            b * p.pos_stride_b + r * p.pos_stride_r + m * p.pos_stride_m);
@@ -270,13 +269,6 @@ __device__ __forceinline__ bool RowPosition(const RopeParams& p, int64_t b, int 
     return false;
   }
   int64_t lo = 0, hi = S;  // last s in [0, S) with cu_seqlens[s] <= g
-  // cu_seqlens does not decrease (checked), so a guess whose start is <= g bounds the search from
-  // below, and ends it when its end is > g: consecutive pieces mostly stay in one sequence
-  const int64_t guess = *seq;
-  if (guess >= 0 && guess < S && LoadIndex(p.cu_seqlens, p.cu_seqlens_type, guess) <= g) {
-    lo = guess;
-    if (g < LoadIndex(p.cu_seqlens, p.cu_seqlens_type, guess + 1)) hi = guess + 1;
-  }
   while (hi - lo > 1) {
     const int64_t mid = lo + (hi - lo) / 2;
     if (LoadIndex(p.cu_seqlens, p.cu_seqlens_type, mid) <= g) {
@@ -288,7 +280,6 @@ __device__ __forceinline__ bool RowPosition(const RopeParams& p, int64_t b, int 
   const int64_t start = LoadIndex(p.cu_seqlens, p.cu_seqlens_type, lo);
   const int64_t end = LoadIndex(p.cu_seqlens, p.cu_seqlens_type, lo + 1);
   if (!(start <= g && g < end)) return false;
-  *seq = lo;
   *pos = g - start;
   return true;
 }
@@ -390,6 +381,11 @@ struct Unit {
   bool rot;
 };
 
+// Rotary part of rotary unit u.
+__device__ __forceinline__ int UnitPart(const KernelArgs& a, int u) {
+  return a.units_per_part == a.rot_units ? 0 : u / a.units_per_part;
+}
+
 template<int V, bool kPlane>
 __device__ __forceinline__ Unit UnitAt(const KernelArgs& a, int u, int part, int rotary, int K) {
   Unit g;
@@ -397,7 +393,7 @@ __device__ __forceinline__ Unit UnitAt(const KernelArgs& a, int u, int part, int
   g.r = 0;
   g.count0 = g.count1 = V;
   if (g.rot) {
-    g.r = a.units_per_part == a.rot_units ? 0 : u / a.units_per_part;
+    g.r = UnitPart(a, u);
     const int c = u - g.r * a.units_per_part;
     if (kPlane || a.interval_halves) {
       // a vector and the one A/2 further: plane partners; for interval both hold whole pairs,
@@ -444,11 +440,10 @@ __device__ __forceinline__ Piece PieceAt(const KernelArgs& a, int blk) {
 // when it has none (cu_seqlens places no token there, or it falls outside the cos/sin table).
 template<bool kTable>
 __device__ __forceinline__ bool PiecePosition(const KernelArgs& a, const Piece& w, bool cu_seqlens_decreasing,
-                                              int64_t* pos, int64_t* seq) {
+                                              int64_t* pos) {
   *pos = 0;
   if (!w.live || w.u >= a.rot_units) return true;
-  const int r = a.units_per_part == a.rot_units ? 0 : w.u / a.units_per_part;
-  bool found = RowPosition(a.p, w.b, r, w.m, cu_seqlens_decreasing, pos, seq);
+  bool found = RowPosition(a.p, w.b, UnitPart(a, w.u), w.m, cu_seqlens_decreasing, pos);
   if (kTable) found = found && *pos >= 0 && *pos < a.p.table_rows;
   return found;
 }
@@ -629,8 +624,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
     const Piece w = PieceAt(a, blockIdx.x);
     if (!w.live) return;
     int64_t pos = 0;
-    int64_t seq = 0;
-    const bool found = PiecePosition<kTable>(a, w, cu_seqlens_decreasing, &pos, &seq);
+    const bool found = PiecePosition<kTable>(a, w, cu_seqlens_decreasing, &pos);
     run_piece(w, pos, found);
   } else {
     // A persistent grid: blockIdx.x, then every gridDim.x-th piece. The position of the next
@@ -639,8 +633,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
     int blk = blockIdx.x;  // < a.blocks: the grid is at most a.blocks
     Piece w = PieceAt(a, blk);
     int64_t pos = 0;
-    int64_t seq = 0;  // the sequence of the thread's last token (cu_seqlens)
-    bool found = PiecePosition<kTable>(a, w, cu_seqlens_decreasing, &pos, &seq);
+    bool found = PiecePosition<kTable>(a, w, cu_seqlens_decreasing, &pos);
     while (true) {
       const Piece cur = w;
       const int64_t cur_pos = pos;
@@ -648,7 +641,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
       const bool more = static_cast<int>(gridDim.x) < a.blocks - blk;  // no overflow near 2^31
       if (more) {
         w = PieceAt(a, blk + static_cast<int>(gridDim.x));
-        found = PiecePosition<kTable>(a, w, cu_seqlens_decreasing, &pos, &seq);
+        found = PiecePosition<kTable>(a, w, cu_seqlens_decreasing, &pos);
       }
       if (cur.live) run_piece(cur, cur_pos, cur_found);
       if (!more) break;
@@ -766,22 +759,24 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
   a.units = a.rot_units + a.pass_units;
   if (a.units == 0) return cudaSuccess;
   const int64_t rows = p.B * p.M;
+  if (rows >= (int64_t{1} << 31)) return cudaErrorInvalidValue;  // 32-bit rows in the kernel
 
   // Heads per thread: ROPE_MAX_ITEMS when one head per thread would give more than
   // ROPE_ITEMS_WAVES waves of the device's resident threads, else 1 (the elementwise variant, a
   // fallback for strided or misaligned tensors, always 1).
   const int64_t one_item_threads = rows * a.units * p.total_heads();
   const int64_t wave = static_cast<int64_t>(dev.sms) * dev.threads_per_sm;
-  int items = g_override_items > 0 ? g_override_items
-                                   : (one_item_threads > ROPE_ITEMS_WAVES * wave ? ROPE_MAX_ITEMS : 1);
-  items = !kVec || items < 2 ? 1 : (ROPE_MAX_ITEMS >= 4 ? 4 : 2);
+  constexpr int kBig = !kVec ? 1 : (ROPE_MAX_ITEMS >= 4 ? 4 : 2);  // the kernels' heads per thread
+  const int wanted = g_override_items > 0 ? g_override_items
+                                          : (one_item_threads > ROPE_ITEMS_WAVES * wave ? ROPE_MAX_ITEMS : 1);
+  const int items = wanted < 2 ? 1 : kBig;
   const int threads = g_override_threads > 0 ? std::min(g_override_threads, kMaxBlockThreads) : kBlockThreads;
   int64_t blocks = 0;
   for (int t = 0; t < p.num_tensors; ++t) {
     const int64_t lanes = std::max<int64_t>(1, (p.tensors[t].H + items - 1) / items);
     const int64_t tensor_blocks = p.tensors[t].H > 0 ? (rows * lanes * a.units + threads - 1) / threads : 0;
     // 32-bit thread indices (and FastDiv numerators below 2^31) inside the kernel
-    if (rows >= (int64_t{1} << 31) || tensor_blocks * threads >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
+    if (tensor_blocks * threads >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
     a.lanes[t] = static_cast<int32_t>(lanes);
     a.div_lanes[t] = FastDiv(static_cast<uint32_t>(lanes));
     if (t == 0) a.blocks0 = static_cast<int32_t>(tensor_blocks);
@@ -809,9 +804,7 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
     kernel<<<static_cast<unsigned>(grid), threads, 0, stream>>>(a);
     return cudaGetLastError();
   };
-  // kernel instances: heads per thread 1 and ROPE_MAX_ITEMS (2 or 4), each with and without the
-  // persistent grid
-  constexpr int kBig = !kVec ? 1 : (ROPE_MAX_ITEMS >= 4 ? 4 : 2);
+  // kernel instances: heads per thread 1 and kBig, each with and without the persistent grid
   auto dispatch = [&](auto plane_c, auto table_c) -> cudaError_t {
     constexpr bool kP = decltype(plane_c)::value;
     constexpr bool kT = decltype(table_c)::value;
