@@ -1,7 +1,12 @@
 """Global tensors on 2 CPU ranks: x split on B or on H, eager and nn.Graph, keeps the split and
 matches the single-rank reference (tests/global_worker.py does the checks on each rank); the same
 for seqlen_offsets and q+k calls, in place too; and x split along its sequence axis (M, or the
-tokens of a varlen layout with cu_seqlens), evenly and unevenly, every token at its global position."""
+tokens of a varlen layout with cu_seqlens), evenly and unevenly, every token at its global position.
+
+OneFlow 0.9.0's control plane sometimes kills a rank with SIGABRT ("Machine 0 lost" in
+GrpcCtrlClient, seen about once in ten runs on a 2-core machine, with every check of the other rank
+passing). A pair of ranks one of which is killed by a signal runs once more; the test fails if the
+second pair fails too. A rank that exits non-zero (a failed check) fails at once."""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_ranks_split_on_batch_heads_and_sequence():
+def run_two_ranks():
     port = free_port()
     procs = []
     for rank in range(2):
@@ -36,6 +41,15 @@ def test_two_ranks_split_on_batch_heads_and_sequence():
                 q.kill()
             raise
         outputs.append(out)
+    return procs, outputs
+
+
+def test_two_ranks_split_on_batch_heads_and_sequence():
+    procs, outputs = run_two_ranks()
+    if any(p.returncode < 0 for p in procs):  # killed by a signal: see the module docstring
+        print("a rank died of signal", [p.returncode for p in procs], "; running the pair again\n"
+              + outputs[1][-1500:])
+        procs, outputs = run_two_ranks()
     report = "\n".join(line for line in outputs[0].splitlines() if line[:4] in ("ok  ", "FAIL"))
     print(report)
     assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-2000:]
