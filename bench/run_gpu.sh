@@ -4,7 +4,8 @@
 # launch sweep and the benchmark. Results go to $OUT (default bench/results/latest). Used through
 # the device tool as
 #   bash bench/run_gpu.sh            (carry .whl for liger-kernel / torchtune wheels, if present)
-# Steps can be chosen: STEPS="check memcheck racecheck sweep variants probe ncu bench" (default: check
+# Steps can be chosen: STEPS="check memcheck racecheck sweep variants probe probedecode ncu profile sass bench"
+# (default: check
 # memcheck racecheck bench); BENCH_ARGS passes options to bench_gpu.py. VARIANTS="name=-DFLAG=1 ..."
 # builds alternatives of the kernel (its compile-time knobs) next to the main build; the step
 # "variants" times each on the sweep's calls with the built-in launch rule. CUDA_FLAGS="-DA=1 ..." builds
@@ -74,6 +75,25 @@ for step in $STEPS; do
       # stand-alone thread-mapping probe (no oneflow_rope code): what a plain kernel reaches here
       nvcc -O3 -std=c++17 -arch=sm_$ARCH bench/probe_mapping.cu -o /tmp/probe_mapping &&
         { /tmp/probe_mapping 4 4096 32 128; /tmp/probe_mapping 2 8192 8 128; } 2>&1 | tee "$OUT/probe_mapping.txt" || status=1 ;;
+    probedecode)
+      # stand-alone decode-step floors (copy, position_ids + table, offsets + angles)
+      nvcc -O3 -std=c++17 -arch=sm_$ARCH bench/probe_decode.cu -o /tmp/probe_decode &&
+        /tmp/probe_decode 2>&1 | tee "$OUT/probe_decode.txt" || status=1 ;;
+    profile)
+      # per-instruction stall samples of each sweep call's kernel (ncu source page, SASS) and details
+      ncu --clock-control none --kernel-name regex:RopeKernel --section SpeedOfLight --section Occupancy \
+        --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+        --section SourceCounters --warp-sampling-interval 0 --import-source no -f -o /tmp/profile \
+        python3 -m bench.sweep_launch --build build-gpu --once >"$OUT/profile_run.txt" 2>&1 || status=1
+      ncu -i /tmp/profile.ncu-rep --page details >"$OUT/profile_details.txt" 2>&1
+      ncu -i /tmp/profile.ncu-rep --page source --csv --print-source sass 2>&1 | gzip >"$OUT/profile_source.csv.gz"
+      grep -E "RopeKernel|Duration|DRAM Throughput|Registers Per|Achieved Active Warps|Issue Slots Busy|No Eligible" \
+        "$OUT/profile_details.txt" | head -80 ;;
+    sass)
+      # SASS of the bf16 vector instances (SASS_FILTER: an awk regex on the mangled kernel name)
+      cuobjdump -sass build-gpu/_rope_raw*.so | awk -v pat="${SASS_FILTER:-RopeKernelI13__nv_bfloat16(S[0-9]*_|f)Li8ELb1}" \
+        '/Function :/ {keep = ($0 ~ pat)} keep' | gzip >"$OUT/sass.txt.gz" || status=1
+      ls -la "$OUT/sass.txt.gz" ;;
     ncu)
       ncu --clock-control none --kernel-name regex:RopeKernel --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \

@@ -28,14 +28,17 @@ CONFIGS = [  # (shape, dtype, layout, mode, variant)
     ((1, 4096, 32, 128), "bfloat16", "BM(H3K)", "plane", "partial"),
     ((1, 1, 32, 128), "bfloat16", "BMHK", "plane", "table+pos"),
     ((64, 1, 32, 128), "bfloat16", "BMHK", "plane", "table+pos"),
+    ((1, 1, 32, 128), "bfloat16", "BMHK", "plane", "base+offsets"),
 ]
-SETTINGS = [(0, 0), (1, 256), (4, 256), (1, 128), (4, 128), (4, 512)]  # items 2+ run the kernel with ROPE_MAX_ITEMS heads
+# (items, threads[, persistent]): items 2+ run the kernel with ROPE_MAX_ITEMS heads; persistent 1 the
+# persistent grid, 0 a block per piece, -1 (or left out) the rule's choice
+SETTINGS = [(0, 0), (1, 256), (4, 256), (1, 128), (4, 128), (4, 512), (0, 0, 0), (0, 0, 1)]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--build", default="build-gpu")
-    ap.add_argument("--settings", help="'items,threads;...' (default: a built-in list; '0,0' is the rule)")
+    ap.add_argument("--settings", help="'items,threads[,persistent];...' (default: a built-in list; '0,0' is the rule)")
     ap.add_argument("--once", action="store_true", help="launch each config once, no timing (for ncu)")
     args = ap.parse_args()
     settings = SETTINGS if not args.settings else [tuple(int(v) for v in t.split(",")) for t in args.settings.split(";")]
@@ -59,6 +62,10 @@ def main() -> int:
             pos = torch.randint(0, max(M, 8192), (B, 1, M), device="cuda")
         rot = K // 2 if variant == "partial" else None
         params = rope(raw, x, cos, sin, pos, layout=layout, out=out, mode=mode, rotary_size=rot, plan_only=True, **kw)
+        if variant.endswith("offsets"):  # KV-cache lengths as seqlen_offsets
+            offsets = torch.randint(0, 8192, (B,), device="cuda")
+            params.update(seqlen_offsets=offsets.data_ptr(), offsets_dtype="int64")
+            keep.append(offsets)
         plans.append(raw.Plan(params))
         keep += [x, out, cos, sin, pos]
         n = B * M * H * K
@@ -73,14 +80,17 @@ def main() -> int:
     for i, c in enumerate(CONFIGS):
         print(f"# c{i}: {c}  copy {copies[i]:.2f} us")
     print("setting    " + " ".join(f"{'c' + str(i):>14s}" for i in range(len(CONFIGS))))
-    for ipt, threads in settings:
-        raw.set_launch_override(ipt, threads)
+    for setting in settings:
+        ipt, threads = setting[:2]
+        persistent = setting[2] if len(setting) > 2 else -1
+        raw.set_launch_override(ipt, threads, persistent)
         cells = []
         for plan, copy in zip(plans, copies):
             us = timer.gpu_us(lambda: plan.run_cuda(stream))
             cells.append(f"{us:7.2f} ({copy / us:.2f})")
-        print(f"{ipt},{threads:<8d} " + " ".join(f"{c:>14s}" for c in cells), flush=True)
-    raw.set_launch_override(0, 0)
+        label = f"{ipt},{threads}" + (f",{persistent}" if persistent >= 0 else "")
+        print(f"{label:<10s} " + " ".join(f"{c:>14s}" for c in cells), flush=True)
+    raw.set_launch_override(0, 0, -1)
     return 0
 
 

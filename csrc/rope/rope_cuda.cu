@@ -55,9 +55,10 @@ namespace {
 #endif
 #ifndef ROPE_PERSISTENT
 // 0: a block per piece of the work; 1: at most the blocks that fit on the device at once, each
-// looping over pieces and loading the next piece's position ahead; 2: 1 for calls whose positions
-// are read from memory, else 0 (2 measured best on the H200: 1 helps tables with position_ids,
-// costs computed angles ~6%). Calls with cu_seqlens always take 1 (blocks check it once).
+// looping over pieces and loading the next piece's position ahead; 2: 1 for large calls (several
+// heads per thread) whose positions are read from memory, else 0 (2 measured best on the H200: 1
+// helps tables with position_ids, costs computed angles ~6%; small calls such as decode ran
+// 0.3-1.2 us faster with 0). Calls with cu_seqlens always take 1 (blocks check it once).
 #define ROPE_PERSISTENT 2
 #endif
 #ifndef ROPE_MIN_BLOCKS
@@ -67,7 +68,12 @@ namespace {
 #define ROPE_STREAM_HINTS 0  // 1: x loads and out stores marked streaming (evict-first); measured
                              // ~6% slower on the H200 (bench/probe_mapping.cu)
 #endif
-constexpr int kBlockThreads = 256;  // threads per block the launch aims for
+#ifndef ROPE_LARGE_BLOCK_THREADS
+// threads per block of calls whose threads take several heads (128 ran 1-3% faster than 256 on
+// the H200 in two sweeps: finer blocks at the same occupancy)
+#define ROPE_LARGE_BLOCK_THREADS 128
+#endif
+constexpr int kBlockThreads = 256;  // threads per block of small calls (one head per thread)
 // launch bound (RopeCudaSetLaunchOverride may ask for 512 unless registers are capped)
 constexpr int kMaxBlockThreads = ROPE_MIN_BLOCKS > 1 ? 256 : 512;
 
@@ -220,6 +226,8 @@ enum class FreqKind : int32_t { kHiLo = 0, kFloat32 = 1, kFloat64 = 2 };
 // tensor 1's. An item lane takes heads lane, lane + lanes, ... (kItems of them).
 struct KernelArgs {
   int32_t units;          // units per head
+  int32_t part;           // A = rotary_size / rotary_dim (computed on the host: no 64-bit division
+                          // at the start of every thread)
   int32_t rot_units;      // rotary units per head (the first ones)
   int32_t units_per_part; // rotary units per rotary part
   int32_t pass_units;     // pass-through units; unit c moves vectors c and c + pass_units
@@ -353,22 +361,39 @@ __device__ __forceinline__ void StoreVec(T* ptr, int64_t stride, int count, cons
   }
 }
 
-// V table entries as compute values (16-byte loads in the vector variant).
-template<typename TT, typename C, int V, bool kVec>
-__device__ __forceinline__ void LoadTable(const TT* ptr, int64_t stride, C* out) {
+// V table entries, kept in the table's own type until they are used (16-bit tables take half
+// the registers of converted ones); 16-byte loads in the vector variant.
+template<typename TT, int V, bool kVec>
+__device__ __forceinline__ Pack<TT, V> LoadTable(const TT* ptr, int64_t stride) {
+  Pack<TT, V> out;
   if constexpr (kVec) {
     constexpr int kChunks = V * static_cast<int>(sizeof(TT)) / 16;
     static_assert(kChunks >= 1, "a table vector is at least 16 bytes");
-    alignas(16) TT vals[V];
 #pragma unroll
     for (int q = 0; q < kChunks; ++q) {
-      reinterpret_cast<uint4*>(vals)[q] = __ldg(reinterpret_cast<const uint4*>(ptr) + q);
+      reinterpret_cast<uint4*>(out.v)[q] = __ldg(reinterpret_cast<const uint4*>(ptr) + q);
     }
-#pragma unroll
-    for (int e = 0; e < V; ++e) out[e] = static_cast<C>(ToCompute(vals[e]));
   } else {
 #pragma unroll
-    for (int e = 0; e < V; ++e) out[e] = static_cast<C>(ToCompute(ptr[e * stride]));
+    for (int e = 0; e < V; ++e) out.v[e] = ptr[e * stride];
+  }
+  return out;
+}
+
+// Flips the sign of every entry (sin -> -sin for the backward) on the stored bits.
+template<typename TT, int V>
+__device__ __forceinline__ void NegateTable(Pack<TT, V>* t) {
+  if constexpr (sizeof(TT) == 8) {
+#pragma unroll
+    for (int e = 0; e < V; ++e) t->v[e] = -t->v[e];
+  } else if constexpr (sizeof(Pack<TT, V>) % 4 == 0) {
+    constexpr uint32_t kSign = sizeof(TT) == 2 ? 0x80008000u : 0x80000000u;
+    uint32_t* w = reinterpret_cast<uint32_t*>(t->v);
+#pragma unroll
+    for (int q = 0; q < static_cast<int>(sizeof(Pack<TT, V>)) / 4; ++q) w[q] ^= kSign;
+  } else {  // one 16-bit entry
+    uint16_t* h = reinterpret_cast<uint16_t*>(t->v);
+    h[0] ^= 0x8000u;
   }
 }
 
@@ -436,22 +461,51 @@ __device__ __forceinline__ Piece PieceAt(const KernelArgs& a, int blk) {
   return w;
 }
 
-// Position of the piece's token for its unit's rotary part (0 for pass-through units); false
-// when it has none (cu_seqlens places no token there, or it falls outside the cos/sin table).
+// Position of the piece's token for its unit's rotary part (0 for pass-through units), in two
+// steps so the persistent grid can load a piece's position (position_ids[b, r, m] or
+// seqlen_offsets[b]) a piece ahead and use the value only when the piece's turn comes: used at
+// once (a range check), the load made the thread wait a DRAM round trip before its current
+// piece's loads. StartPosition issues the load and returns the value unused; FinishPosition makes
+// the position from it with no branch, and says false when there is none (cu_seqlens places no
+// token there, or it falls outside the cos/sin table). cu_seqlens positions are searched in
+// StartPosition.
+struct PendingPosition {
+  int64_t v = 0;
+  int kind = 0;  // 0: v is the position; 1: v is position_ids[b, r, m]; 2: v is seqlen_offsets[b]
+  bool found = true;
+};
+
+__device__ __forceinline__ PendingPosition StartPosition(const KernelArgs& a, const Piece& w,
+                                                         bool cu_seqlens_decreasing) {
+  PendingPosition s;
+  if (!w.live || w.u >= a.rot_units) return s;
+  const RopeParams& p = a.p;
+  const int r = UnitPart(a, w.u);
+  if (p.pos_type != IndexType::kNone) {
+    s.kind = 1;
+    s.v = LoadIndex(p.position_ids, p.pos_type, w.b * p.pos_stride_b + r * p.pos_stride_r + w.m * p.pos_stride_m);
+  } else if (p.cu_seqlens_type == IndexType::kNone) {
+    s.kind = 2;
+    if (p.offsets_type != IndexType::kNone) s.v = LoadIndex(p.seqlen_offsets, p.offsets_type, w.b * p.offsets_stride);
+  } else {
+    s.found = RowPosition(p, w.b, r, w.m, cu_seqlens_decreasing, &s.v);
+  }
+  return s;
+}
+
 template<bool kTable>
-__device__ __forceinline__ bool PiecePosition(const KernelArgs& a, const Piece& w, bool cu_seqlens_decreasing,
-                                              int64_t* pos) {
-  *pos = 0;
-  if (!w.live || w.u >= a.rot_units) return true;
-  bool found = RowPosition(a.p, w.b, UnitPart(a, w.u), w.m, cu_seqlens_decreasing, pos);
+__device__ __forceinline__ bool FinishPosition(const KernelArgs& a, const Piece& w, const PendingPosition& s,
+                                               int64_t* pos) {
+  *pos = s.kind == 2 ? s.v + w.m + a.p.seqlen_offset : s.v;
+  bool found = s.found;
   if (kTable) found = found && *pos >= 0 && *pos < a.p.table_rows;
   return found;
 }
 
 // One thread: one unit of kItems heads of one token (b, m) of one tensor. In order: the token's
-// position (the head of the longest chain of dependent loads, with tables), the loads of its
-// heads' vectors, the unit's cos/sin (table loads, or computed while the loads fly), then the
-// rotation and the stores. Large calls give a thread ROPE_MAX_ITEMS heads, small ones 1.
+// position (made first, or loaded a piece ahead in the persistent grid), the loads of its heads'
+// vectors, the unit's cos/sin (table loads, or computed while the loads fly), then the rotation
+// and the stores. Large calls give a thread ROPE_MAX_ITEMS heads, small ones 1.
 template<typename T, typename TT, int V, bool kVec, bool kPlane, bool kTable, int kItems, bool kPipe>
 __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(const KernelArgs a) {
   using C = typename Compute<T>::type;
@@ -459,7 +513,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
   constexpr bool kFast = sizeof(T) == 2;
   constexpr int kStep = V >= 2 ? 2 : 1;  // elements rounded together
   const RopeParams& p = a.p;
-  const int part = static_cast<int>(p.rotary_size / p.rotary_dim);
+  const int part = a.part;
   const int half = part / 2;
 
   // A decreasing cu_seqlens places no token (every row NaN): the block checks its S + 1 entries
@@ -475,9 +529,10 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
     cu_seqlens_decreasing = __syncthreads_or(cu_seqlens_decreasing) != 0;
   }
 
-  // One piece of work: the rotation of the thread's heads at token (cur.b, cur.m), whose
-  // position is cur_pos (cur_found false: none, NaN out).
-  auto run_piece = [&](const Piece& cur, int64_t cur_pos, bool cur_found) {
+  // One piece of work: the rotation of the thread's heads at token (cur.b, cur.m).
+  // position(&pos) gives the piece's position (false: none); it is asked for after the piece's x
+  // loads are issued (the persistent grid finishes there the position it loaded a piece ahead).
+  auto run_piece = [&](const Piece& cur, auto position) {
     const int b = cur.b, m = cur.m, lane = cur.lane, lanes = cur.lanes;
     const RopeTensor& ts = cur.second ? p.tensors[1] : p.tensors[0];
     const int H = static_cast<int>(ts.H);
@@ -499,67 +554,97 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
         if (g.k1 >= 0) hi[i] = LoadVec<T, V, kVec>(xi + g.k1 * xs, xs, g.count1);
       }
     }
+    // computed angles: the unit's frequencies (small calls: loaded while the x loads fly and
+    // before the position is asked for, as a decode step's position may still be on its way from
+    // memory; large calls load them after, which takes fewer registers)
+    [[maybe_unused]] C hi_f[kTable ? 1 : V], lo_f[kTable ? 1 : V];
+    auto load_freqs = [&]() {
+      const int f0 = kPlane ? g.k0 - g.r * part : (g.k0 - g.r * part) / 2;
+      const int f1 = kPlane ? f0 : (g.k1 >= 0 ? (g.k1 - g.r * part) / 2 : f0) - V / 2;
+      auto freq = [&](int e) { return min((kPlane || e < V / 2 ? f0 : f1) + e, half - 1); };
+      if (a.freq_kind == FreqKind::kHiLo) {
+#pragma unroll
+        for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kHiLo>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
+      } else if (a.freq_kind == FreqKind::kFloat32) {
+#pragma unroll
+        for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kFloat32>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kFloat64>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
+      }
+    };
+    constexpr bool kEarlyFreqs = !kTable && kItems == 1;
+    if constexpr (kEarlyFreqs) {
+      if (g.rot) load_freqs();
+    }
+    int64_t cur_pos = 0;
+    const bool cur_found = position(&cur_pos);
 
-    // cos/sin of the unit: tables give one value per element of each vector (c0, s0, c1, s1);
-    // computed angles give V values (c0, s0). Plane: angle e (frequency f0 + e) for element e of
-    // both vectors. Interval: angle e / 2 for the first vector (frequencies from f0 on) and
-    // V / 2 + e / 2 for the second (frequencies from f1 on).
-    C c0[V], s0[V], c1[kTable ? V : 1], s1[kTable ? V : 1];
+    // cos/sin of the unit: tables give one value per element of each vector (c0, s0, c1, s1),
+    // kept in the table's type until used (sin negated on its bits for the backward, the
+    // scaling applied to the rotated values); computed angles give V values (c0, s0), scaled.
+    // Plane: angle e (frequency f0 + e) for element e of both vectors. Interval: angle e / 2 for
+    // the first vector (frequencies from f0 on) and V / 2 + e / 2 for the second (frequencies
+    // from f1 on).
+    using TV = Pack<TT, V>;
+    [[maybe_unused]] TV tc0, ts0, tc1, ts1;
+    [[maybe_unused]] C c0[kTable ? 1 : V], s0[kTable ? 1 : V];
+    const C scale = static_cast<C>(p.attention_scaling);
+    const bool scaled = kTable && p.attention_scaling != 1.0;
     if (g.rot) {
-      const C scale = static_cast<C>(p.attention_scaling);
-      const C sin_scale = p.inverse ? -scale : scale;
-      if (!cur_found) {
+      if constexpr (kTable) {
+        if (!cur_found) {
 #pragma unroll
-        for (int e = 0; e < V; ++e) {
-          c0[e] = s0[e] = static_cast<C>(NAN);
-          if constexpr (kTable) c1[e] = s1[e] = static_cast<C>(NAN);
-        }
-      } else if constexpr (kTable) {
-        const int64_t cs = p.table_col_stride;
-        const TT* cos_row = static_cast<const TT*>(p.cos) + cur_pos * p.table_row_stride;
-        const TT* sin_row = static_cast<const TT*>(p.sin) + cur_pos * p.table_row_stride;
-        const int j0 = g.k0 - g.r * part;
-        LoadTable<TT, C, V, kVec>(cos_row + j0 * cs, cs, c0);
-        LoadTable<TT, C, V, kVec>(sin_row + j0 * cs, cs, s0);
-        if (g.k1 >= 0) {
-          const int j1 = g.k1 - g.r * part;
-          LoadTable<TT, C, V, kVec>(cos_row + j1 * cs, cs, c1);
-          LoadTable<TT, C, V, kVec>(sin_row + j1 * cs, cs, s1);
-        }
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          c0[e] *= scale;
-          s0[e] *= sin_scale;
-          c1[e] *= scale;
-          s1[e] *= sin_scale;
+          for (int e = 0; e < V; ++e) {
+            tc0.v[e] = ts0.v[e] = tc1.v[e] = ts1.v[e] = Round<TT>(static_cast<C>(NAN));
+          }
+        } else {
+          const int64_t cs = p.table_col_stride;
+          const TT* cos_row = static_cast<const TT*>(p.cos) + cur_pos * p.table_row_stride;
+          const TT* sin_row = static_cast<const TT*>(p.sin) + cur_pos * p.table_row_stride;
+          const int j0 = g.k0 - g.r * part;
+          tc0 = LoadTable<TT, V, kVec>(cos_row + j0 * cs, cs);
+          ts0 = LoadTable<TT, V, kVec>(sin_row + j0 * cs, cs);
+          if (g.k1 >= 0) {
+            const int j1 = g.k1 - g.r * part;
+            tc1 = LoadTable<TT, V, kVec>(cos_row + j1 * cs, cs);
+            ts1 = LoadTable<TT, V, kVec>(sin_row + j1 * cs, cs);
+          }
+          if (p.inverse) {
+            NegateTable(&ts0);
+            NegateTable(&ts1);
+          }
         }
       } else {
-        const int f0 = kPlane ? g.k0 - g.r * part : (g.k0 - g.r * part) / 2;
-        const int f1 = kPlane ? f0 : (g.k1 >= 0 ? (g.k1 - g.r * part) / 2 : f0) - V / 2;
-        auto freq = [&](int e) { return min((kPlane || e < V / 2 ? f0 : f1) + e, half - 1); };
-        C hi_f[V], lo_f[V];
-        if (a.freq_kind == FreqKind::kHiLo) {
+        const C sin_scale = p.inverse ? -scale : scale;
+        if (!cur_found) {
 #pragma unroll
-          for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kHiLo>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
-        } else if (a.freq_kind == FreqKind::kFloat32) {
-#pragma unroll
-          for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kFloat32>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
+          for (int e = 0; e < V; ++e) c0[e] = s0[e] = static_cast<C>(NAN);
         } else {
+          if constexpr (!kEarlyFreqs) load_freqs();
 #pragma unroll
-          for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kFloat64>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
-        }
-#pragma unroll
-        for (int e = 0; e < V; ++e) {
-          SinCos<kFast>(cur_pos, hi_f[e], lo_f[e], &s0[e], &c0[e]);
-          c0[e] *= scale;
-          s0[e] *= sin_scale;
+          for (int e = 0; e < V; ++e) {
+            SinCos<kFast>(cur_pos, hi_f[e], lo_f[e], &s0[e], &c0[e]);
+            c0[e] *= scale;
+            s0[e] *= sin_scale;
+          }
         }
       }
     }
-    auto cos_a = [&](int e) -> C { return kTable ? c0[e] : c0[kPlane ? e : e / 2]; };
-    auto sin_a = [&](int e) -> C { return kTable ? s0[e] : s0[kPlane ? e : e / 2]; };
-    auto cos_z = [&](int e) -> C { if constexpr (kTable) return c1[e]; else return c0[kPlane ? e : V / 2 + e / 2]; };
-    auto sin_z = [&](int e) -> C { if constexpr (kTable) return s1[e]; else return s0[kPlane ? e : V / 2 + e / 2]; };
+    auto cos_a = [&](int e) -> C {
+      if constexpr (kTable) return static_cast<C>(ToCompute(tc0.v[e])); else return c0[kPlane ? e : e / 2];
+    };
+    auto sin_a = [&](int e) -> C {
+      if constexpr (kTable) return static_cast<C>(ToCompute(ts0.v[e])); else return s0[kPlane ? e : e / 2];
+    };
+    auto cos_z = [&](int e) -> C {
+      if constexpr (kTable) return static_cast<C>(ToCompute(tc1.v[e])); else return c0[kPlane ? e : V / 2 + e / 2];
+    };
+    auto sin_z = [&](int e) -> C {
+      if constexpr (kTable) return static_cast<C>(ToCompute(ts1.v[e])); else return s0[kPlane ? e : V / 2 + e / 2];
+    };
+    // the table's scaling, on a rotated value
+    auto scaled_value = [&](C v) -> C { return scaled ? v * scale : v; };
 
     // rotate and store each head (plus zeros in a packed gradient's other slots)
 #pragma unroll
@@ -576,8 +661,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
             for (int q = 0; q < kStep; ++q) {
               const C xa = static_cast<C>(ToCompute(lo[i].v[e + q]));
               const C xz = static_cast<C>(ToCompute(hi[i].v[e + q]));
-              ra[q] = xa * cos_a(e + q) - xz * sin_a(e + q);
-              rz[q] = xz * cos_z(e + q) + xa * sin_z(e + q);
+              ra[q] = scaled_value(xa * cos_a(e + q) - xz * sin_a(e + q));
+              rz[q] = scaled_value(xz * cos_z(e + q) + xa * sin_z(e + q));
             }
             if constexpr (kStep == 2) {
               RoundPair<T, C>(ra[0], ra[1], &o0.v[e]);
@@ -592,14 +677,16 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
           for (int e = 0; e < V; e += 2) {
             const C a0 = static_cast<C>(ToCompute(lo[i].v[e]));
             const C a1 = static_cast<C>(ToCompute(lo[i].v[e + 1]));
-            RoundPair<T, C>(a0 * cos_a(e) - a1 * sin_a(e), a1 * cos_a(e + 1) + a0 * sin_a(e + 1), &o0.v[e]);
+            RoundPair<T, C>(scaled_value(a0 * cos_a(e) - a1 * sin_a(e)),
+                            scaled_value(a1 * cos_a(e + 1) + a0 * sin_a(e + 1)), &o0.v[e]);
           }
           if (g.k1 >= 0) {
 #pragma unroll
             for (int e = 0; e < V; e += 2) {
               const C z0 = static_cast<C>(ToCompute(hi[i].v[e]));
               const C z1 = static_cast<C>(ToCompute(hi[i].v[e + 1]));
-              RoundPair<T, C>(z0 * cos_z(e) - z1 * sin_z(e), z1 * cos_z(e + 1) + z0 * sin_z(e + 1), &o1.v[e]);
+              RoundPair<T, C>(scaled_value(z0 * cos_z(e) - z1 * sin_z(e)),
+                              scaled_value(z1 * cos_z(e + 1) + z0 * sin_z(e + 1)), &o1.v[e]);
             }
           }
         }
@@ -620,30 +707,45 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
   };
 
   if constexpr (!kPipe) {
-    // a block per piece of work
+    // A block per piece of work. A position made from the row index is made before the x loads:
+    // made after them it made the thread wait for the x loads first (the code after the loads
+    // waits on the scoreboard of the position load of the other path; measured 0.81 vs 0.90 of
+    // copy with tables on the H200).
+    // In small calls (one head per thread: decode) a position read from memory is loaded before
+    // the x loads and used after them, so its DRAM round trip overlaps theirs; the two paths are
+    // separate code so that the other one never waits on that load's scoreboard. (Large calls
+    // with positions in memory take the persistent grid.)
     const Piece w = PieceAt(a, blockIdx.x);
     if (!w.live) return;
-    int64_t pos = 0;
-    const bool found = PiecePosition<kTable>(a, w, cu_seqlens_decreasing, &pos);
-    run_piece(w, pos, found);
+    const PendingPosition start = StartPosition(a, w, cu_seqlens_decreasing);
+    if (kItems == 1 && (p.pos_type != IndexType::kNone || p.offsets_type != IndexType::kNone)) {
+      run_piece(w, [&](int64_t* pos) { return FinishPosition<kTable>(a, w, start, pos); });
+    } else {
+      int64_t pos = 0;
+      const bool found = FinishPosition<kTable>(a, w, start, &pos);
+      run_piece(w, [&](int64_t* q) {
+        *q = pos;
+        return found;
+      });
+    }
   } else {
     // A persistent grid: blockIdx.x, then every gridDim.x-th piece. The position of the next
-    // piece is loaded while the current one is processed, so a piece's x and table loads go out
-    // together instead of waiting on its position.
+    // piece is loaded while the current one is processed and used only when its turn comes, so
+    // a piece's x and table loads go out together instead of waiting on its position.
     int blk = blockIdx.x;  // < a.blocks: the grid is at most a.blocks
     Piece w = PieceAt(a, blk);
-    int64_t pos = 0;
-    bool found = PiecePosition<kTable>(a, w, cu_seqlens_decreasing, &pos);
+    PendingPosition pending = StartPosition(a, w, cu_seqlens_decreasing);
     while (true) {
       const Piece cur = w;
-      const int64_t cur_pos = pos;
-      const bool cur_found = found;
+      const PendingPosition cur_pending = pending;
       const bool more = static_cast<int>(gridDim.x) < a.blocks - blk;  // no overflow near 2^31
       if (more) {
         w = PieceAt(a, blk + static_cast<int>(gridDim.x));
-        found = PiecePosition<kTable>(a, w, cu_seqlens_decreasing, &pos);
+        pending = StartPosition(a, w, cu_seqlens_decreasing);
       }
-      if (cur.live) run_piece(cur, cur_pos, cur_found);
+      if (cur.live) {
+        run_piece(cur, [&](int64_t* p) { return FinishPosition<kTable>(a, cur, cur_pending, p); });
+      }
       if (!more) break;
       blk += static_cast<int>(gridDim.x);
     }
@@ -724,6 +826,7 @@ bool VectorFits(const RopeParams& p) {
 
 int g_override_items = 0;    // RopeCudaSetLaunchOverride: 0 keeps the rule's choice
 int g_override_threads = 0;
+int g_override_persistent = -1;
 
 template<typename T, typename TT, int V, bool kVec>
 cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const DeviceInfo& dev) {
@@ -757,6 +860,7 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
   const int64_t pass_vectors = (p.K - p.rotary_size + V - 1) / V;
   a.pass_units = static_cast<int32_t>((pass_vectors + 1) / 2);
   a.units = a.rot_units + a.pass_units;
+  a.part = static_cast<int32_t>(part);
   if (a.units == 0) return cudaSuccess;
   const int64_t rows = p.B * p.M;
   if (rows >= (int64_t{1} << 31)) return cudaErrorInvalidValue;  // 32-bit rows in the kernel
@@ -770,7 +874,8 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
   const int wanted = g_override_items > 0 ? g_override_items
                                           : (one_item_threads > ROPE_ITEMS_WAVES * wave ? ROPE_MAX_ITEMS : 1);
   const int items = wanted < 2 ? 1 : kBig;
-  const int threads = g_override_threads > 0 ? std::min(g_override_threads, kMaxBlockThreads) : kBlockThreads;
+  const int threads = g_override_threads > 0 ? std::min(g_override_threads, kMaxBlockThreads)
+                                             : (items > 1 ? ROPE_LARGE_BLOCK_THREADS : kBlockThreads);
   int64_t blocks = 0;
   for (int t = 0; t < p.num_tensors; ++t) {
     const int64_t lanes = std::max<int64_t>(1, (p.tensors[t].H + items - 1) / items);
@@ -789,11 +894,12 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
   a.div_units = FastDiv(static_cast<uint32_t>(a.units));
   a.div_m = FastDiv(static_cast<uint32_t>(std::max<int64_t>(1, p.M)));
 
-  // Calls whose positions are read from memory (position_ids, offsets, cu_seqlens) take the
-  // persistent grid, whose threads load the next piece's position ahead (ROPE_PERSISTENT 2);
-  // cu_seqlens always does (its blocks check cu_seqlens once).
-  const bool pipe = ROPE_PERSISTENT == 1 || p.cu_seqlens != nullptr
-                    || (ROPE_PERSISTENT == 2 && !p.positions_shared_by_batch());
+  // Large calls whose positions are read from memory (position_ids, offsets) take the persistent
+  // grid, whose threads load the next piece's position ahead (ROPE_PERSISTENT 2); small ones
+  // (one head per thread: a piece per thread) a block per piece; cu_seqlens always the
+  // persistent grid (its blocks check cu_seqlens once).
+  const bool rule_pipe = ROPE_PERSISTENT == 1 || (ROPE_PERSISTENT == 2 && items > 1 && !p.positions_shared_by_batch());
+  const bool pipe = p.cu_seqlens != nullptr || (g_override_persistent >= 0 ? g_override_persistent == 1 : rule_pipe);
   auto launch = [&](auto kernel) -> cudaError_t {
     int64_t grid = blocks;
     if (pipe) {
@@ -852,9 +958,10 @@ int RopeForwardCuda(const RopeParams& p, void* stream) {
   return static_cast<int>(err);
 }
 
-void RopeCudaSetLaunchOverride(int items_per_thread, int block_threads) {
+void RopeCudaSetLaunchOverride(int items_per_thread, int block_threads, int persistent) {
   g_override_items = items_per_thread;
   g_override_threads = block_threads;
+  g_override_persistent = persistent;
 }
 
 const char* RopeCudaErrorString(int status) {

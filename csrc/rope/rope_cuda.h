@@ -18,10 +18,11 @@ const char* RopeCudaErrorString(int status);
 // elements) or "elementwise" (any strides and sizes). For tests and benchmarks.
 const char* RopeCudaKernelName(const RopeParams& p);
 
-// Forces the launch shape for benchmark sweeps: items (heads) per thread and row, and threads
-// per block (up to 512); 0 keeps the built-in rule (from the device's SM count and the kernel's occupancy).
-// Not thread-safe; not for production use.
-void RopeCudaSetLaunchOverride(int items_per_thread, int block_threads);
+// Forces the launch shape for benchmark sweeps: items (heads) per thread and row, threads per
+// block (up to 512), and the persistent grid (1) or a block per piece (0); 0, 0, -1 keep the
+// built-in rule (from the device's SM count and the kernel's occupancy). Calls with cu_seqlens
+// always take the persistent grid. Not thread-safe; not for production use.
+void RopeCudaSetLaunchOverride(int items_per_thread, int block_threads, int persistent = -1);
 
 }  // namespace oneflow_rope
 
