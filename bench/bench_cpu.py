@@ -16,10 +16,12 @@ grad op, dy -> dx in x's layout with the zero slots of a packed x), one row:
   numpy      the same with numpy (float32, float64, float16).
 
 Bandwidth = bytes read + bytes written per second: read x (a packed x: the selected slot only) or
-dy, written out or dx. Each call is synchronised (OneFlow's eager Sync) and timed alone; ours and
-clone alternate call by call (so that load from other processes hits both alike) and the best of
---reps calls is kept. OneFlow's intra-op thread setting is set with flow.set_num_threads(--threads,
-default: all cores); the kernel uses it.
+dy, written out or dx. Each call is synchronised (OneFlow's eager Sync) and timed alone, after the
+last-level cache is flushed (a buffer of three times its size is read) when the call moves at least
+a quarter of that cache, as the GPU bench flushes L2: otherwise a 16 MiB tensor read back from the
+last call's cache makes clone look faster than memory (--no-flush: no flush at all). Ours and clone alternate call by call (so that load from
+other processes hits both alike) and the best of --reps calls is kept. OneFlow's intra-op thread
+setting is set with flow.set_num_threads(--threads, default: all cores); the kernel uses it.
 """
 
 from __future__ import annotations
@@ -63,14 +65,53 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} logical cores"
 
 
-def best_interleaved(fns: List[Callable[[], object]], reps: int) -> List[float]:
-    """Seconds of the fastest of `reps` calls of each fn, the fns called in turn."""
+def last_level_cache_bytes() -> int:
+    """Size of the largest CPU cache (sysfs), 32 MiB when it cannot be read."""
+    best = 0
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(root):
+            try:
+                with open(os.path.join(root, entry, "size")) as f:
+                    text = f.read().strip()
+            except OSError:
+                continue
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            digits = text[:-1] if text[-1:] in "KMG" else text
+            if digits.isdigit():
+                best = max(best, int(digits) * scale)
+    except OSError:
+        pass
+    return best or 32 << 20
+
+
+class CacheFlush:
+    """Reads a buffer of three times the last-level cache, so the next call starts with none of
+    its data cached (clean lines only: nothing for the next call to write back)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.buffer = np.ones(3 * last_level_cache_bytes() // 8) if enabled else None
+
+    def __call__(self) -> None:
+        if self.enabled:
+            self.buffer.sum()
+
+
+FLUSH = CacheFlush(False)  # main() sets it
+
+
+def best_interleaved(fns: List[Callable[[], object]], reps: int, flush: bool = True) -> List[float]:
+    """Seconds of the fastest of `reps` calls of each fn, the fns called in turn, each after a
+    cache flush (when `flush`)."""
     for fn in fns:
         fn()
     sync()
     best = [float("inf")] * len(fns)
     for _ in range(reps):
         for i, fn in enumerate(fns):
+            if flush:
+                FLUSH()
             t0 = time.perf_counter()
             fn()
             sync()
@@ -186,7 +227,10 @@ def measure(shape, dtype: str, layout: str, mode: str, table: bool, reps: int) -
                 # the grad op, as the op's autograd backward runs it
                 return op.backward(dy, cos, sin, pos)
         ref = flow.empty(nbytes // 2 // item, dtype=getattr(flow, dtype))
-        t_ours, t_clone = best_interleaved([ours, lambda: ref.clone()], reps)
+        # tensors of a few MiB and more start from memory; small ones (a decode step) stay warm, as
+        # they would be in use (a flush would time OneFlow's own cold code and data, not the copy)
+        t_ours, t_clone = best_interleaved([ours, lambda: ref.clone()], reps,
+                                           flush=nbytes >= last_level_cache_bytes() // 4)
         rows[direction] = {"ours": nbytes / t_ours / 1e9, "clone": nbytes / t_clone / 1e9,
                            "ours_us": t_ours * 1e6, "clone_us": t_clone * 1e6, "bytes": nbytes}
     return rows
@@ -207,7 +251,10 @@ def main() -> int:
     parser.add_argument("--layouts", default=None)
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--no-flush", action="store_true", help="no cache flush before each timed call")
     args = parser.parse_args()
+    global FLUSH
+    FLUSH = CacheFlush(not args.no_flush)
 
     shapes = SHAPES if args.shapes is None else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     layouts = args.layouts.split(",") if args.layouts else (("BMHK", "BM(H3K)") if args.quick else LAYOUTS)
@@ -218,7 +265,10 @@ def main() -> int:
     print(f"# machine: {machine()}; OneFlow {flow.__version__}, intra-op threads (flow.set_num_threads): "
           f"{args.threads}; kernel instruction set: {oneflow_rope._C.cpu_isa()}")
     print("# GB/s = (bytes read + bytes written) / s, best of "
-          f"{args.reps} calls; clone: OneFlow clone of the same bytes; ratio = ours / clone (bound {BOUND})")
+          f"{args.reps} calls; clone: OneFlow clone of the same bytes; ratio = ours / clone (bound {BOUND}); "
+          + ("no cache flush" if args.no_flush else
+             f"last-level cache ({last_level_cache_bytes() >> 20} MiB) flushed before each timed call "
+             "moving >= 1/4 of it"))
     results = []
     worst = []
     for shape in shapes:

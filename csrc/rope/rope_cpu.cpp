@@ -95,7 +95,8 @@ std::atomic<int64_t> min_bytes_per_thread{kMinBytesPerThread};
 // cos and sin of a block of rows take about this many bytes (they stay in L1 while the block's
 // heads are rotated).
 constexpr int64_t kBlockTableBytes = 16 * 1024;
-constexpr int64_t kBlockTableBytesHeadsOuter = 256 * 1024;
+constexpr int64_t kBlockTableBytesHeadsOuter = 512 * 1024;  // 4 heads streamed at a time: 512 KiB
+                                                               // ran 5-15% faster than 256 KiB
 constexpr int64_t kClaimBytes = 256 * 1024;
 
 // Size of one instance of the largest cache (the L3 a core shares), from sysfs as lscpu reads it
