@@ -259,6 +259,10 @@ def main() -> int:
     shapes = SHAPES if args.shapes is None else [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     layouts = args.layouts.split(",") if args.layouts else (("BMHK", "BM(H3K)") if args.quick else LAYOUTS)
     dtypes = args.dtypes.split(",")
+    # OneFlow sets up its CPU device at its first op, with the thread count from OMP_NUM_THREADS
+    # (its default: cores - 2, at least 1), overwriting a set_num_threads made before: one op
+    # first, then the setting (measured: set first, a 2-thread call ran single-threaded)
+    flow.zeros(1).numpy()
     flow.set_num_threads(args.threads)
 
     print(f"# {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
