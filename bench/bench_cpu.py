@@ -13,7 +13,9 @@ grad op, dy -> dx in x's layout with the zero slots of a packed x), one row:
   ratio      ours / clone (issue 10 asks >= 0.8);
   composite  the same rotation written with OneFlow ops (BMHK rows; OneFlow 0.9.0 has no CPU
              bfloat16 multiply), backward: the same with -sin;
-  numpy      the same with numpy (float32, float64, float16).
+  numpy      the same with numpy (float32, float64, float16);
+  slotcp     forward of a packed layout: OneFlow's copy of the slot (x.view(.., H, slots, K)[..., 0, :]
+             .contiguous(), the same strided read as ours), for context.
 
 Bandwidth = bytes read + bytes written per second: read x (a packed x: the selected slot only) or
 dy, written out or dx. Each call is synchronised (OneFlow's eager Sync) and timed alone, after the
@@ -227,12 +229,19 @@ def measure(shape, dtype: str, layout: str, mode: str, table: bool, reps: int) -
                 # the grad op, as the op's autograd backward runs it
                 return op.backward(dy, cos, sin, pos)
         ref = flow.empty(nbytes // 2 // item, dtype=getattr(flow, dtype))
+        fns = [ours, lambda: ref.clone()]
+        n = slots_of(layout)
+        if direction == "forward" and n > 1:
+            # what else a user would run to get the slot out: OneFlow's copy of it (a strided read
+            # like ours), for context (the bound is against clone)
+            fns.append(lambda: x.view(x.shape[0], x.shape[1], H, n, K)[:, :, :, 0].contiguous())
         # tensors of a few MiB and more start from memory; small ones (a decode step) stay warm, as
         # they would be in use (a flush would time OneFlow's own cold code and data, not the copy)
-        t_ours, t_clone = best_interleaved([ours, lambda: ref.clone()], reps,
-                                           flush=nbytes >= last_level_cache_bytes() // 4)
+        times = best_interleaved(fns, reps, flush=nbytes >= last_level_cache_bytes() // 4)
+        t_ours, t_clone = times[0], times[1]
         rows[direction] = {"ours": nbytes / t_ours / 1e9, "clone": nbytes / t_clone / 1e9,
-                           "ours_us": t_ours * 1e6, "clone_us": t_clone * 1e6, "bytes": nbytes}
+                           "ours_us": t_ours * 1e6, "clone_us": t_clone * 1e6, "bytes": nbytes,
+                           "slot_copy": nbytes / times[2] / 1e9 if len(times) > 2 else None}
     return rows
 
 
@@ -279,7 +288,7 @@ def main() -> int:
         for dtype in dtypes:
             print(f"\n## shape (B, M, H, K) = {shape}, {dtype}")
             print(f"{'layout':10s} {'mode':8s} {'dir':8s} {'ours':>6s} {'clone':>6s} {'ratio':>6s} "
-                  f"{'us':>8s} {'composite':>9s} {'numpy':>6s}")
+                  f"{'us':>8s} {'composite':>9s} {'numpy':>6s} {'slotcp':>6s}")
             variants = [(layout, False) for layout in layouts]
             if "BMHK" in layouts:
                 variants.insert(1, ("BMHK", True))
@@ -297,7 +306,8 @@ def main() -> int:
                         name = layout + ("+table" if table else "")
                         mark = "" if ratio >= BOUND else "  < bound"
                         print(f"{name:10s} {mode:8s} {direction:8s} {r['ours']:6.1f} {r['clone']:6.1f} {ratio:6.2f} "
-                              f"{r['ours_us']:8.0f} {fmt(comp):>9s} {fmt(nump):>6s}{mark}", flush=True)
+                              f"{r['ours_us']:8.0f} {fmt(comp):>9s} {fmt(nump):>6s} {fmt(r['slot_copy']):>6s}{mark}",
+                              flush=True)
                         entry = {"shape": shape, "dtype": dtype, "layout": name, "mode": mode, "direction": direction,
                                  "ratio": ratio, "composite": comp, "numpy": nump, **r}
                         results.append(entry)
