@@ -17,27 +17,13 @@
 #include <cstdlib>
 #include <vector>
 
-#define CHECK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { std::printf("%s: %s\n", #x, cudaGetErrorString(e_)); std::exit(1); } } while (0)
+#include "probe_common.cuh"
 
 constexpr int kH = 32, kK = 128, kUnits = kK / 16, kRows = 8192;
 
 __global__ void CopyKernel(const uint4* __restrict__ x, uint4* __restrict__ y, int n) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < n) y[i] = x[i];
-}
-
-__device__ __forceinline__ void Rot(const uint4& a, const uint4& z, const float* ca, const float* sa, const float* cz,
-                                    const float* sz, uint4* oa, uint4* oz) {
-  const __nv_bfloat162* pa = reinterpret_cast<const __nv_bfloat162*>(&a);
-  const __nv_bfloat162* pz = reinterpret_cast<const __nv_bfloat162*>(&z);
-  __nv_bfloat162* qa = reinterpret_cast<__nv_bfloat162*>(oa);
-  __nv_bfloat162* qz = reinterpret_cast<__nv_bfloat162*>(oz);
-#pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    const float2 fa = __bfloat1622float2(pa[e]), fz = __bfloat1622float2(pz[e]);
-    qa[e] = __floats2bfloat162_rn(fa.x * ca[2 * e] - fz.x * sa[2 * e], fa.y * ca[2 * e + 1] - fz.y * sa[2 * e + 1]);
-    qz[e] = __floats2bfloat162_rn(fz.x * cz[2 * e] + fa.x * sz[2 * e], fz.y * cz[2 * e + 1] + fa.y * sz[2 * e + 1]);
-  }
 }
 
 __device__ __forceinline__ void Unpack(const uint4& v, float* f) {
@@ -48,19 +34,6 @@ __device__ __forceinline__ void Unpack(const uint4& v, float* f) {
     f[2 * e] = t.x;
     f[2 * e + 1] = t.y;
   }
-}
-
-__device__ __forceinline__ void ExactSinCos(long long pos, float hi, float lo, float* s, float* c) {
-  const float pf = static_cast<float>(pos);
-  const float pl = static_cast<float>(pos - static_cast<long long>(pf));
-  const float prod = pf * hi;
-  const float err = fmaf(pf, hi, -prod);
-  const float tail = fmaf(pf, lo, fmaf(pl, hi, err));
-  const float k = rintf(prod * 0.15915494309189535f);
-  float r = fmaf(-k, 6.28318548202514648f, prod);
-  r = fmaf(-k, -1.7484555314695172e-07f, r);
-  r = fmaf(-k, -6.8604980400235275e-15f, r);
-  __sincosf(r + tail, s, c);
 }
 
 // kMode 0: position_ids + table; 1: offsets + frequency table; 2: offsets, frequencies computed;
@@ -116,7 +89,6 @@ int main() {
   __nv_bfloat16 *x, *y, *cos, *sin;
   long long* pos;
   float2* freq;
-  char* flush;
   const int max_b = 64;
   CHECK(cudaMalloc(&x, max_b * kH * kK * 2));
   CHECK(cudaMalloc(&y, max_b * kH * kK * 2));
@@ -124,7 +96,6 @@ int main() {
   CHECK(cudaMalloc(&sin, kRows * kK * 2));
   CHECK(cudaMalloc(&pos, max_b * 8));
   CHECK(cudaMalloc(&freq, 64 * sizeof(float2)));
-  CHECK(cudaMalloc(&flush, 256 << 20));
   CHECK(cudaMemset(x, 0x3c, max_b * kH * kK * 2));
   CHECK(cudaMemset(cos, 0x3c, kRows * kK * 2));
   CHECK(cudaMemset(sin, 0x3c, kRows * kK * 2));
@@ -138,25 +109,7 @@ int main() {
     hf[i].y = static_cast<float>(t - hf[i].x);
   }
   CHECK(cudaMemcpy(freq, hf.data(), sizeof(float2) * 64, cudaMemcpyHostToDevice));
-  cudaEvent_t e0, e1;
-  cudaEventCreate(&e0);
-  cudaEventCreate(&e1);
-  auto time = [&](auto fn) {
-    std::vector<float> v;
-    for (int r = 0; r < 320; ++r) {
-      CHECK(cudaMemsetAsync(flush, r, 256 << 20));
-      cudaEventRecord(e0);
-      fn();
-      cudaEventRecord(e1);
-      CHECK(cudaEventSynchronize(e1));
-      float ms = 0;
-      cudaEventElapsedTime(&ms, e0, e1);
-      if (r >= 20) v.push_back(ms * 1000.f);
-    }
-    std::sort(v.begin(), v.end());
-    CHECK(cudaGetLastError());
-    return v[v.size() / 2];
-  };
+  FlushedTimer time(20, 300);
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("# %s: decode-step floors, bf16 (B, 1, %d, %d), L2 flushed, GPU us (median of 300)\n", prop.name, kH, kK);

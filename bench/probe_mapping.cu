@@ -11,40 +11,12 @@
 #include <cstdlib>
 #include <vector>
 
-#define CHECK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { std::printf("%s: %s\n", #x, cudaGetErrorString(e_)); std::exit(1); } } while (0)
+#include "probe_common.cuh"
 
 struct Shape { int B, M, H, K; };
 
 __global__ void CopyKernel(const uint4* __restrict__ x, uint4* __restrict__ y, long long n) {
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) y[i] = x[i];
-}
-
-__device__ __forceinline__ void Rot8(const uint4& a, const uint4& z, const float* c, const float* s, uint4* oa, uint4* oz) {
-  const __nv_bfloat162* pa = reinterpret_cast<const __nv_bfloat162*>(&a);
-  const __nv_bfloat162* pz = reinterpret_cast<const __nv_bfloat162*>(&z);
-  __nv_bfloat162* qa = reinterpret_cast<__nv_bfloat162*>(oa);
-  __nv_bfloat162* qz = reinterpret_cast<__nv_bfloat162*>(oz);
-#pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    const float2 fa = __bfloat1622float2(pa[e]), fz = __bfloat1622float2(pz[e]);
-    qa[e] = __floats2bfloat162_rn(fa.x * c[2 * e] - fz.x * s[2 * e], fa.y * c[2 * e + 1] - fz.y * s[2 * e + 1]);
-    qz[e] = __floats2bfloat162_rn(fz.x * c[2 * e] + fa.x * s[2 * e], fz.y * c[2 * e + 1] + fa.y * s[2 * e + 1]);
-  }
-}
-
-// The angle as oneflow_rope computes it: int64 position times theta as a float (hi, lo) pair in
-// float-float, reduced by 2*pi with a three-part constant, then the hardware sincos.
-__device__ __forceinline__ void ExactSinCos(long long pos, float hi, float lo, float* s, float* c) {
-  const float pf = static_cast<float>(pos);
-  const float pl = static_cast<float>(pos - static_cast<long long>(pf));
-  const float prod = pf * hi;
-  const float err = fmaf(pf, hi, -prod);
-  const float tail = fmaf(pf, lo, fmaf(pl, hi, err));
-  const float k = rintf(prod * 0.15915494309189535f);
-  float r = fmaf(-k, 6.28318548202514648f, prod);
-  r = fmaf(-k, -1.7484555314695172e-07f, r);
-  r = fmaf(-k, -6.8604980400235275e-15f, r);
-  __sincosf(r + tail, s, c);
 }
 
 // kMode 0: default ld/st (the compiler may use the read-only path: x is __restrict__); 1: ld.cs /
@@ -105,7 +77,7 @@ __global__ void __launch_bounds__(256) RopeProbe(const __nv_bfloat16* __restrict
         const int h = h0 + i * blockDim.y;
         if (h < sh.H) {
           uint4 oa, oz;
-          Rot8(va[i], vz[i], c, s, &oa, &oz);
+          Rot(va[i], vz[i], c, s, c, s, &oa, &oz);
           uint4* qa = reinterpret_cast<uint4*>(y + off[i] + k0);
           uint4* qz = reinterpret_cast<uint4*>(y + off[i] + k1);
           if (kMode == 1) {
@@ -128,11 +100,9 @@ int main(int argc, char** argv) {
   const size_t bytes = n * 2;
   __nv_bfloat16 *x, *y;
   float* theta;
-  char* flush;
   CHECK(cudaMalloc(&x, bytes));
   CHECK(cudaMalloc(&y, bytes));
   CHECK(cudaMalloc(&theta, 2 * sh.K * sizeof(float)));
-  CHECK(cudaMalloc(&flush, 256 << 20));
   CHECK(cudaMemset(x, 0x3c, bytes));
   std::vector<float> th(2 * sh.K);
   for (int i = 0; i < sh.K; ++i) {
@@ -143,25 +113,7 @@ int main(int argc, char** argv) {
   CHECK(cudaMemcpy(theta, th.data(), 2 * sh.K * sizeof(float), cudaMemcpyHostToDevice));
   int sms = 0;
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  cudaEvent_t e0, e1;
-  cudaEventCreate(&e0);
-  cudaEventCreate(&e1);
-  auto time = [&](auto fn) {
-    std::vector<float> v;
-    for (int r = 0; r < 45; ++r) {
-      CHECK(cudaMemsetAsync(flush, r, 256 << 20));
-      cudaEventRecord(e0);
-      fn();
-      cudaEventRecord(e1);
-      CHECK(cudaEventSynchronize(e1));
-      float ms = 0;
-      cudaEventElapsedTime(&ms, e0, e1);
-      if (r >= 5) v.push_back(ms * 1000.f);
-    }
-    std::sort(v.begin(), v.end());
-    CHECK(cudaGetLastError());
-    return v[v.size() / 2];
-  };
+  FlushedTimer time(5, 40);
   const float memcpy_us = time([&] { cudaMemcpyAsync(y, x, bytes, cudaMemcpyDeviceToDevice); });
   const long long nv = bytes / 16;
   float copy_us = 1e30f;

@@ -1,0 +1,81 @@
+// Shared by the stand-alone probes (bench/probe_*.cu): error checks, oneflow_rope's angle, and the
+// timer the GPU bench's method uses (L2 flushed before each call, one event pair, median).
+#ifndef ONEFLOW_ROPE_BENCH_PROBE_COMMON_CUH_
+#define ONEFLOW_ROPE_BENCH_PROBE_COMMON_CUH_
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#define CHECK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { std::printf("%s: %s\n", #x, cudaGetErrorString(e_)); std::exit(1); } } while (0)
+
+// The angle as oneflow_rope computes it: int64 position times theta as a float (hi, lo) pair in
+// float-float, reduced by 2*pi with a three-part constant, then the hardware sincos.
+__device__ __forceinline__ void ExactSinCos(long long pos, float hi, float lo, float* s, float* c) {
+  const float pf = static_cast<float>(pos);
+  const float pl = static_cast<float>(pos - static_cast<long long>(pf));
+  const float prod = pf * hi;
+  const float err = fmaf(pf, hi, -prod);
+  const float tail = fmaf(pf, lo, fmaf(pl, hi, err));
+  const float k = rintf(prod * 0.15915494309189535f);
+  float r = fmaf(-k, 6.28318548202514648f, prod);
+  r = fmaf(-k, -1.7484555314695172e-07f, r);
+  r = fmaf(-k, -6.8604980400235275e-15f, r);
+  __sincosf(r + tail, s, c);
+}
+
+// Rotate-half of 8 bf16 dims of a (first half) and their partners z (second half): out_a =
+// a * ca - z * sa, out_z = z * cz + a * sz, in float, rounded once.
+__device__ __forceinline__ void Rot(const uint4& a, const uint4& z, const float* ca, const float* sa, const float* cz,
+                                    const float* sz, uint4* oa, uint4* oz) {
+  const __nv_bfloat162* pa = reinterpret_cast<const __nv_bfloat162*>(&a);
+  const __nv_bfloat162* pz = reinterpret_cast<const __nv_bfloat162*>(&z);
+  __nv_bfloat162* qa = reinterpret_cast<__nv_bfloat162*>(oa);
+  __nv_bfloat162* qz = reinterpret_cast<__nv_bfloat162*>(oz);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const float2 fa = __bfloat1622float2(pa[e]), fz = __bfloat1622float2(pz[e]);
+    qa[e] = __floats2bfloat162_rn(fa.x * ca[2 * e] - fz.x * sa[2 * e], fa.y * ca[2 * e + 1] - fz.y * sa[2 * e + 1]);
+    qz[e] = __floats2bfloat162_rn(fz.x * cz[2 * e] + fa.x * sz[2 * e], fz.y * cz[2 * e + 1] + fa.y * sz[2 * e + 1]);
+  }
+}
+
+// GPU us of fn(): `warmup` untimed calls then `reps` timed ones, each after a 256 MiB memset
+// (L2 flushed) and between one pair of events; the median.
+class FlushedTimer {
+ public:
+  FlushedTimer(int warmup, int reps) : warmup_(warmup), reps_(reps) {
+    CHECK(cudaMalloc(&flush_, kFlushBytes));
+    CHECK(cudaEventCreate(&start_));
+    CHECK(cudaEventCreate(&end_));
+  }
+  template<typename Fn>
+  float operator()(Fn fn) {
+    std::vector<float> v;
+    for (int r = 0; r < warmup_ + reps_; ++r) {
+      CHECK(cudaMemsetAsync(flush_, r, kFlushBytes));
+      cudaEventRecord(start_);
+      fn();
+      cudaEventRecord(end_);
+      CHECK(cudaEventSynchronize(end_));
+      float ms = 0;
+      cudaEventElapsedTime(&ms, start_, end_);
+      if (r >= warmup_) v.push_back(ms * 1000.f);
+    }
+    std::sort(v.begin(), v.end());
+    CHECK(cudaGetLastError());
+    return v[v.size() / 2];
+  }
+
+ private:
+  static constexpr size_t kFlushBytes = size_t{256} << 20;
+  int warmup_, reps_;
+  char* flush_ = nullptr;
+  cudaEvent_t start_, end_;
+};
+
+#endif  // ONEFLOW_ROPE_BENCH_PROBE_COMMON_CUH_
