@@ -237,11 +237,14 @@ class Bench:
         # the bound's copy moves the bytes the call must move (x, out, and the table rows and
         # indices it reads: extra_bytes)
         copy_all = self.copy_us(nbytes + extra_bytes, getattr(torch, dtype))[0] if extra_bytes else copy_us
-        ref = copy_all if compile_us is None or bound_kind != "min" else min(copy_all, compile_us)
-        bound = BOUND[regime] * ref
+
+        def bound_with(copy: float) -> float:
+            with_compile = compile_us is not None and bound_kind == "min"
+            return BOUND[regime] * (min(copy, compile_us) if with_compile else copy)
+
+        bound = bound_with(copy_all)
         ratio = ours_us / bound
-        ref_x = copy_us if compile_us is None or bound_kind != "min" else min(copy_us, compile_us)
-        ratio_x = ours_us / (BOUND[regime] * ref_x)
+        ratio_x = ours_us / bound_with(copy_us)
         b2b_ok = None
         if regime == "decode":
             b2b_ok = ours_b2b <= copy_b2b + 1.0
