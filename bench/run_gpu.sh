@@ -4,7 +4,7 @@
 # launch sweep and the benchmark. Results go to $OUT (default bench/results/latest). Used through
 # the device tool as
 #   bash bench/run_gpu.sh            (carry .whl for liger-kernel / torchtune wheels, if present)
-# Steps can be chosen: STEPS="check memcheck racecheck sweep variants probe probedecode ncu profile sass bench"
+# Steps can be chosen: STEPS="check memcheck racecheck sweep variants probe probedecode ncu profile flushab sass bench"
 # (default: check
 # memcheck racecheck bench); BENCH_ARGS passes options to bench_gpu.py. VARIANTS="name=-DFLAG=1 ..."
 # builds alternatives of the kernel (its compile-time knobs) next to the main build; the step
@@ -89,6 +89,13 @@ for step in $STEPS; do
       ncu -i /tmp/profile.ncu-rep --page source --csv --print-source sass 2>&1 | gzip >"$OUT/profile_source.csv.gz"
       grep -E "RopeKernel|Duration|DRAM Throughput|Registers Per|Achieved Active Warps|Issue Slots Busy|No Eligible" \
         "$OUT/profile_details.txt" | head -80 ;;
+    flushab)
+      # ours vs torch's copy under three ways of emptying L2 (bench.flush_ab), then the same calls'
+      # kernels (copy and ours, once each) under ncu: duration and DRAM bytes with ncu's own flush
+      python3 -m bench.flush_ab --build build-gpu 2>&1 | tee "$OUT/flush_ab.txt" || status=1
+      ncu --clock-control none --kernel-name-base demangled --kernel-name regex:"RopeKernel|neg_kernel" --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum \
+        python3 -m bench.flush_ab --build build-gpu --once >"$OUT/flush_ab_ncu.txt" 2>&1 || status=1
+      grep -E "^  [a-zA-Z_].*\(|gpu__time|dram__bytes|dram__thr|warps_active|inst_executed" "$OUT/flush_ab_ncu.txt" | grep -v distribution | head -120 ;;
     sass)
       # SASS of the bf16 vector instances (SASS_FILTER: an awk regex on the mangled kernel name)
       cuobjdump -sass build-gpu/_rope_raw*.so | awk -v pat="${SASS_FILTER:-RopeKernelI13__nv_bfloat16(S[0-9]*_|f)Li8ELb1}" \

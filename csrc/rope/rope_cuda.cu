@@ -6,18 +6,17 @@
 // past rotary_size. A thread rotates one unit of up to kItems heads (item lane, item lane +
 // lanes, ...) of one token (b, m) of one of the call's tensors (q and k of one launch): the grid
 // is flat over (tensor, token, item lane, unit), unit fastest, so a warp reads whole head vectors.
-// Large calls give a thread ROPE_MAX_ITEMS heads, small ones (decode) one.
+// Large calls give a thread 2 heads (computed angles) or 4 (tables), small ones (decode) one.
 // A thread issues its heads' loads first, then makes its unit's cos/sin (computed while the loads
 // fly, or loaded from the tables), then rotates and stores; no shared memory, no barrier (one,
-// with cu_seqlens, at the start). Calls whose positions come from the token index get a block per
-// piece of work; calls whose positions are read from memory (position_ids, offsets, cu_seqlens)
-// a persistent grid whose threads load the next piece's position while they process the current
-// one, so a piece's x and table loads go out together.
+// with cu_seqlens, at the start). Calls get a block per piece of work, except those with
+// cu_seqlens (and builds with ROPE_PERSISTENT 1 or 2): a persistent grid whose threads load the
+// next piece's position while they process the current one.
 //
 // Two variants: "vector" (16-byte loads and stores; unit-stride K, aligned pointers and sizes)
 // and "elementwise" (any strides and sizes, one element per access; V = 1 for plane, 2 for
-// interval). Both compute the same values. bench/results/h200_2026-11-29b/NOTES.md has what was
-// measured and tried.
+// interval). Both compute the same values. bench/results/h200_2026-11-29b, -29c and -29d NOTES.md
+// have what was measured and tried.
 //
 // Angles: p * theta in float-float (theta as a float hi + lo pair), reduced by 2*pi with a
 // three-part constant, then sincos on an argument in about [-pi, pi]: accurate at any position
@@ -43,23 +42,28 @@ namespace oneflow_rope {
 namespace {
 
 // Compile-time knobs (bench/run_gpu.sh VARIANTS builds alternatives to compare on the device).
-#ifndef ROPE_MAX_ITEMS
-// heads a thread rotates in large calls: 2 or 4 (4 ran 5-15% faster than 2 on the H200 with this
-// kernel, though a bare probe of the same mapping ran best at 2: bench/results/h200_2026-11-29b)
-#define ROPE_MAX_ITEMS 4
+#ifndef ROPE_ANGLE_ITEMS
+// heads a thread rotates in large calls with computed angles: 1, 2 or 4 (2 ran 2-7% faster than 4
+// on the H200: more threads, fewer registers; bench/results/h200_2026-11-29d)
+#define ROPE_ANGLE_ITEMS 2
+#endif
+#ifndef ROPE_TABLE_ITEMS
+// heads a thread rotates in large calls with cos/sin tables: 1, 2 or 4 (4 ran up to 7% faster
+// than 2 with position_ids: a table row loaded after its position serves more heads)
+#define ROPE_TABLE_ITEMS 4
 #endif
 #ifndef ROPE_ITEMS_WAVES
 // large calls (more one-item threads than this many waves of the device's resident threads)
-// give each thread ROPE_MAX_ITEMS heads; smaller ones one head per thread (latency first)
+// give each thread several heads; smaller ones one head per thread (latency first)
 #define ROPE_ITEMS_WAVES 1
 #endif
 #ifndef ROPE_PERSISTENT
 // 0: a block per piece of the work; 1: at most the blocks that fit on the device at once, each
 // looping over pieces and loading the next piece's position ahead; 2: 1 for large calls (several
-// heads per thread) whose positions are read from memory, else 0 (2 measured best on the H200: 1
-// helps tables with position_ids, costs computed angles ~6%; small calls such as decode ran
-// 0.3-1.2 us faster with 0). Calls with cu_seqlens always take 1 (blocks check it once).
-#define ROPE_PERSISTENT 2
+// heads per thread) whose positions are read from memory, else 0. Calls with cu_seqlens always
+// take 1 (blocks check it once). 0 measured best on the H200 (bench/results/h200_2026-11-29d:
+// tables with position_ids 0.92 of copy against 0.87 with 2; computed angles 6% slower with 1).
+#define ROPE_PERSISTENT 0
 #endif
 #ifndef ROPE_MIN_BLOCKS
 #define ROPE_MIN_BLOCKS 1  // > 1: blocks of 256 threads that must fit per SM (caps registers)
@@ -505,7 +509,8 @@ __device__ __forceinline__ bool FinishPosition(const KernelArgs& a, const Piece&
 // One thread: one unit of kItems heads of one token (b, m) of one tensor. In order: the token's
 // position (made first, or loaded a piece ahead in the persistent grid), the loads of its heads'
 // vectors, the unit's cos/sin (table loads, or computed while the loads fly), then the rotation
-// and the stores. Large calls give a thread ROPE_MAX_ITEMS heads, small ones 1.
+// and the stores. Large calls give a thread 2 or 4 heads (ROPE_ANGLE_ITEMS, ROPE_TABLE_ITEMS),
+// small ones 1.
 template<typename T, typename TT, int V, bool kVec, bool kPlane, bool kTable, int kItems, bool kPipe>
 __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(const KernelArgs a) {
   using C = typename Compute<T>::type;
@@ -713,8 +718,9 @@ __global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(
     // copy with tables on the H200).
     // In small calls (one head per thread: decode) a position read from memory is loaded before
     // the x loads and used after them, so its DRAM round trip overlaps theirs; the two paths are
-    // separate code so that the other one never waits on that load's scoreboard. (Large calls
-    // with positions in memory take the persistent grid.)
+    // separate code so that the other one never waits on that load's scoreboard. Large calls
+    // with positions in memory wait for the position before their x loads (issuing the x loads
+    // first measured 0.76 vs 0.88 of copy with tables and position_ids on the H200).
     const Piece w = PieceAt(a, blockIdx.x);
     if (!w.live) return;
     const PendingPosition start = StartPosition(a, w, cu_seqlens_decreasing);
@@ -865,15 +871,19 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
   const int64_t rows = p.B * p.M;
   if (rows >= (int64_t{1} << 31)) return cudaErrorInvalidValue;  // 32-bit rows in the kernel
 
-  // Heads per thread: ROPE_MAX_ITEMS when one head per thread would give more than
+  // Heads per thread: ROPE_ANGLE_ITEMS / ROPE_TABLE_ITEMS when one head per thread would give more than
   // ROPE_ITEMS_WAVES waves of the device's resident threads, else 1 (the elementwise variant, a
   // fallback for strided or misaligned tensors, always 1).
   const int64_t one_item_threads = rows * a.units * p.total_heads();
   const int64_t wave = static_cast<int64_t>(dev.sms) * dev.threads_per_sm;
-  constexpr int kBig = !kVec ? 1 : (ROPE_MAX_ITEMS >= 4 ? 4 : 2);  // the kernels' heads per thread
+  const int large_items = table ? ROPE_TABLE_ITEMS : ROPE_ANGLE_ITEMS;
   const int wanted = g_override_items > 0 ? g_override_items
-                                          : (one_item_threads > ROPE_ITEMS_WAVES * wave ? ROPE_MAX_ITEMS : 1);
-  const int items = wanted < 2 ? 1 : kBig;
+                                          : (one_item_threads > ROPE_ITEMS_WAVES * wave ? large_items : 1);
+  // the kernels' heads per thread: 1, 2 or 4 (the elementwise variant 1; the persistent grid 1 or 4)
+  const bool pipe_wanted = p.cu_seqlens != nullptr
+      || (g_override_persistent >= 0 ? g_override_persistent == 1
+                                     : ROPE_PERSISTENT == 1 || (ROPE_PERSISTENT == 2 && wanted > 1 && !p.positions_shared_by_batch()));
+  const int items = !kVec || wanted < 2 ? 1 : (wanted >= 4 || pipe_wanted ? 4 : 2);
   const int threads = g_override_threads > 0 ? std::min(g_override_threads, kMaxBlockThreads)
                                              : (items > 1 ? ROPE_LARGE_BLOCK_THREADS : kBlockThreads);
   int64_t blocks = 0;
@@ -894,12 +904,9 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
   a.div_units = FastDiv(static_cast<uint32_t>(a.units));
   a.div_m = FastDiv(static_cast<uint32_t>(std::max<int64_t>(1, p.M)));
 
-  // Large calls whose positions are read from memory (position_ids, offsets) take the persistent
-  // grid, whose threads load the next piece's position ahead (ROPE_PERSISTENT 2); small ones
-  // (one head per thread: a piece per thread) a block per piece; cu_seqlens always the
-  // persistent grid (its blocks check cu_seqlens once).
-  const bool rule_pipe = ROPE_PERSISTENT == 1 || (ROPE_PERSISTENT == 2 && items > 1 && !p.positions_shared_by_batch());
-  const bool pipe = p.cu_seqlens != nullptr || (g_override_persistent >= 0 ? g_override_persistent == 1 : rule_pipe);
+  // A block per piece (ROPE_PERSISTENT 0), or the persistent grid: always with cu_seqlens (its
+  // blocks check cu_seqlens once), else as ROPE_PERSISTENT or the launch override says.
+  const bool pipe = pipe_wanted;
   auto launch = [&](auto kernel) -> cudaError_t {
     int64_t grid = blocks;
     if (pipe) {
@@ -910,17 +917,24 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
     kernel<<<static_cast<unsigned>(grid), threads, 0, stream>>>(a);
     return cudaGetLastError();
   };
-  // kernel instances: heads per thread 1 and kBig, each with and without the persistent grid
+  // kernel instances: heads per thread 1, 2 and 4 (the persistent grid: 1 and 4; the elementwise
+  // variant: 1)
   auto dispatch = [&](auto plane_c, auto table_c) -> cudaError_t {
     constexpr bool kP = decltype(plane_c)::value;
     constexpr bool kT = decltype(table_c)::value;
     using TK = std::conditional_t<kT, TT, T>;
-    if (items == 1) {
+    if constexpr (!kVec) {
       return pipe ? launch(RopeKernel<T, TK, V, kVec, kP, kT, 1, true>)
                   : launch(RopeKernel<T, TK, V, kVec, kP, kT, 1, false>);
+    } else {
+      if (pipe) {
+        return items == 1 ? launch(RopeKernel<T, TK, V, kVec, kP, kT, 1, true>)
+                          : launch(RopeKernel<T, TK, V, kVec, kP, kT, 4, true>);
+      }
+      if (items == 1) return launch(RopeKernel<T, TK, V, kVec, kP, kT, 1, false>);
+      return items == 2 ? launch(RopeKernel<T, TK, V, kVec, kP, kT, 2, false>)
+                        : launch(RopeKernel<T, TK, V, kVec, kP, kT, 4, false>);
     }
-    return pipe ? launch(RopeKernel<T, TK, V, kVec, kP, kT, kBig, true>)
-                : launch(RopeKernel<T, TK, V, kVec, kP, kT, kBig, false>);
   };
   using True = std::true_type;
   using False = std::false_type;
