@@ -77,9 +77,31 @@ namespace {
 // the H200 in two sweeps: finer blocks at the same occupancy)
 #define ROPE_LARGE_BLOCK_THREADS 128
 #endif
+#ifndef ROPE_ANGLE_MIN_BLOCKS
+// > 0: blocks of ROPE_LARGE_BLOCK_THREADS threads that must fit per SM in the 2-head instances
+// (caps their registers; such calls then take blocks of ROPE_LARGE_BLOCK_THREADS at most).
+// 8 (64 registers, from 72) measured 0.6-1.1% slower on the H200's bench (h200_2026-11-29d).
+#define ROPE_ANGLE_MIN_BLOCKS 0
+#endif
+#ifndef ROPE_TABLE_MIN_BLOCKS
+// > 0: the same for the 4-head instances of calls with tables (block per piece). 5 (96 registers,
+// from 104-120): 3-5% faster on three sweep calls with position_ids, the same over the bench's 504
+// table calls (median 1.001, 0.95-1.03).
+#define ROPE_TABLE_MIN_BLOCKS 0
+#endif
 constexpr int kBlockThreads = 256;  // threads per block of small calls (one head per thread)
 // launch bound (RopeCudaSetLaunchOverride may ask for 512 unless registers are capped)
 constexpr int kMaxBlockThreads = ROPE_MIN_BLOCKS > 1 ? 256 : 512;
+// The launch bounds of an instance: ROPE_ANGLE_MIN_BLOCKS / ROPE_TABLE_MIN_BLOCKS when set for it.
+constexpr int CappedMinBlocks(int items, bool table, bool pipe) {
+  return pipe ? 0 : (items == 2 && !table ? ROPE_ANGLE_MIN_BLOCKS : (items == 4 && table ? ROPE_TABLE_MIN_BLOCKS : 0));
+}
+constexpr int BoundThreads(int items, bool table, bool pipe) {
+  return CappedMinBlocks(items, table, pipe) > 0 ? ROPE_LARGE_BLOCK_THREADS : kMaxBlockThreads;
+}
+constexpr int BoundMinBlocks(int items, bool table, bool pipe) {
+  return CappedMinBlocks(items, table, pipe) > 0 ? CappedMinBlocks(items, table, pipe) : ROPE_MIN_BLOCKS;
+}
 
 // ---- frequencies -------------------------------------------------------------------------------
 
@@ -512,7 +534,8 @@ __device__ __forceinline__ bool FinishPosition(const KernelArgs& a, const Piece&
 // and the stores. Large calls give a thread 2 or 4 heads (ROPE_ANGLE_ITEMS, ROPE_TABLE_ITEMS),
 // small ones 1.
 template<typename T, typename TT, int V, bool kVec, bool kPlane, bool kTable, int kItems, bool kPipe>
-__global__ void __launch_bounds__(kMaxBlockThreads, ROPE_MIN_BLOCKS) RopeKernel(const KernelArgs a) {
+__global__ void __launch_bounds__(BoundThreads(kItems, kTable, kPipe), BoundMinBlocks(kItems, kTable, kPipe))
+    RopeKernel(const KernelArgs a) {
   using C = typename Compute<T>::type;
   using P = Pack<T, V>;
   constexpr bool kFast = sizeof(T) == 2;
@@ -884,8 +907,9 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
       || (g_override_persistent >= 0 ? g_override_persistent == 1
                                      : ROPE_PERSISTENT == 1 || (ROPE_PERSISTENT == 2 && wanted > 1 && !p.positions_shared_by_batch()));
   const int items = !kVec || wanted < 2 ? 1 : (wanted >= 4 || pipe_wanted ? 4 : 2);
-  const int threads = g_override_threads > 0 ? std::min(g_override_threads, kMaxBlockThreads)
-                                             : (items > 1 ? ROPE_LARGE_BLOCK_THREADS : kBlockThreads);
+  const int threads = std::min(g_override_threads > 0 ? std::min(g_override_threads, kMaxBlockThreads)
+                                                      : (items > 1 ? ROPE_LARGE_BLOCK_THREADS : kBlockThreads),
+                               kVec ? BoundThreads(items, table, pipe_wanted) : kMaxBlockThreads);
   int64_t blocks = 0;
   for (int t = 0; t < p.num_tensors; ++t) {
     const int64_t lanes = std::max<int64_t>(1, (p.tensors[t].H + items - 1) / items);
