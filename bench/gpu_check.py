@@ -5,7 +5,10 @@ Runs on the device machine (PyTorch + the raw binding built by bench/run_gpu.sh)
   - precision at positions up to 65535 and up to 2^24 (docs/operator.md bounds), every dtype and mode;
   - views with non-default strides, misaligned pointers (generic kernel), empty tensors;
   - positions outside the cos/sin table (NaN, no out-of-bounds read: run under compute-sanitizer);
-  - a tensor of more than 2^31 elements (64-bit indexing), unless --subset.
+  - a tensor of more than 2^31 elements (64-bit indexing), unless --subset;
+  - a share of the cases and the LLM inputs again under forced launch shapes (2 and 4 heads per
+    thread, a block per piece and the persistent grid), so that every kernel instance is checked
+    at small sizes: the built-in rule gives small calls one head per thread.
 Prints one line per group and a final 'N passed, N failed' line; exits 1 on any failure.
 
     python3 -m bench.gpu_check --build build-gpu [--subset 40] [--json out.json]   (from the repo root)
@@ -67,6 +70,24 @@ class Results:
     def worst(self, group, ratio):
         g = self.groups.setdefault(group, [0, 0, 0.0])
         g[2] = max(g[2], ratio)
+
+
+class Prefixed:
+    """Results seen through a group-name prefix (the same checks under another launch shape)."""
+
+    def __init__(self, res: Results, prefix: str):
+        self.res, self.prefix = res, prefix
+
+    def check(self, group, name, ok, detail=""):
+        self.res.check(self.prefix + group, name, ok, detail)
+
+    def worst(self, group, ratio):
+        self.res.worst(self.prefix + group, ratio)
+
+
+# (items per thread, threads per block, persistent grid) forced by check_launch_shapes: every
+# vector-kernel instance family the built-in rule uses for large calls
+LAUNCH_SHAPES = [(2, 128, 0), (4, 128, 0), (4, 128, 1), (1, 256, 1)]
 
 
 def run_case(raw, res, group, case: Case, M=5, K=16, max_pos=4096, backward=True):
@@ -313,6 +334,26 @@ def check_extensions(raw, res, K=128):
         params = extended_params(raw, tensors, dtype=dtype, B=1, M=T, K=K, cu_seqlens=t_dec)
         _run_extended(raw, res, "cu_seqlens", f"{dtype}-malformed-decreasing", dtype, [(out, exp)], params, tx, 1.0)
 
+def check_launch_shapes(raw, res, subset: int):
+    """Every 4th (x subset) case at K = 128, and the LLM inputs, under each of LAUNCH_SHAPES."""
+    for items, threads, persistent in LAUNCH_SHAPES:
+        prefix = f"launch-{items}x{threads}{'p' if persistent else ''}:"
+        view = Prefixed(res, prefix)
+        raw.set_launch_override(items, threads, persistent)
+        try:
+            for case in forward_cases()[:: 4 * subset]:
+                try:
+                    run_case(raw, view, "table-K128", case, M=33, K=128)
+                except Exception:  # noqa: BLE001
+                    view.check("table-K128", case.id, False, traceback.format_exc(limit=2))
+            try:
+                check_extensions(raw, view)
+            except Exception:  # noqa: BLE001
+                view.check("extensions", "crashed", False, traceback.format_exc(limit=3))
+        finally:
+            raw.set_launch_override(0, 0, -1)
+
+
 def check_large(raw, res):
     """More than 2^31 elements: 64-bit indexing in both kernels (the last rows are checked)."""
     H, K = 32, 128
@@ -347,7 +388,7 @@ def main() -> int:
     ap.add_argument("--no-large", action="store_true", help="skip the >2^31-element tensors")
     ap.add_argument("--json", help="write a summary here")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu to run the checks through the CPU kernel")
-    ap.add_argument("--only", help="comma-separated groups to run: cases,precision,long,views,extensions,large")
+    ap.add_argument("--only", help="comma-separated groups to run: cases,precision,long,views,extensions,launch,large")
     args = ap.parse_args()
     global DEVICE
     DEVICE = args.device
@@ -390,6 +431,8 @@ def main() -> int:
             check_extensions(raw, res)
         except Exception:  # noqa: BLE001
             res.check("extensions", "crashed", False, traceback.format_exc(limit=3))
+    if wanted("launch") and DEVICE == "cuda":
+        check_launch_shapes(raw, res, args.subset)
     if wanted("large") and not args.no_large and args.subset == 1:
         check_large(raw, res)
     for group, (ok, bad, worst) in res.groups.items():

@@ -62,7 +62,7 @@ for step in $STEPS; do
       tail -n 4 "$OUT/memcheck.txt" ;;
     racecheck)
       timeout ${SANITIZER_TIMEOUT:-240} compute-sanitizer --tool racecheck --error-exitcode 3 \
-        python3 -m bench.gpu_check --build build-gpu --subset 97 --no-large --only cases,extensions >"$OUT/racecheck.txt" 2>&1 || status=1
+        python3 -m bench.gpu_check --build build-gpu --subset 97 --no-large --only cases,extensions,launch >"$OUT/racecheck.txt" 2>&1 || status=1
       tail -n 4 "$OUT/racecheck.txt" ;;
     sweep)
       python3 -m bench.sweep_launch --build build-gpu ${SWEEP_SETTINGS:+--settings "$SWEEP_SETTINGS"} 2>&1 | tee "$OUT/sweep_launch.txt" || status=1 ;;
