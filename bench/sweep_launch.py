@@ -30,8 +30,8 @@ CONFIGS = [  # (shape, dtype, layout, mode, variant)
     ((64, 1, 32, 128), "bfloat16", "BMHK", "plane", "table+pos"),
     ((1, 1, 32, 128), "bfloat16", "BMHK", "plane", "base+offsets"),
 ]
-# (items, threads[, persistent]): items 1, 2 or 4 heads per thread (0: the rule's; the persistent grid
-# takes 1 or 4); persistent 1 the
+# (items, threads[, persistent]): items 1, 2 or 4 heads per thread, 8 in builds with ROPE_TABLE_ITEMS=8
+# (0: the rule's; the persistent grid takes 1 or 4); persistent 1 the
 # persistent grid, 0 a block per piece, -1 (or left out) the rule's choice
 SETTINGS = [(0, 0), (1, 256), (4, 256), (1, 128), (4, 128), (4, 512), (0, 0, 0), (0, 0, 1)]
 

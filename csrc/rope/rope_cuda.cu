@@ -48,10 +48,13 @@ namespace {
 #define ROPE_ANGLE_ITEMS 2
 #endif
 #ifndef ROPE_TABLE_ITEMS
-// heads a thread rotates in large calls with cos/sin tables: 1, 2 or 4 (4 ran up to 7% faster
-// than 2 with position_ids: a table row loaded after its position serves more heads)
+// heads a thread rotates in large calls with cos/sin tables: 1, 2, 4 or 8 (4 ran up to 7% faster
+// than 2 with position_ids: a table row loaded after its position serves more heads; 8, whose
+// instances are compiled only when asked for here or in ROPE_ANGLE_ITEMS, is untried)
 #define ROPE_TABLE_ITEMS 4
 #endif
+// the most heads per thread of any instance (8 only when a knob asks for it)
+constexpr int kMaxItems = ROPE_TABLE_ITEMS >= 8 || ROPE_ANGLE_ITEMS >= 8 ? 8 : 4;
 #ifndef ROPE_ITEMS_WAVES
 // large calls (more one-item threads than this many waves of the device's resident threads)
 // give each thread several heads; smaller ones one head per thread (latency first)
@@ -902,11 +905,15 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
   const int large_items = table ? ROPE_TABLE_ITEMS : ROPE_ANGLE_ITEMS;
   const int wanted = g_override_items > 0 ? g_override_items
                                           : (one_item_threads > ROPE_ITEMS_WAVES * wave ? large_items : 1);
-  // the kernels' heads per thread: 1, 2 or 4 (the elementwise variant 1; the persistent grid 1 or 4)
+  // the kernels' heads per thread: 1, 2, 4 (or 8 where compiled; the elementwise variant 1; the
+  // persistent grid 1 or 4)
   const bool pipe_wanted = p.cu_seqlens != nullptr
       || (g_override_persistent >= 0 ? g_override_persistent == 1
                                      : ROPE_PERSISTENT == 1 || (ROPE_PERSISTENT == 2 && wanted > 1 && !p.positions_shared_by_batch()));
-  const int items = !kVec || wanted < 2 ? 1 : (wanted >= 4 || pipe_wanted ? 4 : 2);
+  const int items = !kVec || wanted < 2 ? 1
+                    : pipe_wanted ? 4
+                    : wanted >= 8 && kMaxItems >= 8 ? 8
+                    : wanted >= 4 ? 4 : 2;
   const int threads = std::min(g_override_threads > 0 ? std::min(g_override_threads, kMaxBlockThreads)
                                                       : (items > 1 ? ROPE_LARGE_BLOCK_THREADS : kBlockThreads),
                                kVec ? BoundThreads(items, table, pipe_wanted) : kMaxBlockThreads);
@@ -941,7 +948,7 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
     kernel<<<static_cast<unsigned>(grid), threads, 0, stream>>>(a);
     return cudaGetLastError();
   };
-  // kernel instances: heads per thread 1, 2 and 4 (the persistent grid: 1 and 4; the elementwise
+  // kernel instances: heads per thread 1, 2 and 4, and 8 where a knob asks for it (the persistent grid: 1 and 4; the elementwise
   // variant: 1)
   auto dispatch = [&](auto plane_c, auto table_c) -> cudaError_t {
     constexpr bool kP = decltype(plane_c)::value;
@@ -956,6 +963,9 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
                           : launch(RopeKernel<T, TK, V, kVec, kP, kT, 4, true>);
       }
       if (items == 1) return launch(RopeKernel<T, TK, V, kVec, kP, kT, 1, false>);
+      if constexpr (kMaxItems >= 8) {
+        if (items == 8) return launch(RopeKernel<T, TK, V, kVec, kP, kT, 8, false>);
+      }
       return items == 2 ? launch(RopeKernel<T, TK, V, kVec, kP, kT, 2, false>)
                         : launch(RopeKernel<T, TK, V, kVec, kP, kT, 4, false>);
     }
