@@ -64,13 +64,18 @@ class Timer:
             self.starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
             self.ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
 
-    def gpu_us(self, fn: Callable[[], object]) -> float:
+    def gpu_us(self, fn: Callable[[], object], empty_l2: Optional[Callable[[], object]] = None) -> float:
+        """Median GPU time of fn, L2 emptied before each call (by zeroing self.flush, or by
+        `empty_l2` when given)."""
         for _ in range(2):
             fn()
         if DEVICE != "cuda":
             return self.b2b_us(fn)
         for i in range(self.reps):
-            self.flush.zero_()
+            if empty_l2 is None:
+                self.flush.zero_()
+            else:
+                empty_l2()
             self.starts[i].record()
             fn()
             self.ends[i].record()

@@ -13,12 +13,11 @@ memcpy that ncu does not profile.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import torch
 
-from bench.bench_gpu import alloc, rope_tables
+from bench.bench_gpu import Timer, alloc, rope_tables
 from tests.raw_driver import load_raw, rope
 
 CONFIGS = [  # (shape, dtype, layout, mode, variant)
@@ -40,28 +39,13 @@ def main() -> int:
     args = ap.parse_args()
     raw = load_raw(args.build)
     stream = torch.cuda.current_stream().cuda_stream
-    flush = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device="cuda")
-    flush_f = flush.view(torch.float32)
+    timer = Timer(reps=args.reps, b2b_reps=0)  # its 256 MiB flush buffer serves all three modes
+    flush_f = timer.flush.view(torch.float32)
     sink = torch.empty((), dtype=torch.float32, device="cuda")
-
-    def empty_l2(mode: str) -> None:
-        if mode == "zero":
-            flush.zero_()
-        elif mode == "read":
-            torch.sum(flush_f, dim=0, out=sink)
+    empty_l2 = {"zero": timer.flush.zero_, "read": lambda: torch.sum(flush_f, dim=0, out=sink), "none": lambda: None}
 
     def gpu_us(fn, mode: str) -> float:
-        for _ in range(2):
-            fn()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(args.reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(args.reps)]
-        for s, e in zip(starts, ends):
-            empty_l2(mode)
-            s.record()
-            fn()
-            e.record()
-        torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
+        return timer.gpu_us(fn, empty_l2[mode])
 
     modes = ["zero", "read", "none"]
     if not args.once:

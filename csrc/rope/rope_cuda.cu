@@ -905,18 +905,20 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
   const int large_items = table ? ROPE_TABLE_ITEMS : ROPE_ANGLE_ITEMS;
   const int wanted = g_override_items > 0 ? g_override_items
                                           : (one_item_threads > ROPE_ITEMS_WAVES * wave ? large_items : 1);
-  // the kernels' heads per thread: 1, 2, 4 (or 8 where compiled; the elementwise variant 1; the
-  // persistent grid 1 or 4)
-  const bool pipe_wanted = p.cu_seqlens != nullptr
+  // A block per piece (ROPE_PERSISTENT 0), or the persistent grid: always with cu_seqlens (its
+  // blocks check cu_seqlens once), else as ROPE_PERSISTENT or the launch override says.
+  const bool pipe = p.cu_seqlens != nullptr
       || (g_override_persistent >= 0 ? g_override_persistent == 1
                                      : ROPE_PERSISTENT == 1 || (ROPE_PERSISTENT == 2 && wanted > 1 && !p.positions_shared_by_batch()));
+  // the kernels' heads per thread: 1, 2, 4 (or 8 where compiled; the elementwise variant 1; the
+  // persistent grid 1 or 4)
   const int items = !kVec || wanted < 2 ? 1
-                    : pipe_wanted ? 4
+                    : pipe ? 4
                     : wanted >= 8 && kMaxItems >= 8 ? 8
                     : wanted >= 4 ? 4 : 2;
   const int threads = std::min(g_override_threads > 0 ? std::min(g_override_threads, kMaxBlockThreads)
                                                       : (items > 1 ? ROPE_LARGE_BLOCK_THREADS : kBlockThreads),
-                               kVec ? BoundThreads(items, table, pipe_wanted) : kMaxBlockThreads);
+                               BoundThreads(items, table, pipe));
   int64_t blocks = 0;
   for (int t = 0; t < p.num_tensors; ++t) {
     const int64_t lanes = std::max<int64_t>(1, (p.tensors[t].H + items - 1) / items);
@@ -935,9 +937,6 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
   a.div_units = FastDiv(static_cast<uint32_t>(a.units));
   a.div_m = FastDiv(static_cast<uint32_t>(std::max<int64_t>(1, p.M)));
 
-  // A block per piece (ROPE_PERSISTENT 0), or the persistent grid: always with cu_seqlens (its
-  // blocks check cu_seqlens once), else as ROPE_PERSISTENT or the launch override says.
-  const bool pipe = pipe_wanted;
   auto launch = [&](auto kernel) -> cudaError_t {
     int64_t grid = blocks;
     if (pipe) {
@@ -948,8 +947,8 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
     kernel<<<static_cast<unsigned>(grid), threads, 0, stream>>>(a);
     return cudaGetLastError();
   };
-  // kernel instances: heads per thread 1, 2 and 4, and 8 where a knob asks for it (the persistent grid: 1 and 4; the elementwise
-  // variant: 1)
+  // kernel instances: heads per thread 1, 2 and 4, and 8 where a knob asks for it (the persistent
+  // grid: 1 and 4; the elementwise variant: 1)
   auto dispatch = [&](auto plane_c, auto table_c) -> cudaError_t {
     constexpr bool kP = decltype(plane_c)::value;
     constexpr bool kT = decltype(table_c)::value;
