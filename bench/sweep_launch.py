@@ -29,6 +29,13 @@ CONFIGS = [  # (shape, dtype, layout, mode, variant)
     ((1, 1, 32, 128), "bfloat16", "BMHK", "plane", "table+pos"),
     ((64, 1, 32, 128), "bfloat16", "BMHK", "plane", "table+pos"),
     ((1, 1, 32, 128), "bfloat16", "BMHK", "plane", "base+offsets"),
+    ((4, 4096, 32, 128), "bfloat16", "BMHK", "plane", "base+pos"),
+    ((1, 4096, 32, 128), "bfloat16", "BMHK", "plane", "table+pos"),
+    ((4, 4096, 32, 128), "bfloat16", "MBHK", "plane", "base"),
+    ((4, 4096, 32, 128), "bfloat16", "BHMK", "plane", "base"),
+    ((1, 4096, 32, 128), "bfloat16", "BHMK", "plane", "table+pos"),
+    ((16, 1, 32, 128), "bfloat16", "BMHK", "plane", "base+offsets"),
+    ((4, 1, 8, 128), "bfloat16", "BMHK", "plane", "table+pos"),
 ]
 # (items, threads[, persistent]): items 1, 2 or 4 heads per thread, 8 in builds with ROPE_TABLE_ITEMS=8
 # (0: the rule's; the persistent grid takes 1 or 4); persistent 1 the

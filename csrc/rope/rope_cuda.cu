@@ -5,8 +5,10 @@
 // further when both hold whole pairs, else the next one), a pass-through unit is two vectors
 // past rotary_size. A thread rotates one unit of up to kItems heads (item lane, item lane +
 // lanes, ...) of one token (b, m) of one of the call's tensors (q and k of one launch): the grid
-// is flat over (tensor, token, item lane, unit), unit fastest, so a warp reads whole head vectors.
-// Large calls give a thread 2 heads (computed angles) or 4 (tables), small ones (decode) one.
+// is flat over (tensor, token, item lane, unit), unit fastest, so a warp reads whole head vectors;
+// tokens are numbered in x's memory order (m-major for MB layouts). Large calls give a thread 2
+// heads (computed angles) or 4 (tables), small ones (decode) one, in blocks just small enough
+// (64..256 threads) to reach every SM.
 // A thread issues its heads' loads first, then makes its unit's cos/sin (computed while the loads
 // fly, or loaded from the tables), then rotates and stores; no shared memory, no barrier (one,
 // with cu_seqlens, at the start). Calls get a block per piece of work, except those with
@@ -92,7 +94,23 @@ constexpr int kMaxItems = ROPE_TABLE_ITEMS >= 8 || ROPE_ANGLE_ITEMS >= 8 ? 8 : 4
 // table calls (median 1.001, 0.95-1.03).
 #define ROPE_TABLE_MIN_BLOCKS 0
 #endif
-constexpr int kBlockThreads = 256;  // threads per block of small calls (one head per thread)
+#ifndef ROPE_PREFETCH_X
+// 1: large calls whose positions are read from memory (vector variant) prefetch their heads' x
+// vectors into L2 while the position load flies, then wait for the position and load x and the
+// table rows, so the x loads come from L2 instead of making a second DRAM round trip. H200: the
+// sweep's (4, 4096, 32, 128) computed angles with position_ids 73.2 -> 71.5 us, tables 76.2 ->
+// 75.8; the whole bench no better (median over its calls with position_ids 0.995-1.006, int32
+// position_ids with tables 1.012-1.027: bench/results/h200_2026-11-29e/bench_prefetch.txt): off
+#define ROPE_PREFETCH_X 0
+#endif
+#ifndef ROPE_MEMORY_ROW_ORDER
+#define ROPE_MEMORY_ROW_ORDER 1  // 0: rows always b-major (row = b * M + m), the order before 2026-11-29
+#endif
+// threads per block of small calls (one head per thread): enough blocks to reach every SM, blocks
+// of kMinSmallBlockThreads to kBlockThreads threads (decode (1, 1, 32, 128) on the H200: 64-thread
+// blocks on 4 SMs 5.4-5.5 us against one 256-thread block 5.7-5.9; 32 threads no better than 64)
+constexpr int kBlockThreads = 256;
+constexpr int kMinSmallBlockThreads = 64;
 // launch bound (RopeCudaSetLaunchOverride may ask for 512 unless registers are capped)
 constexpr int kMaxBlockThreads = ROPE_MIN_BLOCKS > 1 ? 256 : 512;
 // The launch bounds of an instance: ROPE_ANGLE_MIN_BLOCKS / ROPE_TABLE_MIN_BLOCKS when set for it.
@@ -267,7 +285,13 @@ struct KernelArgs {
   int32_t blocks0;        // blocks of tensor 0
   int32_t blocks;         // blocks of the whole call (the grid may be smaller: blocks loop)
   int32_t lanes[kMaxRopeTensors];  // item lanes per row of each tensor
-  FastDiv div_units, div_m;
+  // Rows (tokens) in memory order: m_outer (MB layouts: m's stride is the larger) numbers them
+  // row = m * B + b, else row = b * M + m; inner_n is B or M and div_inner divides by it. Blocks
+  // that run together then touch one stretch of x instead of B stretches (MBHK with B = 4 ran 8%
+  // slower than BMHK in the other order: bench/results/h200_2026-11-29d).
+  bool m_outer;
+  int32_t inner_n;
+  FastDiv div_units, div_inner;
   FastDiv div_lanes[kMaxRopeTensors];
   RopeParams p;
 };
@@ -485,8 +509,10 @@ __device__ __forceinline__ Piece PieceAt(const KernelArgs& a, int blk) {
   const uint32_t row = (w.second ? a.div_lanes[1] : a.div_lanes[0]).Div(lane_row);
   w.lane = static_cast<int>(lane_row - row * static_cast<uint32_t>(w.lanes));
   w.live = blk < a.blocks && row < static_cast<uint32_t>(a.rows);
-  w.b = static_cast<int>(a.div_m.Div(row));
-  w.m = static_cast<int>(row) - w.b * static_cast<int>(a.p.M);
+  const int outer = static_cast<int>(a.div_inner.Div(row));
+  const int inner = static_cast<int>(row) - outer * a.inner_n;
+  w.b = a.m_outer ? inner : outer;
+  w.m = a.m_outer ? outer : inner;
   return w;
 }
 
@@ -529,6 +555,25 @@ __device__ __forceinline__ bool FinishPosition(const KernelArgs& a, const Piece&
   bool found = s.found;
   if (kTable) found = found && *pos >= 0 && *pos < a.p.table_rows;
   return found;
+}
+
+// L2 prefetch of the x vectors run_piece will load for piece w (vector variant): no registers
+// held, so the loads after the position's round trip find x in L2.
+template<typename T, int V, bool kPlane, int kItems>
+__device__ __forceinline__ void PrefetchX(const KernelArgs& a, const Piece& w) {
+  const RopeParams& p = a.p;
+  const RopeTensor& ts = w.second ? p.tensors[1] : p.tensors[0];
+  const int H = static_cast<int>(ts.H);
+  const Unit g = UnitAt<V, kPlane>(a, w.u, a.part, static_cast<int>(p.rotary_size), static_cast<int>(p.K));
+  const T* x = static_cast<const T*>(ts.x) + w.b * ts.x_stride_b + w.m * ts.x_stride_m + w.lane * ts.x_stride_h;
+  const int64_t x_step = w.lanes * ts.x_stride_h;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    if (w.lane + i * w.lanes < H) {
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(x + i * x_step + g.k0));
+      if (g.k1 >= 0) asm volatile("prefetch.global.L2 [%0];" ::"l"(x + i * x_step + g.k1));
+    }
+  }
 }
 
 // One thread: one unit of kItems heads of one token (b, m) of one tensor. In order: the token's
@@ -750,6 +795,11 @@ __global__ void __launch_bounds__(BoundThreads(kItems, kTable, kPipe), BoundMinB
     const Piece w = PieceAt(a, blockIdx.x);
     if (!w.live) return;
     const PendingPosition start = StartPosition(a, w, cu_seqlens_decreasing);
+#if ROPE_PREFETCH_X
+    if constexpr (kVec && kItems > 1) {
+      if (p.pos_type != IndexType::kNone || p.offsets_type != IndexType::kNone) PrefetchX<T, V, kPlane, kItems>(a, w);
+    }
+#endif
     if (kItems == 1 && (p.pos_type != IndexType::kNone || p.offsets_type != IndexType::kNone)) {
       run_piece(w, [&](int64_t* pos) { return FinishPosition<kTable>(a, w, start, pos); });
     } else {
@@ -916,8 +966,11 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
                     : pipe ? 4
                     : wanted >= 8 && kMaxItems >= 8 ? 8
                     : wanted >= 4 ? 4 : 2;
+  const int64_t per_sm = (one_item_threads + dev.sms - 1) / dev.sms;
+  const int small_threads = static_cast<int>(
+      std::min<int64_t>(kBlockThreads, std::max<int64_t>(kMinSmallBlockThreads, (per_sm + 31) / 32 * 32)));
   const int threads = std::min(g_override_threads > 0 ? std::min(g_override_threads, kMaxBlockThreads)
-                                                      : (items > 1 ? ROPE_LARGE_BLOCK_THREADS : kBlockThreads),
+                                                      : (items > 1 ? ROPE_LARGE_BLOCK_THREADS : small_threads),
                                BoundThreads(items, table, pipe));
   int64_t blocks = 0;
   for (int t = 0; t < p.num_tensors; ++t) {
@@ -935,7 +988,12 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
   a.blocks = static_cast<int32_t>(blocks);
   a.rows = static_cast<int32_t>(rows);
   a.div_units = FastDiv(static_cast<uint32_t>(a.units));
-  a.div_m = FastDiv(static_cast<uint32_t>(std::max<int64_t>(1, p.M)));
+  {
+    const RopeTensor& t0 = p.tensors[0];
+    a.m_outer = ROPE_MEMORY_ROW_ORDER && p.B > 1 && p.M > 1 && std::abs(t0.x_stride_m) > std::abs(t0.x_stride_b);  // x's order
+  }
+  a.inner_n = static_cast<int32_t>(std::max<int64_t>(1, a.m_outer ? p.B : p.M));
+  a.div_inner = FastDiv(static_cast<uint32_t>(a.inner_n));
 
   auto launch = [&](auto kernel) -> cudaError_t {
     int64_t grid = blocks;
