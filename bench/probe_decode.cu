@@ -8,6 +8,7 @@
 //   const-pos     the position a kernel argument (no dependent load) -> table row -> rotate
 // Prints GPU us (median of 300) of each and its ratio to the copy kernel.
 //   nvcc -O3 -std=c++17 -arch=sm_90 bench/probe_decode.cu -o /tmp/probe_decode && /tmp/probe_decode
+// (`/tmp/probe_decode once` launches each kernel once, untimed: bench/run_gpu.sh step ncudecode)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -15,6 +16,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "probe_common.cuh"
@@ -85,7 +87,9 @@ __global__ void __launch_bounds__(256) DecodeRope(const __nv_bfloat16* __restric
   *reinterpret_cast<uint4*>(yr + k1) = oz;
 }
 
-int main() {
+int main(int argc, char** argv) {
+  // "once": launch each kernel once for B = 1 and 64 (no timing), for ncu
+  const bool once = argc > 1 && std::string(argv[1]) == "once";
   __nv_bfloat16 *x, *y, *cos, *sin;
   long long* pos;
   float2* freq;
@@ -109,6 +113,19 @@ int main() {
     hf[i].y = static_cast<float>(t - hf[i].x);
   }
   CHECK(cudaMemcpy(freq, hf.data(), sizeof(float2) * 64, cudaMemcpyHostToDevice));
+  if (once) {
+    for (int B : {1, 64}) {
+      const int n = B * kH * kK * 2 / 16;
+      const int threads = B * kH * kUnits;
+      const int blocks = (threads + 255) / 256;
+      CopyKernel<<<(n + 255) / 256, 256>>>((const uint4*)x, (uint4*)y, n);
+      DecodeRope<0><<<blocks, 256>>>(x, y, pos, cos, sin, freq, threads, 0);
+      DecodeRope<1><<<blocks, 256>>>(x, y, pos, cos, sin, freq, threads, 0);
+      DecodeRope<2><<<blocks, 256>>>(x, y, pos, cos, sin, freq, threads, 0);
+    }
+    CHECK(cudaDeviceSynchronize());
+    return 0;
+  }
   FlushedTimer time(20, 300);
   cudaDeviceProp prop;
   CHECK(cudaGetDeviceProperties(&prop, 0));

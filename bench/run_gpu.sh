@@ -4,7 +4,7 @@
 # launch sweep and the benchmark. Results go to $OUT (default bench/results/latest). Used through
 # the device tool as
 #   bash bench/run_gpu.sh            (carry .whl for liger-kernel / torchtune wheels, if present)
-# Steps can be chosen: STEPS="check memcheck racecheck sweep variants probe probedecode ncu profile flushab sass bench"
+# Steps can be chosen: STEPS="check memcheck racecheck sweep variants probe probedecode ncudecode ncu profile flushab sass bench"
 # (default: check
 # memcheck racecheck bench); BENCH_ARGS passes options to bench_gpu.py. VARIANTS="name=-DFLAG=1 ..."
 # builds alternatives of the kernel (its compile-time knobs) next to the main build; the step
@@ -79,6 +79,18 @@ for step in $STEPS; do
       # stand-alone decode-step floors (copy, position_ids + table, offsets + angles)
       nvcc -O3 -std=c++17 -arch=sm_$ARCH bench/probe_decode.cu -o /tmp/probe_decode &&
         /tmp/probe_decode 2>&1 | tee "$OUT/probe_decode.txt" || status=1 ;;
+    ncudecode)
+      # decode under ncu: the stand-alone minimal kernels (bench/probe_decode.cu, once each) and
+      # ours on the sweep's calls (once each; the decode ones are c9-c11, c17, c18), with kernel
+      # duration, instructions and stall reasons side by side
+      nvcc -O3 -std=c++17 -arch=sm_$ARCH bench/probe_decode.cu -o /tmp/probe_decode || status=1
+      for prog in "/tmp/probe_decode once" "python3 -m bench.sweep_launch --build build-gpu --once"; do
+        ncu --clock-control none --kernel-name regex:"CopyKernel|DecodeRope|RopeKernel" --section SpeedOfLight \
+          --section LaunchStats --section WarpStateStats --section SourceCounters --warp-sampling-interval 0 \
+          --import-source no $prog
+      done >"$OUT/ncu_decode.txt" 2>&1 || status=1
+      grep -E "^  [a-zA-Z_].*\(|Duration|Executed Instructions |Registers Per|Block Size|Grid Size|Warp Cycles Per Issued" \
+        "$OUT/ncu_decode.txt" | head -200 ;;
     profile)
       # per-instruction stall samples of each sweep call's kernel (ncu source page, SASS) and details
       ncu --clock-control none --kernel-name regex:RopeKernel --section SpeedOfLight --section Occupancy \
