@@ -15,7 +15,8 @@
 //     branch-free loops over k, read x, rotate, write out, that the compiler vectorises (the
 //     baseline and AVX2 builds); the AVX-512 builds run the same loops written with intrinsics
 //     (the compiler's 16-bit conversions are about twice as slow, and large calls write their
-//     output with non-temporal stores). Other heads (a stride on k, or in place) are staged: the
+//     output with non-temporal stores); with rows outer, a row's cos/sin stay in registers for
+//     all of the row's heads (RowAvx512). Other heads (a stride on k, or in place) are staged: the
 //     rotary dims are loaded into a buffer, then rotated and stored, so out == x is safe. The
 //     untouched dims are copied, the zero slots of a packed gradient zeroed.
 // Each row's result depends only on the row, never on the block or thread it falls in.
@@ -601,20 +602,33 @@ struct Avx512Half {
   static V Rotate(V x, V c, V partner, V s) { return _mm512_add_ps(_mm512_mul_ps(x, c), _mm512_mul_ps(partner, s)); }
   static V RotateSub(V x, V c, V partner, V s) { return _mm512_sub_ps(_mm512_mul_ps(x, c), _mm512_mul_ps(partner, s)); }
   static V SwapPairs(V v) { return _mm512_permute_ps(v, 0xb1); }
-  // two vectors narrowed together (one instruction for bfloat16 where the CPU has it)
+  // two vectors narrowed together where that is one instruction (bfloat16 on CPUs with
+  // AVX512_BF16: Ops::kPairNarrow), else each on its own (no insert into and extract from a
+  // 512-bit register)
   static void StorePair(T* pa, T* pb, V a, V b) {
-    const __m512i n = Ops::Narrow2(a, b);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pa), _mm512_castsi512_si256(n));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb), _mm512_extracti64x4_epi64(n, 1));
+    if constexpr (Ops::kPairNarrow) {
+      const __m512i n = Ops::Narrow2(a, b);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pa), _mm512_castsi512_si256(n));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb), _mm512_extracti64x4_epi64(n, 1));
+    } else {
+      Store(pa, a);
+      Store(pb, b);
+    }
   }
   static void StreamPair(T* pa, T* pb, V a, V b) {
-    const __m512i n = Ops::Narrow2(a, b);
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(pa), _mm512_castsi512_si256(n));
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(pb), _mm512_extracti64x4_epi64(n, 1));
+    if constexpr (Ops::kPairNarrow) {
+      const __m512i n = Ops::Narrow2(a, b);
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(pa), _mm512_castsi512_si256(n));
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(pb), _mm512_extracti64x4_epi64(n, 1));
+    } else {
+      Stream(pa, a);
+      Stream(pb, b);
+    }
   }
 };
 
 struct HalfOps {
+  static constexpr bool kPairNarrow = false;
   static __m512 Widen(__m256i h) { return _mm512_cvtph_ps(h); }
   // round to nearest even (IEEE, subnormals kept), overflow to infinity
   static __m256i Narrow(__m512 v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
@@ -624,6 +638,11 @@ struct HalfOps {
 };
 
 struct BFloat16Ops {
+#if defined(__AVX512BF16__)
+  static constexpr bool kPairNarrow = true;
+#else
+  static constexpr bool kPairNarrow = false;
+#endif
   static __m512 Widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
   // as Storage<HostBFloat16>::Store, 16 values at a time
   static __m256i Round(__m512 v) {
@@ -634,22 +653,31 @@ struct BFloat16Ops {
     r = _mm512_mask_or_epi32(r, nan, u, _mm512_set1_epi32(0x00400000));
     return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
   }
-  static __m256i Narrow(__m512 v) {
+  // Round of two vectors, out of line: the rare path of Narrow2 (with it inline, GCC made Narrow2
+  // itself an out-of-line call per pair of vectors)
+  __attribute__((noinline, cold)) static __m512i Round2(__m512 a, __m512 b) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(Round(a)), Round(b), 1);
+  }
+  __attribute__((always_inline)) static inline __m256i Narrow(__m512 v) {
 #if defined(__AVX512BF16__)
     // vcvtneps2bf16 rounds the same way but reads subnormal inputs as zero: those (rare) vectors
     // take the integer rounding
-    if (_mm512_fpclass_ps_mask(v, 0x20) == 0) return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+    if (__builtin_expect(_mm512_fpclass_ps_mask(v, 0x20) == 0, 1)) {
+      return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+    }
 #endif
     return Round(v);
   }
   // a in the low half, b in the high half
-  static __m512i Narrow2(__m512 a, __m512 b) {
+  __attribute__((always_inline)) static inline __m512i Narrow2(__m512 a, __m512 b) {
 #if defined(__AVX512BF16__)
-    if (_mm512_kor(_mm512_fpclass_ps_mask(a, 0x20), _mm512_fpclass_ps_mask(b, 0x20)) == 0) {
+    if (__builtin_expect(_mm512_kor(_mm512_fpclass_ps_mask(a, 0x20), _mm512_fpclass_ps_mask(b, 0x20)) == 0, 1)) {
       return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));
     }
-#endif
+    return Round2(a, b);
+#else
     return _mm512_inserti64x4(_mm512_castsi256_si512(Round(a)), Round(b), 1);
+#endif
   }
 };
 
@@ -730,6 +758,102 @@ inline void IntervalAvx512(const T* x, T* out, const Compute<T>* c, const Comput
     A::Store(out + k, m, A::Rotate(v, A::LoadC(c + k, m), A::SwapPairs(v), A::LoadC(s + k, m)));
   }
 }
+
+// The heads of one row (one rotary part of 2 * kHalf dims, kHalf a multiple of the vector), with
+// the row's cos/sin loaded into registers once: the kernels above reload them for every head, as
+// many loads again as x itself for float32 and twice as many for 16-bit types, which is what
+// small calls (a decode step: every head of a row in the cache) spend their time on. The same
+// arithmetic as PlaneAvx512 / IntervalAvx512, so the same bits. kKind: 0 plane, paired row;
+// 1 plane; 2 interval. before(h, xh) runs before head h, after(xh, oh) after it.
+enum RowKind { kRowPaired = 0, kRowPlane = 1, kRowInterval = 2 };
+
+template<typename T, int64_t kHalf, int kKind>
+constexpr int64_t RowTableVectors() {  // cos/sin vectors held for a row
+  return (kKind == kRowPaired ? 2 : 4) * kHalf / Avx512<T>::kLanes;
+}
+
+template<typename T, bool kStream, int64_t kHalf, int kKind, typename Before, typename After>
+inline void RowAvx512(const T* xr, T* orow, int64_t sx, int64_t so, int64_t H, const Compute<T>* c,
+                      const Compute<T>* s, const Before& before, const After& after) {
+  using A = Avx512<T>;
+  using V = typename A::V;
+  constexpr int64_t N = A::kLanes;
+  constexpr int64_t NV = kHalf / N;  // vectors per half
+  static_assert(kHalf % N == 0, "whole vectors only");
+  if constexpr (kKind == kRowPaired) {
+    V cv[NV], sv[NV];  // cos[j] (both halves), sin[j + half]
+    for (int64_t q = 0; q < NV; ++q) {
+      cv[q] = A::LoadC(c + q * N);
+      sv[q] = A::LoadC(s + kHalf + q * N);
+    }
+    for (int64_t h = 0; h < H; ++h) {
+      const T* x = xr + h * sx;
+      T* out = orow + h * so;
+      before(h, x);
+      for (int64_t q = 0; q < NV; ++q) {
+        const V a = A::Load(x + q * N);
+        const V b = A::Load(x + kHalf + q * N);
+        const V oa = A::RotateSub(a, cv[q], b, sv[q]);
+        const V ob = A::Rotate(b, cv[q], a, sv[q]);
+        if (kStream) {
+          A::StreamPair(out + q * N, out + kHalf + q * N, oa, ob);
+        } else {
+          A::StorePair(out + q * N, out + kHalf + q * N, oa, ob);
+        }
+      }
+      after(x, out);
+    }
+  } else if constexpr (kKind == kRowPlane) {
+    V ca[NV], sa[NV], cb[NV], sb[NV];
+    for (int64_t q = 0; q < NV; ++q) {
+      ca[q] = A::LoadC(c + q * N);
+      sa[q] = A::LoadC(s + q * N);
+      cb[q] = A::LoadC(c + kHalf + q * N);
+      sb[q] = A::LoadC(s + kHalf + q * N);
+    }
+    for (int64_t h = 0; h < H; ++h) {
+      const T* x = xr + h * sx;
+      T* out = orow + h * so;
+      before(h, x);
+      for (int64_t q = 0; q < NV; ++q) {
+        const V a = A::Load(x + q * N);
+        const V b = A::Load(x + kHalf + q * N);
+        const V oa = A::Rotate(a, ca[q], b, sa[q]);
+        const V ob = A::Rotate(b, cb[q], a, sb[q]);
+        if (kStream) {
+          A::StreamPair(out + q * N, out + kHalf + q * N, oa, ob);
+        } else {
+          A::StorePair(out + q * N, out + kHalf + q * N, oa, ob);
+        }
+      }
+      after(x, out);
+    }
+  } else {
+    constexpr int64_t NR = 2 * NV;  // vectors of the rotary part
+    V cv[NR], sv[NR];
+    for (int64_t q = 0; q < NR; ++q) {
+      cv[q] = A::LoadC(c + q * N);
+      sv[q] = A::LoadC(s + q * N);
+    }
+    for (int64_t h = 0; h < H; ++h) {
+      const T* x = xr + h * sx;
+      T* out = orow + h * so;
+      before(h, x);
+      for (int64_t q = 0; q < NR; q += 2) {
+        const V v = A::Load(x + q * N);
+        const V w = A::Load(x + (q + 1) * N);
+        const V ov = A::Rotate(v, cv[q], A::SwapPairs(v), sv[q]);
+        const V ow = A::Rotate(w, cv[q + 1], A::SwapPairs(w), sv[q + 1]);
+        if (kStream) {
+          A::StreamPair(out + q * N, out + (q + 1) * N, ov, ow);
+        } else {
+          A::StorePair(out + q * N, out + (q + 1) * N, ov, ow);
+        }
+      }
+      after(x, out);
+    }
+  }
+}
 #endif
 
 // The dims past rotary_size are copied, the zero slots of a packed gradient zeroed.
@@ -808,6 +932,32 @@ inline void PrefetchLines(const void* p, int64_t offset, int64_t bytes, bool tem
   }
 }
 
+// The prefetch of ForEachHead's rows-outer traversal, before head h (at xh) of a row.
+struct HeadPrefetch {
+  int64_t H = 0;
+  int64_t gap_offset = 0;  // bytes to the head kGapAhead heads ahead (gaps only)
+  int64_t head_bytes = 0;
+  bool gaps = false, ahead = false;
+  inline void operator()(int64_t h, const void* xh) const {
+    if (gaps && h + kGapAhead < H) {
+      PrefetchLines(xh, gap_offset, head_bytes, true);
+    } else if (ahead) {
+      PrefetchLines(xh, kStreamAhead, head_bytes, false);
+    }
+  }
+};
+
+template<typename T>
+inline HeadPrefetch MakeHeadPrefetch(const RopeTensor& t, const Geometry& g, bool stream) {
+  HeadPrefetch f;
+  f.H = t.H;
+  f.head_bytes = t.x_stride_k == 1 ? g.rotary * static_cast<int64_t>(sizeof(T)) : 0;
+  f.gaps = t.x_stride_h > g.K;
+  f.ahead = stream && sizeof(T) >= 4 && !f.gaps;
+  f.gap_offset = kGapAhead * t.x_stride_h * static_cast<int64_t>(sizeof(T));
+  return f;
+}
+
 // Every head of tensor t in the block's rows: heads outer when heads are the slower axis of x
 // (BHMK), so that each head's rows stream through memory in order, kHeadsOuterGroup heads at a
 // time (row by row within the group: each row's cos/sin, read from L2, serves the group's heads
@@ -818,8 +968,6 @@ inline void ForEachHead(const RopeTensor& t, const Geometry& g, const BlockRows<
   const T* x = static_cast<const T*>(t.x);
   T* out = static_cast<T*>(t.out);
   const int64_t head_bytes = t.x_stride_k == 1 ? g.rotary * static_cast<int64_t>(sizeof(T)) : 0;
-  const bool gaps = t.x_stride_h > g.K;
-  const bool ahead = stream && sizeof(T) >= 4 && !gaps;
   if (t.x_stride_h > t.x_stride_m) {
     const bool ahead_rows = stream && sizeof(T) >= 4 && t.x_stride_m == g.K;  // rows contiguous
     for (int64_t h0 = 0; h0 < t.H; h0 += kHeadsOuterGroup) {
@@ -833,16 +981,13 @@ inline void ForEachHead(const RopeTensor& t, const Geometry& g, const BlockRows<
       }
     }
   } else {
+    const HeadPrefetch prefetch = MakeHeadPrefetch<T>(t, g, stream);
     for (int64_t i = 0; i < rows.n; ++i) {
       const T* xr = x + rows.b[i] * t.x_stride_b + rows.m[i] * t.x_stride_m;
       T* orow = out + rows.b[i] * t.out_stride_b + rows.m[i] * t.out_stride_m;
       for (int64_t h = 0; h < t.H; ++h) {
         const T* xh = xr + h * t.x_stride_h;
-        if (gaps && h + kGapAhead < t.H) {
-          PrefetchLines(xh, kGapAhead * t.x_stride_h * static_cast<int64_t>(sizeof(T)), head_bytes, true);
-        } else if (ahead) {
-          PrefetchLines(xh, kStreamAhead, head_bytes, false);
-        }
+        prefetch(h, xh);
         head(xh, orow + h * t.out_stride_h, i);
       }
     }
@@ -857,7 +1002,7 @@ void RotateTensorDirect(const RopeTensor& t, const Geometry& g, const BlockRows<
   const bool tail = g.K > g.rotary || t.num_zero_slots > 0;
   (void)v;
   (void)o;
-  ForEachHead<T>(t, g, rows, kStream, [&](const T* xh, T* oh, int64_t i) {
+  auto head = [&](const T* xh, T* oh, int64_t i) {
     const Compute<T>* c = rows.cos + i * rotary;
     const Compute<T>* s = rows.sin + i * rotary;
 #if ROPE_CPU_AVX512_16BIT
@@ -902,7 +1047,54 @@ void RotateTensorDirect(const RopeTensor& t, const Geometry& g, const BlockRows<
       }
     }
     if (tail) TailAndZeros<T, kStream>(xh, oh, t, g);
-  });
+  };
+#if ROPE_CPU_AVX512_16BIT
+  if constexpr (kAvx512Kernels<T> && kHalf > 0 && kHalf % Avx512<T>::kLanes == 0) {
+    // rows outer, one rotary part: each row's cos/sin in registers for all the row's heads (a
+    // row whose cos/sin would take more than 16 vectors, float64 unless paired, keeps the
+    // per-head kernels)
+    if (!(t.x_stride_h > t.x_stride_m) && parts == 1) {
+      const T* x = static_cast<const T*>(t.x);
+      T* out = static_cast<T*>(t.out);
+      const HeadPrefetch prefetch = MakeHeadPrefetch<T>(t, g, kStream);
+      // the tail is a call (which clobbers every vector register): rows without one get a loop
+      // with none, so that their cos/sin stay in registers
+      auto after = [&](const T* xh, T* oh) { TailAndZeros<T, kStream>(xh, oh, t, g); };
+      auto no_tail = [](const T*, T*) {};
+      auto row = [&](auto kind, const T* xr, T* orow, const Compute<T>* c, const Compute<T>* s) {
+        constexpr int kKind = decltype(kind)::value;
+        if (tail) {
+          RowAvx512<T, kStream, kHalf, kKind>(xr, orow, t.x_stride_h, t.out_stride_h, t.H, c, s, prefetch, after);
+        } else {
+          RowAvx512<T, kStream, kHalf, kKind>(xr, orow, t.x_stride_h, t.out_stride_h, t.H, c, s, prefetch, no_tail);
+        }
+      };
+      constexpr bool kPlaneFits = RowTableVectors<T, kHalf, kRowPlane>() <= 16;
+      constexpr bool kIntervalFits = RowTableVectors<T, kHalf, kRowInterval>() <= 16;
+      for (int64_t i = 0; i < rows.n; ++i) {
+        const T* xr = x + rows.b[i] * t.x_stride_b + rows.m[i] * t.x_stride_m;
+        T* orow = out + rows.b[i] * t.out_stride_b + rows.m[i] * t.out_stride_m;
+        const Compute<T>* c = rows.cos + i * rotary;
+        const Compute<T>* s = rows.sin + i * rotary;
+        const int64_t sx = t.x_stride_h, so = t.out_stride_h;
+        if (g.plane && rows.paired[i]) {
+          row(std::integral_constant<int, kRowPaired>(), xr, orow, c, s);
+        } else if (g.plane && kPlaneFits) {
+          row(std::integral_constant<int, kRowPlane>(), xr, orow, c, s);
+        } else if (!g.plane && kIntervalFits) {
+          row(std::integral_constant<int, kRowInterval>(), xr, orow, c, s);
+        } else {
+          for (int64_t h = 0; h < t.H; ++h) {
+            prefetch(h, xr + h * sx);
+            head(xr + h * sx, orow + h * so, i);
+          }
+        }
+      }
+      return;
+    }
+  }
+#endif
+  ForEachHead<T>(t, g, rows, kStream, head);
 }
 
 template<typename T>
