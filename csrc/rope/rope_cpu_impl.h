@@ -772,6 +772,16 @@ constexpr int64_t RowTableVectors() {  // cos/sin vectors held for a row
   return (kKind == kRowPaired ? 2 : 4) * kHalf / Avx512<T>::kLanes;
 }
 
+// Stores (or streams) two rotated vectors.
+template<typename T, bool kStream>
+inline void PutPair(T* pa, T* pb, typename Avx512<T>::V a, typename Avx512<T>::V b) {
+  if (kStream) {
+    Avx512<T>::StreamPair(pa, pb, a, b);
+  } else {
+    Avx512<T>::StorePair(pa, pb, a, b);
+  }
+}
+
 template<typename T, bool kStream, int64_t kHalf, int kKind, typename Before, typename After>
 inline void RowAvx512(const T* xr, T* orow, int64_t sx, int64_t so, int64_t H, const Compute<T>* c,
                       const Compute<T>* s, const Before& before, const After& after) {
@@ -780,54 +790,41 @@ inline void RowAvx512(const T* xr, T* orow, int64_t sx, int64_t so, int64_t H, c
   constexpr int64_t N = A::kLanes;
   constexpr int64_t NV = kHalf / N;  // vectors per half
   static_assert(kHalf % N == 0, "whole vectors only");
-  if constexpr (kKind == kRowPaired) {
-    V cv[NV], sv[NV];  // cos[j] (both halves), sin[j + half]
-    for (int64_t q = 0; q < NV; ++q) {
-      cv[q] = A::LoadC(c + q * N);
-      sv[q] = A::LoadC(s + kHalf + q * N);
-    }
+  // body(x, out) rotates one head
+  auto each_head = [&](const auto& body) {
     for (int64_t h = 0; h < H; ++h) {
       const T* x = xr + h * sx;
       T* out = orow + h * so;
       before(h, x);
-      for (int64_t q = 0; q < NV; ++q) {
-        const V a = A::Load(x + q * N);
-        const V b = A::Load(x + kHalf + q * N);
-        const V oa = A::RotateSub(a, cv[q], b, sv[q]);
-        const V ob = A::Rotate(b, cv[q], a, sv[q]);
-        if (kStream) {
-          A::StreamPair(out + q * N, out + kHalf + q * N, oa, ob);
-        } else {
-          A::StorePair(out + q * N, out + kHalf + q * N, oa, ob);
-        }
-      }
+      body(x, out);
       after(x, out);
     }
-  } else if constexpr (kKind == kRowPlane) {
-    V ca[NV], sa[NV], cb[NV], sb[NV];
+  };
+  if constexpr (kKind == kRowPaired || kKind == kRowPlane) {
+    // paired: one cos for both halves and the second half's sin, negated for the first
+    constexpr bool kPaired = kKind == kRowPaired;
+    V ca[NV], sa[kPaired ? 1 : NV], cb[kPaired ? 1 : NV], sb[NV];
     for (int64_t q = 0; q < NV; ++q) {
       ca[q] = A::LoadC(c + q * N);
-      sa[q] = A::LoadC(s + q * N);
-      cb[q] = A::LoadC(c + kHalf + q * N);
       sb[q] = A::LoadC(s + kHalf + q * N);
+      if constexpr (!kPaired) {
+        sa[q] = A::LoadC(s + q * N);
+        cb[q] = A::LoadC(c + kHalf + q * N);
+      }
     }
-    for (int64_t h = 0; h < H; ++h) {
-      const T* x = xr + h * sx;
-      T* out = orow + h * so;
-      before(h, x);
+    each_head([&](const T* x, T* out) {
       for (int64_t q = 0; q < NV; ++q) {
         const V a = A::Load(x + q * N);
         const V b = A::Load(x + kHalf + q * N);
-        const V oa = A::Rotate(a, ca[q], b, sa[q]);
-        const V ob = A::Rotate(b, cb[q], a, sb[q]);
-        if (kStream) {
-          A::StreamPair(out + q * N, out + kHalf + q * N, oa, ob);
+        if constexpr (kPaired) {
+          PutPair<T, kStream>(out + q * N, out + kHalf + q * N, A::RotateSub(a, ca[q], b, sb[q]),
+                              A::Rotate(b, ca[q], a, sb[q]));
         } else {
-          A::StorePair(out + q * N, out + kHalf + q * N, oa, ob);
+          PutPair<T, kStream>(out + q * N, out + kHalf + q * N, A::Rotate(a, ca[q], b, sa[q]),
+                              A::Rotate(b, cb[q], a, sb[q]));
         }
       }
-      after(x, out);
-    }
+    });
   } else {
     constexpr int64_t NR = 2 * NV;  // vectors of the rotary part
     V cv[NR], sv[NR];
@@ -835,23 +832,14 @@ inline void RowAvx512(const T* xr, T* orow, int64_t sx, int64_t so, int64_t H, c
       cv[q] = A::LoadC(c + q * N);
       sv[q] = A::LoadC(s + q * N);
     }
-    for (int64_t h = 0; h < H; ++h) {
-      const T* x = xr + h * sx;
-      T* out = orow + h * so;
-      before(h, x);
+    each_head([&](const T* x, T* out) {
       for (int64_t q = 0; q < NR; q += 2) {
         const V v = A::Load(x + q * N);
         const V w = A::Load(x + (q + 1) * N);
-        const V ov = A::Rotate(v, cv[q], A::SwapPairs(v), sv[q]);
-        const V ow = A::Rotate(w, cv[q + 1], A::SwapPairs(w), sv[q + 1]);
-        if (kStream) {
-          A::StreamPair(out + q * N, out + (q + 1) * N, ov, ow);
-        } else {
-          A::StorePair(out + q * N, out + (q + 1) * N, ov, ow);
-        }
+        PutPair<T, kStream>(out + q * N, out + (q + 1) * N, A::Rotate(v, cv[q], A::SwapPairs(v), sv[q]),
+                            A::Rotate(w, cv[q + 1], A::SwapPairs(w), sv[q + 1]));
       }
-      after(x, out);
-    }
+    });
   }
 }
 #endif
