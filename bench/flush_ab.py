@@ -17,8 +17,9 @@ import sys
 
 import torch
 
-from bench.bench_gpu import Timer, alloc, rope_tables
-from tests.raw_driver import load_raw, rope
+from bench.bench_gpu import Timer
+from bench.sweep_launch import make_plan
+from tests.raw_driver import load_raw
 
 CONFIGS = [  # (shape, dtype, layout, mode, variant)
     ((4, 4096, 32, 128), "bfloat16", "BMHK", "plane", "base"),
@@ -54,14 +55,7 @@ def main() -> int:
     for shape, dname, layout, mode, variant in CONFIGS:
         B, M, H, K = shape
         dtype = getattr(torch, dname)
-        x = alloc(layout, B, M, H, K, dtype)
-        out = alloc(layout, B, M, H, K, dtype)
-        cos = sin = pos = None
-        if variant.startswith("table"):
-            cos, sin = rope_tables(max(M, 8192), K, mode, dtype)
-        if variant.endswith("pos"):
-            pos = torch.randint(0, max(M, 8192), (B, 1, M), device="cuda")
-        plan = raw.Plan(rope(raw, x, cos, sin, pos, layout=layout, out=out, mode=mode, plan_only=True))
+        plan, keep = make_plan(raw, shape, dname, layout, mode, variant)  # keep: the plan's tensors, alive
         src = torch.empty(B * M * H * K, dtype=dtype, device="cuda").uniform_(-1, 1)
         dst = torch.empty_like(src)
         if args.once:

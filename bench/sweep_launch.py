@@ -43,6 +43,27 @@ CONFIGS = [  # (shape, dtype, layout, mode, variant)
 SETTINGS = [(0, 0), (1, 256), (4, 256), (1, 128), (4, 128), (4, 512), (0, 0, 0), (0, 0, 1)]
 
 
+def make_plan(raw, shape, dname: str, layout: str, mode: str, variant: str):
+    """The raw module's plan of one config (shape, dtype, layout, mode, variant as in CONFIGS), and
+    the tensors it reads and writes (keep them alive while the plan runs)."""
+    B, M, H, K = shape
+    dtype = getattr(torch, dname)
+    x = alloc(layout, B, M, H, K, dtype)
+    out = alloc(layout if "3" not in layout else "BM(HK)", B, M, H, K, dtype)
+    kw = {"k_size": K} if "(" in layout else {}
+    cos = sin = pos = offsets = None
+    if variant.startswith("table"):
+        cos, sin = rope_tables(max(M, 8192), K, mode, dtype)
+    if variant.endswith("pos"):
+        pos = torch.randint(0, max(M, 8192), (B, 1, M), device="cuda")
+    rot = K // 2 if variant == "partial" else None
+    params = rope(raw, x, cos, sin, pos, layout=layout, out=out, mode=mode, rotary_size=rot, plan_only=True, **kw)
+    if variant.endswith("offsets"):  # KV-cache lengths as seqlen_offsets
+        offsets = torch.randint(0, 8192, (B,), device="cuda")
+        params.update(seqlen_offsets=offsets.data_ptr(), offsets_dtype="int64")
+    return raw.Plan(params), [x, out, cos, sin, pos, offsets]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--build", default="build-gpu")
@@ -56,28 +77,12 @@ def main() -> int:
     stream = torch.cuda.current_stream().cuda_stream
     plans, copies = [], []
     keep = []
-    for shape, dname, layout, mode, variant in CONFIGS:
-        B, M, H, K = shape
-        dtype = getattr(torch, dname)
-        x = alloc(layout, B, M, H, K, dtype)
-        out_layout = layout if "3" not in layout else "BM(HK)"
-        out = alloc(out_layout, B, M, H, K, dtype)
-        kw = {"k_size": K} if "(" in layout else {}
-        cos = sin = pos = None
-        if variant.startswith("table"):
-            cos, sin = rope_tables(max(M, 8192), K, mode, dtype)
-        if variant.endswith("pos"):
-            pos = torch.randint(0, max(M, 8192), (B, 1, M), device="cuda")
-        rot = K // 2 if variant == "partial" else None
-        params = rope(raw, x, cos, sin, pos, layout=layout, out=out, mode=mode, rotary_size=rot, plan_only=True, **kw)
-        if variant.endswith("offsets"):  # KV-cache lengths as seqlen_offsets
-            offsets = torch.randint(0, 8192, (B,), device="cuda")
-            params.update(seqlen_offsets=offsets.data_ptr(), offsets_dtype="int64")
-            keep.append(offsets)
-        plans.append(raw.Plan(params))
-        keep += [x, out, cos, sin, pos]
-        n = B * M * H * K
-        src = torch.empty(n, dtype=dtype, device="cuda")
+    for config in CONFIGS:
+        plan, tensors = make_plan(raw, *config)
+        plans.append(plan)
+        keep += tensors
+        (B, M, H, K), dtype = config[0], getattr(torch, config[1])
+        src = torch.empty(B * M * H * K, dtype=dtype, device="cuda")
         copies.append(timer.gpu_us(lambda dst=torch.empty_like(src), src=src: dst.copy_(src)))
     if args.once:
         for plan in plans:

@@ -10,6 +10,7 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "oneflow/core/common/balanced_splitter.h"
@@ -170,20 +171,17 @@ std::string CachedSizes(const ShapeView& shape, const rope::RopeCall& call, rope
     bool valid = false;
   };
   thread_local Entry last;
-  bool same = last.valid && static_cast<int64_t>(last.shape.size()) == shape.NumAxes()
-              && last.call.x_layout == call.x_layout && last.call.output_layout == call.output_layout
-              && last.call.mode == call.mode && last.call.tensor_index == call.tensor_index
-              && last.call.k_size == call.k_size && last.call.rotary_size == call.rotary_size
-              && last.call.rotary_dim == call.rotary_dim;
+  bool same = last.valid && static_cast<int64_t>(last.shape.size()) == shape.NumAxes() && last.call == call;
   for (int i = 0; same && i < shape.NumAxes(); ++i) same = last.shape[i] == shape.At(i);
   if (same) {
     *sizes = last.sizes;
     return std::string();
   }
-  std::string err = rope::InferSizes(ToVector(shape), call, sizes);
+  std::vector<int64_t> dims = ToVector(shape);
+  std::string err = rope::InferSizes(dims, call, sizes);
   last.valid = err.empty();
   if (last.valid) {
-    last.shape = ToVector(shape);
+    last.shape = std::move(dims);
     last.call = call;
     last.sizes = *sizes;
   }

@@ -109,6 +109,12 @@ struct RopeCall {
   int64_t k_size = 0;       // head size; 0: from x's shape (unfused layouts only)
   int64_t rotary_size = 0;  // 0: K
   int32_t rotary_dim = 1;
+
+  bool operator==(const RopeCall& o) const {
+    return x_layout == o.x_layout && output_layout == o.output_layout && mode == o.mode
+           && tensor_index == o.tensor_index && k_size == o.k_size && rotary_size == o.rotary_size
+           && rotary_dim == o.rotary_dim;
+  }
 };
 
 // B, M, H, K of x under the call's attributes (InferShapes without the optional inputs; for a

@@ -946,6 +946,29 @@ inline HeadPrefetch MakeHeadPrefetch(const RopeTensor& t, const Geometry& g, boo
   return f;
 }
 
+// Rows outer: row(xr, orow, i) for each of the block's rows i of tensor t (xr, orow: the row's
+// first head in x and out).
+template<typename T, typename RowFn>
+inline void ForEachRow(const RopeTensor& t, const BlockRows<Compute<T>>& rows, const RowFn& row) {
+  const T* x = static_cast<const T*>(t.x);
+  T* out = static_cast<T*>(t.out);
+  for (int64_t i = 0; i < rows.n; ++i) {
+    row(x + rows.b[i] * t.x_stride_b + rows.m[i] * t.x_stride_m,
+        out + rows.b[i] * t.out_stride_b + rows.m[i] * t.out_stride_m, i);
+  }
+}
+
+// The heads of row i one by one, each after its prefetch.
+template<typename T, typename HeadFn>
+inline void EachHeadOfRow(const RopeTensor& t, const HeadPrefetch& prefetch, const T* xr, T* orow, int64_t i,
+                          const HeadFn& head) {
+  for (int64_t h = 0; h < t.H; ++h) {
+    const T* xh = xr + h * t.x_stride_h;
+    prefetch(h, xh);
+    head(xh, orow + h * t.out_stride_h, i);
+  }
+}
+
 // Every head of tensor t in the block's rows: heads outer when heads are the slower axis of x
 // (BHMK), so that each head's rows stream through memory in order, kHeadsOuterGroup heads at a
 // time (row by row within the group: each row's cos/sin, read from L2, serves the group's heads
@@ -970,15 +993,7 @@ inline void ForEachHead(const RopeTensor& t, const Geometry& g, const BlockRows<
     }
   } else {
     const HeadPrefetch prefetch = MakeHeadPrefetch<T>(t, g, stream);
-    for (int64_t i = 0; i < rows.n; ++i) {
-      const T* xr = x + rows.b[i] * t.x_stride_b + rows.m[i] * t.x_stride_m;
-      T* orow = out + rows.b[i] * t.out_stride_b + rows.m[i] * t.out_stride_m;
-      for (int64_t h = 0; h < t.H; ++h) {
-        const T* xh = xr + h * t.x_stride_h;
-        prefetch(h, xh);
-        head(xh, orow + h * t.out_stride_h, i);
-      }
-    }
+    ForEachRow<T>(t, rows, [&](const T* xr, T* orow, int64_t i) { EachHeadOfRow(t, prefetch, xr, orow, i, head); });
   }
 }
 
@@ -1042,8 +1057,6 @@ void RotateTensorDirect(const RopeTensor& t, const Geometry& g, const BlockRows<
     // row whose cos/sin would take more than 16 vectors, float64 unless paired, keeps the
     // per-head kernels)
     if (!(t.x_stride_h > t.x_stride_m) && parts == 1) {
-      const T* x = static_cast<const T*>(t.x);
-      T* out = static_cast<T*>(t.out);
       const HeadPrefetch prefetch = MakeHeadPrefetch<T>(t, g, kStream);
       // the tail is a call (which clobbers every vector register): rows without one get a loop
       // with none, so that their cos/sin stay in registers
@@ -1059,12 +1072,9 @@ void RotateTensorDirect(const RopeTensor& t, const Geometry& g, const BlockRows<
       };
       constexpr bool kPlaneFits = RowTableVectors<T, kHalf, kRowPlane>() <= 16;
       constexpr bool kIntervalFits = RowTableVectors<T, kHalf, kRowInterval>() <= 16;
-      for (int64_t i = 0; i < rows.n; ++i) {
-        const T* xr = x + rows.b[i] * t.x_stride_b + rows.m[i] * t.x_stride_m;
-        T* orow = out + rows.b[i] * t.out_stride_b + rows.m[i] * t.out_stride_m;
+      ForEachRow<T>(t, rows, [&](const T* xr, T* orow, int64_t i) {
         const Compute<T>* c = rows.cos + i * rotary;
         const Compute<T>* s = rows.sin + i * rotary;
-        const int64_t sx = t.x_stride_h, so = t.out_stride_h;
         if (g.plane && rows.paired[i]) {
           row(std::integral_constant<int, kRowPaired>(), xr, orow, c, s);
         } else if (g.plane && kPlaneFits) {
@@ -1072,12 +1082,9 @@ void RotateTensorDirect(const RopeTensor& t, const Geometry& g, const BlockRows<
         } else if (!g.plane && kIntervalFits) {
           row(std::integral_constant<int, kRowInterval>(), xr, orow, c, s);
         } else {
-          for (int64_t h = 0; h < t.H; ++h) {
-            prefetch(h, xr + h * sx);
-            head(xr + h * sx, orow + h * so, i);
-          }
+          EachHeadOfRow(t, prefetch, xr, orow, i, head);
         }
-      }
+      });
       return;
     }
   }

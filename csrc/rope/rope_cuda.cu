@@ -94,15 +94,6 @@ constexpr int kMaxItems = ROPE_TABLE_ITEMS >= 8 || ROPE_ANGLE_ITEMS >= 8 ? 8 : 4
 // table calls (median 1.001, 0.95-1.03).
 #define ROPE_TABLE_MIN_BLOCKS 0
 #endif
-#ifndef ROPE_PREFETCH_X
-// 1: large calls whose positions are read from memory (vector variant) prefetch their heads' x
-// vectors into L2 while the position load flies, then wait for the position and load x and the
-// table rows, so the x loads come from L2 instead of making a second DRAM round trip. H200: the
-// sweep's (4, 4096, 32, 128) computed angles with position_ids 73.2 -> 71.5 us, tables 76.2 ->
-// 75.8; the whole bench no better (median over its calls with position_ids 0.995-1.006, int32
-// position_ids with tables 1.012-1.027: bench/results/h200_2026-11-29e/bench_prefetch.txt): off
-#define ROPE_PREFETCH_X 0
-#endif
 #ifndef ROPE_MEMORY_ROW_ORDER
 #define ROPE_MEMORY_ROW_ORDER 1  // 0: rows always b-major (row = b * M + m), the order before 2026-11-29
 #endif
@@ -557,25 +548,6 @@ __device__ __forceinline__ bool FinishPosition(const KernelArgs& a, const Piece&
   return found;
 }
 
-// L2 prefetch of the x vectors run_piece will load for piece w (vector variant): no registers
-// held, so the loads after the position's round trip find x in L2.
-template<typename T, int V, bool kPlane, int kItems>
-__device__ __forceinline__ void PrefetchX(const KernelArgs& a, const Piece& w) {
-  const RopeParams& p = a.p;
-  const RopeTensor& ts = w.second ? p.tensors[1] : p.tensors[0];
-  const int H = static_cast<int>(ts.H);
-  const Unit g = UnitAt<V, kPlane>(a, w.u, a.part, static_cast<int>(p.rotary_size), static_cast<int>(p.K));
-  const T* x = static_cast<const T*>(ts.x) + w.b * ts.x_stride_b + w.m * ts.x_stride_m + w.lane * ts.x_stride_h;
-  const int64_t x_step = w.lanes * ts.x_stride_h;
-#pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    if (w.lane + i * w.lanes < H) {
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(x + i * x_step + g.k0));
-      if (g.k1 >= 0) asm volatile("prefetch.global.L2 [%0];" ::"l"(x + i * x_step + g.k1));
-    }
-  }
-}
-
 // One thread: one unit of kItems heads of one token (b, m) of one tensor. In order: the token's
 // position (made first, or loaded a piece ahead in the persistent grid), the loads of its heads'
 // vectors, the unit's cos/sin (table loads, or computed while the loads fly), then the rotation
@@ -791,15 +763,12 @@ __global__ void __launch_bounds__(BoundThreads(kItems, kTable, kPipe), BoundMinB
     // the x loads and used after them, so its DRAM round trip overlaps theirs; the two paths are
     // separate code so that the other one never waits on that load's scoreboard. Large calls
     // with positions in memory wait for the position before their x loads (issuing the x loads
-    // first measured 0.76 vs 0.88 of copy with tables and position_ids on the H200).
+    // first measured 0.76 vs 0.88 of copy with tables and position_ids on the H200; an L2
+    // prefetch of x while the position loads gained nothing over the whole bench:
+    // bench/results/h200_2026-11-29e).
     const Piece w = PieceAt(a, blockIdx.x);
     if (!w.live) return;
     const PendingPosition start = StartPosition(a, w, cu_seqlens_decreasing);
-#if ROPE_PREFETCH_X
-    if constexpr (kVec && kItems > 1) {
-      if (p.pos_type != IndexType::kNone || p.offsets_type != IndexType::kNone) PrefetchX<T, V, kPlane, kItems>(a, w);
-    }
-#endif
     if (kItems == 1 && (p.pos_type != IndexType::kNone || p.offsets_type != IndexType::kNone)) {
       run_piece(w, [&](int64_t* pos) { return FinishPosition<kTable>(a, w, start, pos); });
     } else {
