@@ -43,6 +43,8 @@ DECODE_BATCHES = (1, 4, 16, 64)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 LAYOUTS = ("BMHK", "BHMK", "MBHK", "BM(HK)", "MB(HK)", "BM(H3K)", "MB(H3K)")
 MODES = ("plane", "interval")
+DECODE_LAYOUTS = ("BMHK", "BM(H3K)")
+PACKED_LAYOUTS = ("BM(H3K)", "MB(H3K)")
 REGIMES = ("base", "table", "partial", "rotary2", "backward", "decode", "packed-qk", "llm", "varlen")
 DEVICE = "cuda"  # --device cpu: a dry run of the whole script through the CPU kernel (no timing value)
 
@@ -56,9 +58,10 @@ def sync() -> None:
 
 
 class Timer:
-    def __init__(self, reps: int, b2b_reps: int):
+    def __init__(self, reps: int, b2b_reps: int, warmup_ms: float = 0.0):
         self.reps = reps
         self.b2b_reps = b2b_reps
+        self.warmup_ms = warmup_ms  # > 0: warm-up calls go on for at least this long (else 2 calls)
         if DEVICE == "cuda":
             self.flush = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device=DEVICE)
             self.starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
@@ -71,6 +74,12 @@ class Timer:
             fn()
         if DEVICE != "cuda":
             return self.b2b_us(fn)
+        if self.warmup_ms > 0:
+            t0 = time.perf_counter()
+            while (time.perf_counter() - t0) * 1e3 < self.warmup_ms:
+                self.flush.zero_()
+                fn()
+                sync()
         for i in range(self.reps):
             if empty_l2 is None:
                 self.flush.zero_()
@@ -189,7 +198,7 @@ class Bench:
     def __init__(self, args, raw):
         self.args = args
         self.raw = raw
-        self.timer = Timer(reps=12 if args.quick else 30, b2b_reps=50 if args.quick else 200)
+        self.timer = Timer(reps=12 if args.quick else 30, b2b_reps=50 if args.quick else 200, warmup_ms=args.warmup_ms)
         self.stream = torch.cuda.current_stream().cuda_stream if DEVICE == "cuda" else 0
         self.rows: List[Dict] = []
         self.copy_cache: Dict[Tuple[int, str], Tuple[float, float]] = {}
@@ -377,7 +386,7 @@ class Bench:
                 esize = torch.tensor([], dtype=dtype).element_size()
                 nbytes = 2 * B * H * K * esize
                 copy = self.copy_us(nbytes, dtype)
-                for layout in ("BMHK", "BM(H3K)"):
+                for layout in DECODE_LAYOUTS:
                     x = alloc(layout, B, 1, H, K, dtype)
                     out = alloc(unpacked(layout), B, 1, H, K, dtype)
                     kw = {"k_size": K, "tensor_index": 1} if slots_of(layout) > 1 else {}
@@ -407,7 +416,7 @@ class Bench:
                 esize = torch.tensor([], dtype=dtype).element_size()
                 nbytes = 2 * 2 * B * M * H * K * esize
                 copy = self.copy_us(nbytes, dtype)
-                for layout in ("BM(H3K)", "MB(H3K)"):
+                for layout in PACKED_LAYOUTS:
                     x = alloc(layout, B, M, H, K, dtype)
                     outs = [alloc(unpacked(layout), B, M, H, K, dtype) for _ in range(2)]
                     tensors = [tensor_entry(self.raw, x, outs[s], layout, unpacked(layout), K=K, H=H, src_slot=s) for s in range(2)]
@@ -573,12 +582,19 @@ def main() -> int:
     ap.add_argument("--shapes", help="large shapes, e.g. '4x4096x32x128,2x8192x8x128'")
     ap.add_argument("--launch", help="force the launch shape 'items_per_thread,threads' (sweeps)")
     ap.add_argument("--decode-batches", help="e.g. '1,64'")
+    ap.add_argument("--warmup-ms", type=float, default=0.0,
+                    help="before timing a call, repeat it (L2 flushed, synced) for at least this long (default: 2 calls)")
+    ap.add_argument("--reverse-order", action="store_true",
+                    help="time modes and layouts in reverse order (to tell an order effect from the kernel's)")
     ap.add_argument("--device", default="cuda", help="cpu: dry run of the script through the CPU kernel")
     ap.add_argument("--json")
     ap.add_argument("--plot")
     args = ap.parse_args()
-    global DEVICE, DECODE_BATCHES
+    global DEVICE, DECODE_BATCHES, MODES, LAYOUTS, DECODE_LAYOUTS, PACKED_LAYOUTS
     DEVICE = args.device
+    if args.reverse_order:
+        MODES, LAYOUTS = MODES[::-1], LAYOUTS[::-1]
+        DECODE_LAYOUTS, PACKED_LAYOUTS = DECODE_LAYOUTS[::-1], PACKED_LAYOUTS[::-1]
     if args.decode_batches:
         DECODE_BATCHES = tuple(int(v) for v in args.decode_batches.split(","))
     raw = load_raw(args.build)

@@ -87,7 +87,9 @@ class Prefixed:
 
 # (items per thread, threads per block, persistent grid) forced by check_launch_shapes: every
 # vector-kernel instance family the built-in rule uses for large calls
-LAUNCH_SHAPES = [(2, 128, 0), (4, 128, 0), (4, 128, 1), (1, 256, 1)]
+# (items, threads, persistent, small kernel): the last one keeps one-head calls on RopeKernel's
+# one-head instance (the built-in rule gives them RopeSmallKernel where it fits)
+LAUNCH_SHAPES = [(2, 128, 0, -1), (4, 128, 0, -1), (4, 128, 1, -1), (1, 256, 1, -1), (1, 0, 0, 0)]
 
 
 def run_case(raw, res, group, case: Case, M=5, K=16, max_pos=4096, backward=True):
@@ -336,10 +338,10 @@ def check_extensions(raw, res, K=128):
 
 def check_launch_shapes(raw, res, subset: int):
     """Every 4th (x subset) case at K = 128, and the LLM inputs, under each of LAUNCH_SHAPES."""
-    for items, threads, persistent in LAUNCH_SHAPES:
-        prefix = f"launch-{items}x{threads}{'p' if persistent else ''}:"
+    for items, threads, persistent, small in LAUNCH_SHAPES:
+        prefix = f"launch-{items}x{threads}{'p' if persistent else ''}{'-nosmall' if small == 0 else ''}:"
         view = Prefixed(res, prefix)
-        raw.set_launch_override(items, threads, persistent)
+        raw.set_launch_override(items, threads, persistent, small)
         try:
             for case in forward_cases()[:: 4 * subset]:
                 try:
@@ -351,7 +353,7 @@ def check_launch_shapes(raw, res, subset: int):
             except Exception:  # noqa: BLE001
                 view.check("extensions", "crashed", False, traceback.format_exc(limit=3))
         finally:
-            raw.set_launch_override(0, 0, -1)
+            raw.set_launch_override(0, 0, -1, -1)
 
 
 def check_large(raw, res):

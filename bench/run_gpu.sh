@@ -84,13 +84,15 @@ for step in $STEPS; do
       # ours on the sweep's calls (once each; the decode ones are c9-c11, c17, c18), with kernel
       # duration, instructions and stall reasons side by side
       nvcc -O3 -std=c++17 -arch=sm_$ARCH bench/probe_decode.cu -o /tmp/probe_decode || status=1
-      for prog in "/tmp/probe_decode once" "python3 -m bench.sweep_launch --build build-gpu --once"; do
-        ncu --clock-control none --kernel-name regex:"CopyKernel|DecodeRope|RopeKernel" --section SpeedOfLight \
+      # (ours twice: the built-in rule, then with one-head calls kept off RopeSmallKernel)
+      for prog in "/tmp/probe_decode once" "python3 -m bench.sweep_launch --build build-gpu --once --settings 0,0;0,0,-1,0"; do
+        ncu --clock-control none --kernel-name regex:"CopyKernel|DecodeRope|RopeKernel|RopeSmallKernel" --section SpeedOfLight \
           --section LaunchStats --section WarpStateStats --section SourceCounters --warp-sampling-interval 0 \
+          --metrics smsp__inst_executed.sum,regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio \
           --import-source no $prog
       done >"$OUT/ncu_decode.txt" 2>&1 || status=1
-      grep -E "^  [a-zA-Z_].*\(|Duration|Executed Instructions |Registers Per|Block Size|Grid Size|Warp Cycles Per Issued" \
-        "$OUT/ncu_decode.txt" | head -200 ;;
+      grep -E "^  [a-zA-Z_].*\(|Duration|smsp__inst_executed.sum|Registers Per|Grid Size|Warp Cycles Per Issued" \
+        "$OUT/ncu_decode.txt" | grep -B1 -A5 "Decode\|Copy\|, 1, 0>\|RopeSmall" | head -150 ;;
     profile)
       # per-instruction stall samples of each sweep call's kernel (ncu source page, SASS) and details
       ncu --clock-control none --kernel-name regex:RopeKernel --section SpeedOfLight --section Occupancy \

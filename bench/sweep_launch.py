@@ -37,10 +37,17 @@ CONFIGS = [  # (shape, dtype, layout, mode, variant)
     ((16, 1, 32, 128), "bfloat16", "BMHK", "plane", "base+offsets"),
     ((4, 1, 8, 128), "bfloat16", "BMHK", "plane", "table+pos"),
 ]
-# (items, threads[, persistent]): items 1, 2 or 4 heads per thread, 8 in builds with ROPE_TABLE_ITEMS=8
+# (items, threads[, persistent[, small]]): items 1, 2 or 4 heads per thread, 8 in builds with ROPE_TABLE_ITEMS=8
 # (0: the rule's; the persistent grid takes 1 or 4); persistent 1 the
-# persistent grid, 0 a block per piece, -1 (or left out) the rule's choice
+# persistent grid, 0 a block per piece, -1 (or left out) the rule's choice; small 0 keeps one-head
+# calls off the small-call kernel (RopeSmallKernel), -1 (or left out) the rule's choice
 SETTINGS = [(0, 0), (1, 256), (4, 256), (1, 128), (4, 128), (4, 512), (0, 0, 0), (0, 0, 1)]
+
+
+def override(setting) -> tuple[int, int, int, int]:
+    """(items, threads, persistent, small kernel) of a SETTINGS entry (-1 for those left out)."""
+    full = tuple(setting) + (-1,) * (4 - len(setting))
+    return full[0], full[1], full[2], full[3]
 
 
 def make_plan(raw, shape, dname: str, layout: str, mode: str, variant: str):
@@ -84,9 +91,12 @@ def main() -> int:
         (B, M, H, K), dtype = config[0], getattr(torch, config[1])
         src = torch.empty(B * M * H * K, dtype=dtype, device="cuda")
         copies.append(timer.gpu_us(lambda dst=torch.empty_like(src), src=src: dst.copy_(src)))
-    if args.once:
-        for plan in plans:
-            plan.run_cuda(stream)
+    if args.once:  # each config once under each setting given (default: the rule)
+        for setting in settings if args.settings else [(0, 0)]:
+            raw.set_launch_override(*override(setting))
+            for plan in plans:
+                plan.run_cuda(stream)
+        raw.set_launch_override(0, 0, -1, -1)
         torch.cuda.synchronize()
         return 0
     print(f"# {torch.cuda.get_device_name()}: python {' '.join(sys.argv)}")
@@ -94,16 +104,15 @@ def main() -> int:
         print(f"# c{i}: {c}  copy {copies[i]:.2f} us")
     print("setting    " + " ".join(f"{'c' + str(i):>14s}" for i in range(len(CONFIGS))))
     for setting in settings:
-        ipt, threads = setting[:2]
-        persistent = setting[2] if len(setting) > 2 else -1
-        raw.set_launch_override(ipt, threads, persistent)
+        ipt, threads, persistent, small = override(setting)
+        raw.set_launch_override(ipt, threads, persistent, small)
         cells = []
         for plan, copy in zip(plans, copies):
             us = timer.gpu_us(lambda: plan.run_cuda(stream))
             cells.append(f"{us:7.2f} ({copy / us:.2f})")
-        label = f"{ipt},{threads}" + (f",{persistent}" if persistent >= 0 else "")
+        label = f"{ipt},{threads}" + (f",{persistent}" if persistent >= 0 or small >= 0 else "") + (f",{small}" if small >= 0 else "")
         print(f"{label:<10s} " + " ".join(f"{c:>14s}" for c in cells), flush=True)
-    raw.set_launch_override(0, 0, -1)
+    raw.set_launch_override(0, 0, -1, -1)
     return 0
 
 

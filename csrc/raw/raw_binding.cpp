@@ -178,8 +178,8 @@ PYBIND11_MODULE(_rope_raw, m) {
   m.def("forward_cuda", &ForwardCuda, py::arg("params"), py::arg("stream"));
   m.def("kernel_name", &KernelName);
   m.def("set_launch_override", &RopeCudaSetLaunchOverride, py::arg("items_per_thread"),
-        py::arg("block_threads"), py::arg("persistent") = -1,
-        "Forces the CUDA launch shape (0, 0, -1: the built-in rule).");
+        py::arg("block_threads"), py::arg("persistent") = -1, py::arg("small_kernel") = -1,
+        "Forces the CUDA launch shape (0, 0, -1, -1: the built-in rule; small_kernel 0: never the small-call kernel).");
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

@@ -8,7 +8,9 @@
 // is flat over (tensor, token, item lane, unit), unit fastest, so a warp reads whole head vectors;
 // tokens are numbered in x's memory order (m-major for MB layouts). Large calls give a thread 2
 // heads (computed angles) or 4 (tables), small ones (decode) one, in blocks just small enough
-// (64..256 threads) to reach every SM.
+// (64..256 threads) to reach every SM. Small calls run RopeSmallKernel where they fit it: the
+// same unit code with compact arguments and 32-bit offsets, threads numbered (token, tensor, head,
+// unit), for a shorter instruction chain per thread.
 // A thread issues its heads' loads first, then makes its unit's cos/sin (computed while the loads
 // fly, or loaded from the tables), then rotates and stores; no shared memory, no barrier (one,
 // with cu_seqlens, at the start). Calls get a block per piece of work, except those with
@@ -93,6 +95,12 @@ constexpr int kMaxItems = ROPE_TABLE_ITEMS >= 8 || ROPE_ANGLE_ITEMS >= 8 ? 8 : 4
 // from 104-120): 3-5% faster on three sweep calls with position_ids, the same over the bench's 504
 // table calls (median 1.001, 0.95-1.03).
 #define ROPE_TABLE_MIN_BLOCKS 0
+#endif
+#ifndef ROPE_SMALL_KERNEL
+// 1: calls with one head per thread (decode and other small calls) of the vector variant take
+// RopeSmallKernel (compact arguments, tensors interleaved per token, 32-bit offsets) when they
+// fit it; 0: always RopeKernel
+#define ROPE_SMALL_KERNEL 1
 #endif
 #ifndef ROPE_MEMORY_ROW_ORDER
 #define ROPE_MEMORY_ROW_ORDER 1  // 0: rows always b-major (row = b * M + m), the order before 2026-11-29
@@ -283,8 +291,42 @@ struct KernelArgs {
   bool m_outer;
   int32_t inner_n;
   FastDiv div_units, div_inner;
+  FastDiv div_upp;  // by units_per_part (UnitPart)
   FastDiv div_lanes[kMaxRopeTensors];
   RopeParams p;
+};
+
+// Arguments of RopeSmallKernel: what a thread of a small call reads, ~260 bytes (KernelArgs holds
+// the whole RopeParams, 592 bytes). Threads are numbered (row, tensor, head,
+// unit), unit fastest, rows b-major: the q and k heads of a token are neighbours. Offsets fit in
+// 32 bits (SmallFits). Positions: idx[b * idx_sb + r * idx_sr + m * idx_sm] (position_ids, or
+// seqlen_offsets with idx_sr = idx_sm = 0; none: nullptr) + m_coef * m + pos_add.
+struct SmallArgs {
+  int32_t threads;        // rows * row_threads
+  int32_t row_threads;    // threads per token, (H0 + H1) * units
+  int32_t first_threads;  // those of tensor 0, H0 * units
+  int32_t M;
+  FastDiv div_row, div_units, div_m, div_upp;
+  const void* idx;
+  int32_t idx_sb, idx_sr, idx_sm;
+  int32_t m_coef;
+  int64_t pos_add;
+  IndexType idx_type;
+  bool interval_halves, inverse;
+  // unit geometry, as in KernelArgs
+  int32_t units, part, rot_units, units_per_part, pass_units, rotary, K;
+  const void* freq;
+  const void* cos;
+  const void* sin;
+  int64_t table_rows, table_row_stride;
+  double attention_scaling;
+  // tensors 0 and 1 (q and k of one launch): x, out and their b, m, h strides
+  const void* x0;
+  const void* x1;
+  void* out0;
+  void* out1;
+  int32_t xs0_b, xs0_m, xs0_h, xs1_b, xs1_m, xs1_h;
+  int32_t os0_b, os0_m, os0_h, os1_b, os1_m, os1_h;
 };
 
 // Vector of V elements, aligned to its size (16 bytes in the vector variant).
@@ -450,13 +492,14 @@ struct Unit {
   bool rot;
 };
 
-// Rotary part of rotary unit u.
-__device__ __forceinline__ int UnitPart(const KernelArgs& a, int u) {
-  return a.units_per_part == a.rot_units ? 0 : u / a.units_per_part;
+// Rotary part of rotary unit u (Args: KernelArgs or SmallArgs).
+template<typename Args>
+__device__ __forceinline__ int UnitPart(const Args& a, int u) {
+  return a.units_per_part == a.rot_units ? 0 : static_cast<int>(a.div_upp.Div(static_cast<uint32_t>(u)));
 }
 
-template<int V, bool kPlane>
-__device__ __forceinline__ Unit UnitAt(const KernelArgs& a, int u, int part, int rotary, int K) {
+template<int V, bool kPlane, typename Args>
+__device__ __forceinline__ Unit UnitAt(const Args& a, int u, int part, int rotary, int K) {
   Unit g;
   g.rot = u < a.rot_units;
   g.r = 0;
@@ -483,6 +526,134 @@ __device__ __forceinline__ Unit UnitAt(const KernelArgs& a, int u, int part, int
   }
   return g;
 }
+
+// Frequencies of a rotary unit's V angles (computed angles). Plane: frequency f0 + e for element
+// e of both vectors. Interval: f0 + e for e < V / 2 (the first vector's pairs), f1 + e for the
+// rest (the second vector's pairs).
+template<FreqKind kKind, int V, bool kPlane, typename C>
+__device__ __forceinline__ void LoadUnitFreqsOf(const void* freq, const Unit& g, int part, C* hi_f, C* lo_f) {
+  const int half = part / 2;
+  const int f0 = kPlane ? g.k0 - g.r * part : (g.k0 - g.r * part) / 2;
+  const int f1 = kPlane ? f0 : (g.k1 >= 0 ? (g.k1 - g.r * part) / 2 : f0) - V / 2;
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    LoadFreq<kKind>(freq, min((kPlane || e < V / 2 ? f0 : f1) + e, half - 1), &hi_f[e], &lo_f[e]);
+  }
+}
+template<int V, bool kPlane, typename C>
+__device__ __forceinline__ void LoadUnitFreqs(FreqKind kind, const void* freq, const Unit& g, int part,
+                                              C* hi_f, C* lo_f) {
+  if (kind == FreqKind::kHiLo) {
+    LoadUnitFreqsOf<FreqKind::kHiLo, V, kPlane>(freq, g, part, hi_f, lo_f);
+  } else if (kind == FreqKind::kFloat32) {
+    LoadUnitFreqsOf<FreqKind::kFloat32, V, kPlane>(freq, g, part, hi_f, lo_f);
+  } else {
+    LoadUnitFreqsOf<FreqKind::kFloat64, V, kPlane>(freq, g, part, hi_f, lo_f);
+  }
+}
+
+// cos/sin of one rotary unit and the rotation of one head's unit with them. Tables give one value
+// per element of each vector (c0, s0 for the first, c1, s1 for the second), kept in the table's
+// type until used (16-bit tables take half the registers of converted ones; sin negated on its
+// bits for the backward; the scaling applied to the rotated values). Computed angles give V
+// values (scaled): plane, angle e for element e of both vectors; interval, angle e / 2 for the
+// first vector and V / 2 + e / 2 for the second.
+template<typename T, typename TT, int V, bool kPlane, bool kTable>
+struct UnitTrig {
+  using C = typename Compute<T>::type;
+  using P = Pack<T, V>;
+  Pack<TT, V> tc0, ts0, tc1, ts1;
+  C c0[kTable ? 1 : V], s0[kTable ? 1 : V];
+
+  __device__ __forceinline__ void SetNan() {
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      if constexpr (kTable) {
+        tc0.v[e] = ts0.v[e] = tc1.v[e] = ts1.v[e] = Round<TT>(static_cast<C>(NAN));
+      } else {
+        c0[e] = s0[e] = static_cast<C>(NAN);
+      }
+    }
+  }
+  // Table rows at column j0 (first vector) and j1 (second; < 0: none).
+  template<bool kVec>
+  __device__ __forceinline__ void LoadTables(const TT* cos_row, const TT* sin_row, int64_t cs, int j0, int j1,
+                                             bool inverse) {
+    tc0 = LoadTable<TT, V, kVec>(cos_row + j0 * cs, cs);
+    ts0 = LoadTable<TT, V, kVec>(sin_row + j0 * cs, cs);
+    if (j1 >= 0) {
+      tc1 = LoadTable<TT, V, kVec>(cos_row + j1 * cs, cs);
+      ts1 = LoadTable<TT, V, kVec>(sin_row + j1 * cs, cs);
+    }
+    if (inverse) {
+      NegateTable(&ts0);
+      NegateTable(&ts1);
+    }
+  }
+  template<bool kFast>
+  __device__ __forceinline__ void MakeAngles(int64_t pos, const C* hi_f, const C* lo_f, C scale, C sin_scale) {
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      SinCos<kFast>(pos, hi_f[e], lo_f[e], &s0[e], &c0[e]);
+      c0[e] *= scale;
+      s0[e] *= sin_scale;
+    }
+  }
+  __device__ __forceinline__ C cos_a(int e) const {
+    if constexpr (kTable) return static_cast<C>(ToCompute(tc0.v[e])); else return c0[kPlane ? e : e / 2];
+  }
+  __device__ __forceinline__ C sin_a(int e) const {
+    if constexpr (kTable) return static_cast<C>(ToCompute(ts0.v[e])); else return s0[kPlane ? e : e / 2];
+  }
+  __device__ __forceinline__ C cos_z(int e) const {
+    if constexpr (kTable) return static_cast<C>(ToCompute(tc1.v[e])); else return c0[kPlane ? e : V / 2 + e / 2];
+  }
+  __device__ __forceinline__ C sin_z(int e) const {
+    if constexpr (kTable) return static_cast<C>(ToCompute(ts1.v[e])); else return s0[kPlane ? e : V / 2 + e / 2];
+  }
+  // Rotates a head's unit (lo: its first vector, hi: its second, when has_hi) into o0, o1
+  // (scaled: the rotated values times scale, for tables).
+  __device__ __forceinline__ void Rotate(const P& lo, const P& hi, bool has_hi, bool scaled, C scale, P* o0,
+                                         P* o1) const {
+    auto sv = [&](C v) -> C { return scaled ? v * scale : v; };
+    if constexpr (kPlane) {
+      constexpr int kStep = V >= 2 ? 2 : 1;  // elements rounded together
+#pragma unroll
+      for (int e = 0; e < V; e += kStep) {
+        C ra[kStep], rz[kStep];
+#pragma unroll
+        for (int q = 0; q < kStep; ++q) {
+          const C xa = static_cast<C>(ToCompute(lo.v[e + q]));
+          const C xz = static_cast<C>(ToCompute(hi.v[e + q]));
+          ra[q] = sv(xa * cos_a(e + q) - xz * sin_a(e + q));
+          rz[q] = sv(xz * cos_z(e + q) + xa * sin_z(e + q));
+        }
+        if constexpr (kStep == 2) {
+          RoundPair<T, C>(ra[0], ra[1], &o0->v[e]);
+          RoundPair<T, C>(rz[0], rz[1], &o1->v[e]);
+        } else {
+          o0->v[e] = Round<T>(ra[0]);
+          o1->v[e] = Round<T>(rz[0]);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < V; e += 2) {
+        const C a0 = static_cast<C>(ToCompute(lo.v[e]));
+        const C a1 = static_cast<C>(ToCompute(lo.v[e + 1]));
+        RoundPair<T, C>(sv(a0 * cos_a(e) - a1 * sin_a(e)), sv(a1 * cos_a(e + 1) + a0 * sin_a(e + 1)), &o0->v[e]);
+      }
+      if (has_hi) {
+#pragma unroll
+        for (int e = 0; e < V; e += 2) {
+          const C z0 = static_cast<C>(ToCompute(hi.v[e]));
+          const C z1 = static_cast<C>(ToCompute(hi.v[e + 1]));
+          RoundPair<T, C>(sv(z0 * cos_z(e) - z1 * sin_z(e)), sv(z1 * cos_z(e + 1) + z0 * sin_z(e + 1)), &o1->v[e]);
+        }
+      }
+    }
+  }
+};
 
 // One thread's piece of work in block blk: tensor, token (b, m), item lane and unit.
 struct Piece {
@@ -559,10 +730,8 @@ __global__ void __launch_bounds__(BoundThreads(kItems, kTable, kPipe), BoundMinB
   using C = typename Compute<T>::type;
   using P = Pack<T, V>;
   constexpr bool kFast = sizeof(T) == 2;
-  constexpr int kStep = V >= 2 ? 2 : 1;  // elements rounded together
   const RopeParams& p = a.p;
   const int part = a.part;
-  const int half = part / 2;
 
   // A decreasing cu_seqlens places no token (every row NaN): the block checks its S + 1 entries
   // once, each thread a share, and agrees through the barrier's predicate (every thread of the
@@ -606,93 +775,30 @@ __global__ void __launch_bounds__(BoundThreads(kItems, kTable, kPipe), BoundMinB
     // before the position is asked for, as a decode step's position may still be on its way from
     // memory; large calls load them after, which takes fewer registers)
     [[maybe_unused]] C hi_f[kTable ? 1 : V], lo_f[kTable ? 1 : V];
-    auto load_freqs = [&]() {
-      const int f0 = kPlane ? g.k0 - g.r * part : (g.k0 - g.r * part) / 2;
-      const int f1 = kPlane ? f0 : (g.k1 >= 0 ? (g.k1 - g.r * part) / 2 : f0) - V / 2;
-      auto freq = [&](int e) { return min((kPlane || e < V / 2 ? f0 : f1) + e, half - 1); };
-      if (a.freq_kind == FreqKind::kHiLo) {
-#pragma unroll
-        for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kHiLo>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
-      } else if (a.freq_kind == FreqKind::kFloat32) {
-#pragma unroll
-        for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kFloat32>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
-      } else {
-#pragma unroll
-        for (int e = 0; e < V; ++e) LoadFreq<FreqKind::kFloat64>(a.freq, freq(e), &hi_f[e], &lo_f[e]);
-      }
-    };
     constexpr bool kEarlyFreqs = !kTable && kItems == 1;
     if constexpr (kEarlyFreqs) {
-      if (g.rot) load_freqs();
+      if (g.rot) LoadUnitFreqs<V, kPlane>(a.freq_kind, a.freq, g, part, hi_f, lo_f);
     }
     int64_t cur_pos = 0;
     const bool cur_found = position(&cur_pos);
 
-    // cos/sin of the unit: tables give one value per element of each vector (c0, s0, c1, s1),
-    // kept in the table's type until used (sin negated on its bits for the backward, the
-    // scaling applied to the rotated values); computed angles give V values (c0, s0), scaled.
-    // Plane: angle e (frequency f0 + e) for element e of both vectors. Interval: angle e / 2 for
-    // the first vector (frequencies from f0 on) and V / 2 + e / 2 for the second (frequencies
-    // from f1 on).
-    using TV = Pack<TT, V>;
-    [[maybe_unused]] TV tc0, ts0, tc1, ts1;
-    [[maybe_unused]] C c0[kTable ? 1 : V], s0[kTable ? 1 : V];
+    // cos/sin of the unit (UnitTrig)
+    UnitTrig<T, TT, V, kPlane, kTable> trig;
     const C scale = static_cast<C>(p.attention_scaling);
     const bool scaled = kTable && p.attention_scaling != 1.0;
     if (g.rot) {
-      if constexpr (kTable) {
-        if (!cur_found) {
-#pragma unroll
-          for (int e = 0; e < V; ++e) {
-            tc0.v[e] = ts0.v[e] = tc1.v[e] = ts1.v[e] = Round<TT>(static_cast<C>(NAN));
-          }
-        } else {
-          const int64_t cs = p.table_col_stride;
-          const TT* cos_row = static_cast<const TT*>(p.cos) + cur_pos * p.table_row_stride;
-          const TT* sin_row = static_cast<const TT*>(p.sin) + cur_pos * p.table_row_stride;
-          const int j0 = g.k0 - g.r * part;
-          tc0 = LoadTable<TT, V, kVec>(cos_row + j0 * cs, cs);
-          ts0 = LoadTable<TT, V, kVec>(sin_row + j0 * cs, cs);
-          if (g.k1 >= 0) {
-            const int j1 = g.k1 - g.r * part;
-            tc1 = LoadTable<TT, V, kVec>(cos_row + j1 * cs, cs);
-            ts1 = LoadTable<TT, V, kVec>(sin_row + j1 * cs, cs);
-          }
-          if (p.inverse) {
-            NegateTable(&ts0);
-            NegateTable(&ts1);
-          }
-        }
+      if (!cur_found) {
+        trig.SetNan();
+      } else if constexpr (kTable) {
+        const TT* cos_row = static_cast<const TT*>(p.cos) + cur_pos * p.table_row_stride;
+        const TT* sin_row = static_cast<const TT*>(p.sin) + cur_pos * p.table_row_stride;
+        trig.template LoadTables<kVec>(cos_row, sin_row, p.table_col_stride, g.k0 - g.r * part,
+                                       g.k1 >= 0 ? g.k1 - g.r * part : -1, p.inverse);
       } else {
-        const C sin_scale = p.inverse ? -scale : scale;
-        if (!cur_found) {
-#pragma unroll
-          for (int e = 0; e < V; ++e) c0[e] = s0[e] = static_cast<C>(NAN);
-        } else {
-          if constexpr (!kEarlyFreqs) load_freqs();
-#pragma unroll
-          for (int e = 0; e < V; ++e) {
-            SinCos<kFast>(cur_pos, hi_f[e], lo_f[e], &s0[e], &c0[e]);
-            c0[e] *= scale;
-            s0[e] *= sin_scale;
-          }
-        }
+        if constexpr (!kEarlyFreqs) LoadUnitFreqs<V, kPlane>(a.freq_kind, a.freq, g, part, hi_f, lo_f);
+        trig.template MakeAngles<kFast>(cur_pos, hi_f, lo_f, scale, p.inverse ? -scale : scale);
       }
     }
-    auto cos_a = [&](int e) -> C {
-      if constexpr (kTable) return static_cast<C>(ToCompute(tc0.v[e])); else return c0[kPlane ? e : e / 2];
-    };
-    auto sin_a = [&](int e) -> C {
-      if constexpr (kTable) return static_cast<C>(ToCompute(ts0.v[e])); else return s0[kPlane ? e : e / 2];
-    };
-    auto cos_z = [&](int e) -> C {
-      if constexpr (kTable) return static_cast<C>(ToCompute(tc1.v[e])); else return c0[kPlane ? e : V / 2 + e / 2];
-    };
-    auto sin_z = [&](int e) -> C {
-      if constexpr (kTable) return static_cast<C>(ToCompute(ts1.v[e])); else return s0[kPlane ? e : V / 2 + e / 2];
-    };
-    // the table's scaling, on a rotated value
-    auto scaled_value = [&](C v) -> C { return scaled ? v * scale : v; };
 
     // rotate and store each head (plus zeros in a packed gradient's other slots)
 #pragma unroll
@@ -700,45 +806,7 @@ __global__ void __launch_bounds__(BoundThreads(kItems, kTable, kPipe), BoundMinB
       if (lane + i * lanes >= H) continue;
       T* oi = out + i * out_step;
       P o0 = lo[i], o1 = hi[i];
-      if (g.rot) {
-        if constexpr (kPlane) {
-#pragma unroll
-          for (int e = 0; e < V; e += kStep) {
-            C ra[kStep], rz[kStep];
-#pragma unroll
-            for (int q = 0; q < kStep; ++q) {
-              const C xa = static_cast<C>(ToCompute(lo[i].v[e + q]));
-              const C xz = static_cast<C>(ToCompute(hi[i].v[e + q]));
-              ra[q] = scaled_value(xa * cos_a(e + q) - xz * sin_a(e + q));
-              rz[q] = scaled_value(xz * cos_z(e + q) + xa * sin_z(e + q));
-            }
-            if constexpr (kStep == 2) {
-              RoundPair<T, C>(ra[0], ra[1], &o0.v[e]);
-              RoundPair<T, C>(rz[0], rz[1], &o1.v[e]);
-            } else {
-              o0.v[e] = Round<T>(ra[0]);
-              o1.v[e] = Round<T>(rz[0]);
-            }
-          }
-        } else {
-#pragma unroll
-          for (int e = 0; e < V; e += 2) {
-            const C a0 = static_cast<C>(ToCompute(lo[i].v[e]));
-            const C a1 = static_cast<C>(ToCompute(lo[i].v[e + 1]));
-            RoundPair<T, C>(scaled_value(a0 * cos_a(e) - a1 * sin_a(e)),
-                            scaled_value(a1 * cos_a(e + 1) + a0 * sin_a(e + 1)), &o0.v[e]);
-          }
-          if (g.k1 >= 0) {
-#pragma unroll
-            for (int e = 0; e < V; e += 2) {
-              const C z0 = static_cast<C>(ToCompute(hi[i].v[e]));
-              const C z1 = static_cast<C>(ToCompute(hi[i].v[e + 1]));
-              RoundPair<T, C>(scaled_value(z0 * cos_z(e) - z1 * sin_z(e)),
-                              scaled_value(z1 * cos_z(e + 1) + z0 * sin_z(e + 1)), &o1.v[e]);
-            }
-          }
-        }
-      }
+      if (g.rot) trig.Rotate(lo[i], hi[i], g.k1 >= 0, scaled, scale, &o0, &o1);
       StoreVec<T, V, kVec>(oi + g.k0 * os, os, g.count0, o0);
       if (g.k1 >= 0) StoreVec<T, V, kVec>(oi + g.k1 * os, os, g.count1, o1);
       if (ts.num_zero_slots > 0) {
@@ -800,6 +868,81 @@ __global__ void __launch_bounds__(BoundThreads(kItems, kTable, kPipe), BoundMinB
       if (!more) break;
       blk += static_cast<int>(gridDim.x);
     }
+  }
+}
+
+// Small calls (one head per thread: decode steps, short prompts): one unit of one head of one
+// token per thread, as RopeKernel's one-head instance computes it, with less work between the
+// start and the position's load and between its arrival and the stores. A
+// decode step is a latency chain of a few warps per SM (position load, sin/cos, rotation,
+// stores), so each instruction on it counts: RopeKernel's one-head instance issued ~2x the
+// instructions per warp of a minimal kernel, and waited longer on instruction fetch (the code
+// comes from DRAM after L2 is emptied; bench/results/h200_2026-11-29f).
+// kKind: how the frequencies of computed angles are stored (one instance per kind).
+template<typename T, typename TT, int V, bool kPlane, bool kTable, FreqKind kKind>
+__global__ void __launch_bounds__(kMaxBlockThreads) RopeSmallKernel(const SmallArgs a) {
+  using C = typename Compute<T>::type;
+  using P = Pack<T, V>;
+  constexpr bool kFast = sizeof(T) == 2;
+  const int gid = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (gid >= a.threads) return;
+  const int row = static_cast<int>(a.div_row.Div(static_cast<uint32_t>(gid)));
+  const int j = gid - row * a.row_threads;
+  const bool second = j >= a.first_threads;
+  const int jt = second ? j - a.first_threads : j;
+  const int h = static_cast<int>(a.div_units.Div(static_cast<uint32_t>(jt)));
+  const int u = jt - h * a.units;
+  const int b = static_cast<int>(a.div_m.Div(static_cast<uint32_t>(row)));
+  const int m = row - b * a.M;
+  const bool rot = u < a.rot_units;
+
+  // position() gives the token's position; asked for after the x loads are issued
+  auto run = [&](auto position) {
+    const Unit g = UnitAt<V, kPlane>(a, u, a.part, a.rotary, a.K);
+    const int xo = b * (second ? a.xs1_b : a.xs0_b) + m * (second ? a.xs1_m : a.xs0_m)
+                   + h * (second ? a.xs1_h : a.xs0_h);
+    const T* x = static_cast<const T*>(second ? a.x1 : a.x0) + xo;
+    const P lo = LoadVec<T, V, true>(x + g.k0, 1, V);
+    P hi;
+    if (g.k1 >= 0) hi = LoadVec<T, V, true>(x + g.k1, 1, V);
+    [[maybe_unused]] C hi_f[kTable ? 1 : V], lo_f[kTable ? 1 : V];
+    if constexpr (!kTable) {
+      if (rot) LoadUnitFreqsOf<kKind, V, kPlane>(a.freq, g, a.part, hi_f, lo_f);
+    }
+    const int64_t pos = position();
+    UnitTrig<T, TT, V, kPlane, kTable> trig;
+    const C scale = static_cast<C>(a.attention_scaling);
+    const bool scaled = kTable && a.attention_scaling != 1.0;
+    P o0 = lo, o1 = hi;
+    if (rot) {
+      if constexpr (kTable) {
+        if (pos < 0 || pos >= a.table_rows) {
+          trig.SetNan();
+        } else {
+          const int64_t row_offset = pos * a.table_row_stride;
+          trig.template LoadTables<true>(static_cast<const TT*>(a.cos) + row_offset,
+                                         static_cast<const TT*>(a.sin) + row_offset, 1, g.k0 - g.r * a.part,
+                                         g.k1 >= 0 ? g.k1 - g.r * a.part : -1, a.inverse);
+        }
+      } else {
+        trig.template MakeAngles<kFast>(pos, hi_f, lo_f, scale, a.inverse ? -scale : scale);
+      }
+      trig.Rotate(lo, hi, g.k1 >= 0, scaled, scale, &o0, &o1);
+    }
+    const int oo = b * (second ? a.os1_b : a.os0_b) + m * (second ? a.os1_m : a.os0_m)
+                   + h * (second ? a.os1_h : a.os0_h);
+    T* out = static_cast<T*>(second ? a.out1 : a.out0) + oo;
+    StoreVec<T, V, true>(out + g.k0, 1, V, o0);
+    if (g.k1 >= 0) StoreVec<T, V, true>(out + g.k1, 1, V, o1);
+  };
+  // A position read from memory is loaded before the x loads and used after them (its DRAM round
+  // trip overlaps theirs); the two paths are separate code, so the other never waits on that
+  // load's scoreboard.
+  if (a.idx != nullptr) {
+    const int64_t v = rot ? LoadIndex(a.idx, a.idx_type, b * a.idx_sb + UnitPart(a, u) * a.idx_sr + m * a.idx_sm) : 0;
+    run([&] { return v + a.m_coef * m + a.pos_add; });
+  } else {
+    run([&] { return static_cast<int64_t>(m) + a.pos_add; });
   }
 }
 
@@ -878,6 +1021,122 @@ bool VectorFits(const RopeParams& p) {
 int g_override_items = 0;    // RopeCudaSetLaunchOverride: 0 keeps the rule's choice
 int g_override_threads = 0;
 int g_override_persistent = -1;
+int g_override_small = -1;  // 0: never RopeSmallKernel
+
+// Whether RopeSmallKernel can run p (vector variant assumed): no cu_seqlens, no zero slots, every
+// offset it makes fits in 32 bits (non-negative strides).
+bool SmallFits(const RopeParams& p) {
+  constexpr int64_t kMax = 0x7fffffff;
+  if (p.cu_seqlens != nullptr) return false;
+  // the largest offset of an n0 x n1 x n2 grid with these strides, plus `extra`, fits
+  auto fits = [&](int64_t n0, int64_t s0, int64_t n1, int64_t s1, int64_t n2, int64_t s2, int64_t extra) {
+    int64_t span = extra;
+    for (auto [n, stride] : {std::make_pair(n0, s0), std::make_pair(n1, s1), std::make_pair(n2, s2)}) {
+      if (stride < 0 || stride > kMax) return false;
+      span += std::max<int64_t>(0, n - 1) * stride;
+    }
+    return span <= kMax;
+  };
+  for (int t = 0; t < p.num_tensors; ++t) {
+    const RopeTensor& ts = p.tensors[t];
+    if (ts.num_zero_slots > 0) return false;
+    if (!fits(p.B, ts.x_stride_b, p.M, ts.x_stride_m, ts.H, ts.x_stride_h, p.K)
+        || !fits(p.B, ts.out_stride_b, p.M, ts.out_stride_m, ts.H, ts.out_stride_h, p.K)) {
+      return false;
+    }
+  }
+  if (p.pos_type != IndexType::kNone
+      && !fits(p.B, p.pos_stride_b, p.rotary_dim, p.pos_stride_r, p.M, p.pos_stride_m, 1)) {
+    return false;
+  }
+  if (p.offsets_type != IndexType::kNone && !fits(p.B, p.offsets_stride, 1, 0, 1, 0, 1)) return false;
+  return p.B * p.M * p.total_heads() * p.K < (int64_t{1} << 31);
+}
+
+// Launches RopeSmallKernel for p with the geometry of k (LaunchVariant's) in blocks of `threads`.
+template<typename T, typename TT, int V>
+cudaError_t LaunchSmall(const KernelArgs& k, const RopeParams& p, int threads, cudaStream_t stream) {
+  SmallArgs a{};
+  const int64_t h0 = p.tensors[0].H;
+  const int64_t h1 = p.num_tensors > 1 ? p.tensors[1].H : 0;
+  const int64_t row_threads = (h0 + h1) * k.units;
+  const int64_t total = p.B * p.M * row_threads;  // < 2^31: SmallFits
+  if (total == 0) return cudaSuccess;
+  a.threads = static_cast<int32_t>(total);
+  a.row_threads = static_cast<int32_t>(row_threads);
+  a.first_threads = static_cast<int32_t>(h0 * k.units);
+  a.M = static_cast<int32_t>(p.M);
+  a.div_row = FastDiv(static_cast<uint32_t>(row_threads));
+  a.div_units = FastDiv(static_cast<uint32_t>(k.units));
+  a.div_m = FastDiv(static_cast<uint32_t>(p.M));
+  a.div_upp = k.div_upp;
+  if (p.pos_type != IndexType::kNone) {
+    a.idx = p.position_ids;
+    a.idx_type = p.pos_type;
+    a.idx_sb = static_cast<int32_t>(p.pos_stride_b);
+    a.idx_sr = static_cast<int32_t>(p.pos_stride_r);
+    a.idx_sm = static_cast<int32_t>(p.pos_stride_m);
+  } else {
+    if (p.offsets_type != IndexType::kNone) {
+      a.idx = p.seqlen_offsets;
+      a.idx_type = p.offsets_type;
+      a.idx_sb = static_cast<int32_t>(p.offsets_stride);
+    }
+    a.m_coef = 1;
+    a.pos_add = p.seqlen_offset;
+  }
+  a.units = k.units;
+  a.part = k.part;
+  a.rot_units = k.rot_units;
+  a.units_per_part = k.units_per_part;
+  a.pass_units = k.pass_units;
+  a.rotary = static_cast<int32_t>(p.rotary_size);
+  a.K = static_cast<int32_t>(p.K);
+  a.interval_halves = k.interval_halves;
+  a.inverse = p.inverse;
+  a.freq = k.freq;
+  a.cos = p.cos;
+  a.sin = p.sin;
+  a.table_rows = p.table_rows;
+  a.table_row_stride = p.table_row_stride;
+  a.attention_scaling = p.attention_scaling;
+  const RopeTensor& t0 = p.tensors[0];
+  const RopeTensor& t1 = p.tensors[p.num_tensors > 1 ? 1 : 0];
+  a.x0 = t0.x;
+  a.out0 = t0.out;
+  a.x1 = t1.x;
+  a.out1 = t1.out;
+  a.xs0_b = static_cast<int32_t>(t0.x_stride_b);
+  a.xs0_m = static_cast<int32_t>(t0.x_stride_m);
+  a.xs0_h = static_cast<int32_t>(t0.x_stride_h);
+  a.xs1_b = static_cast<int32_t>(t1.x_stride_b);
+  a.xs1_m = static_cast<int32_t>(t1.x_stride_m);
+  a.xs1_h = static_cast<int32_t>(t1.x_stride_h);
+  a.os0_b = static_cast<int32_t>(t0.out_stride_b);
+  a.os0_m = static_cast<int32_t>(t0.out_stride_m);
+  a.os0_h = static_cast<int32_t>(t0.out_stride_h);
+  a.os1_b = static_cast<int32_t>(t1.out_stride_b);
+  a.os1_m = static_cast<int32_t>(t1.out_stride_m);
+  a.os1_h = static_cast<int32_t>(t1.out_stride_h);
+  const unsigned blocks = static_cast<unsigned>((total + threads - 1) / threads);
+  auto launch = [&](auto kernel) -> cudaError_t {
+    kernel<<<blocks, threads, 0, stream>>>(a);
+    return cudaGetLastError();
+  };
+  constexpr FreqKind kHiLo = FreqKind::kHiLo, kF32 = FreqKind::kFloat32, kF64 = FreqKind::kFloat64;
+  auto dispatch = [&](auto plane_c) -> cudaError_t {
+    constexpr bool kP = decltype(plane_c)::value;
+    if (p.cos != nullptr) return launch(RopeSmallKernel<T, TT, V, kP, true, kHiLo>);
+    if (k.freq_kind == kF64) return launch(RopeSmallKernel<T, T, V, kP, false, kF64>);
+    if (k.freq_kind == kF32) return launch(RopeSmallKernel<T, T, V, kP, false, kF32>);
+    if constexpr (sizeof(T) == 8) {
+      return cudaErrorInvalidValue;  // float64 math never takes the (hi, lo) frequencies
+    } else {
+      return launch(RopeSmallKernel<T, T, V, kP, false, kHiLo>);
+    }
+  };
+  return p.mode == Mode::kPlane ? dispatch(std::true_type{}) : dispatch(std::false_type{});
+}
 
 template<typename T, typename TT, int V, bool kVec>
 cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const DeviceInfo& dev) {
@@ -957,6 +1216,7 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
   a.blocks = static_cast<int32_t>(blocks);
   a.rows = static_cast<int32_t>(rows);
   a.div_units = FastDiv(static_cast<uint32_t>(a.units));
+  a.div_upp = FastDiv(static_cast<uint32_t>(std::max(1, a.units_per_part)));
   {
     const RopeTensor& t0 = p.tensors[0];
     a.m_outer = ROPE_MEMORY_ROW_ORDER && p.B > 1 && p.M > 1 && std::abs(t0.x_stride_m) > std::abs(t0.x_stride_b);  // x's order
@@ -964,6 +1224,11 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
   a.inner_n = static_cast<int32_t>(std::max<int64_t>(1, a.m_outer ? p.B : p.M));
   a.div_inner = FastDiv(static_cast<uint32_t>(a.inner_n));
 
+#if ROPE_SMALL_KERNEL
+  if constexpr (kVec) {
+    if (items == 1 && !pipe && g_override_small != 0 && SmallFits(p)) return LaunchSmall<T, TT, V>(a, p, threads, stream);
+  }
+#endif
   auto launch = [&](auto kernel) -> cudaError_t {
     int64_t grid = blocks;
     if (pipe) {
@@ -1032,7 +1297,8 @@ int RopeForwardCuda(const RopeParams& p, void* stream) {
   return static_cast<int>(err);
 }
 
-void RopeCudaSetLaunchOverride(int items_per_thread, int block_threads, int persistent) {
+void RopeCudaSetLaunchOverride(int items_per_thread, int block_threads, int persistent, int small_kernel) {
+  g_override_small = small_kernel;
   g_override_items = items_per_thread;
   g_override_threads = block_threads;
   g_override_persistent = persistent;

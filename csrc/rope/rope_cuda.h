@@ -21,8 +21,9 @@ const char* RopeCudaKernelName(const RopeParams& p);
 // Forces the launch shape for benchmark sweeps: items (heads) per thread and row, threads per
 // block (up to 512), and the persistent grid (1) or a block per piece (0); 0, 0, -1 keep the
 // built-in rule (from the device's SM count and the kernel's occupancy). Calls with cu_seqlens
-// always take the persistent grid. Not thread-safe; not for production use.
-void RopeCudaSetLaunchOverride(int items_per_thread, int block_threads, int persistent = -1);
+// always take the persistent grid. small_kernel 0 keeps one-head calls off the small-call kernel
+// (-1: the rule). Not thread-safe; not for production use.
+void RopeCudaSetLaunchOverride(int items_per_thread, int block_threads, int persistent = -1, int small_kernel = -1);
 
 }  // namespace oneflow_rope
 
