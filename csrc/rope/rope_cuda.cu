@@ -102,6 +102,12 @@ constexpr int kMaxItems = ROPE_TABLE_ITEMS >= 8 || ROPE_ANGLE_ITEMS >= 8 ? 8 : 4
 // fit it; 0: always RopeKernel
 #define ROPE_SMALL_KERNEL 1
 #endif
+#ifndef ROPE_SMALL_HALF_VECTORS
+// 1: RopeSmallKernel moves 8-byte vectors (half the elements, angles and rotations per thread,
+// twice the threads) for 16-bit and float32 x; 0: 16-byte vectors like RopeKernel. Untried on a
+// GPU (bench/results/h200_2026-11-29f NOTES: the decode step is a per-thread instruction chain).
+#define ROPE_SMALL_HALF_VECTORS 0
+#endif
 #ifndef ROPE_MEMORY_ROW_ORDER
 #define ROPE_MEMORY_ROW_ORDER 1  // 0: rows always b-major (row = b * M + m), the order before 2026-11-29
 #endif
@@ -416,8 +422,11 @@ __device__ __forceinline__ void SinCos(int64_t pos, double theta, double, double
 template<typename T, int V, bool kVec>
 __device__ __forceinline__ Pack<T, V> LoadVec(const T* ptr, int64_t stride, int count) {
   Pack<T, V> out;
-  if constexpr (kVec) {
-    static_assert(sizeof(Pack<T, V>) == 16, "vector variant moves 16 bytes per access");
+  if constexpr (kVec && sizeof(Pack<T, V>) == 8) {  // RopeSmallKernel's half vectors
+    const uint2 raw = *reinterpret_cast<const uint2*>(ptr);
+    out = *reinterpret_cast<const Pack<T, V>*>(&raw);
+  } else if constexpr (kVec) {
+    static_assert(sizeof(Pack<T, V>) == 16, "vector variant moves 16 (or 8) bytes per access");
 #if ROPE_STREAM_HINTS
     const uint4 raw = __ldcs(reinterpret_cast<const uint4*>(ptr));
 #else
@@ -433,7 +442,9 @@ __device__ __forceinline__ Pack<T, V> LoadVec(const T* ptr, int64_t stride, int 
 
 template<typename T, int V, bool kVec>
 __device__ __forceinline__ void StoreVec(T* ptr, int64_t stride, int count, const Pack<T, V>& in) {
-  if constexpr (kVec) {
+  if constexpr (kVec && sizeof(Pack<T, V>) == 8) {
+    *reinterpret_cast<uint2*>(ptr) = *reinterpret_cast<const uint2*>(&in);
+  } else if constexpr (kVec) {
 #if ROPE_STREAM_HINTS
     __stcs(reinterpret_cast<uint4*>(ptr), *reinterpret_cast<const uint4*>(&in));
 #else
@@ -452,9 +463,11 @@ __device__ __forceinline__ void StoreVec(T* ptr, int64_t stride, int count, cons
 template<typename TT, int V, bool kVec>
 __device__ __forceinline__ Pack<TT, V> LoadTable(const TT* ptr, int64_t stride) {
   Pack<TT, V> out;
-  if constexpr (kVec) {
+  if constexpr (kVec && V * sizeof(TT) == 8) {  // RopeSmallKernel's half vectors of a 16-bit table
+    *reinterpret_cast<uint2*>(out.v) = __ldg(reinterpret_cast<const uint2*>(ptr));
+  } else if constexpr (kVec) {
     constexpr int kChunks = V * static_cast<int>(sizeof(TT)) / 16;
-    static_assert(kChunks >= 1, "a table vector is at least 16 bytes");
+    static_assert(kChunks >= 1, "a table vector is at least 16 (or 8) bytes");
 #pragma unroll
     for (int q = 0; q < kChunks; ++q) {
       reinterpret_cast<uint4*>(out.v)[q] = __ldg(reinterpret_cast<const uint4*>(ptr) + q);
@@ -1023,6 +1036,35 @@ int g_override_threads = 0;
 int g_override_persistent = -1;
 int g_override_small = -1;  // 0: never RopeSmallKernel
 
+// How a head splits into units of V-element vectors (see KernelArgs).
+struct UnitGeometry {
+  int32_t units = 0, part = 0, rot_units = 0, units_per_part = 0, pass_units = 0;
+  bool interval_halves = false;
+};
+
+UnitGeometry MakeGeometry(const RopeParams& p, int V) {
+  UnitGeometry g;
+  const int64_t part = p.rotary_part();
+  const bool plane = p.mode == Mode::kPlane;
+  const int64_t vectors_per_part = (part + V - 1) / V;
+  g.interval_halves = !plane && (part / 2) % V == 0;
+  g.units_per_part = static_cast<int32_t>(plane || g.interval_halves ? (part / 2) / V : (vectors_per_part + 1) / 2);
+  g.rot_units = p.rotary_dim * g.units_per_part;
+  const int64_t pass_vectors = (p.K - p.rotary_size + V - 1) / V;
+  g.pass_units = static_cast<int32_t>((pass_vectors + 1) / 2);
+  g.units = g.rot_units + g.pass_units;
+  g.part = static_cast<int32_t>(part);
+  return g;
+}
+
+// Threads per block of a call with one head per thread: enough blocks to reach every SM, blocks
+// of kMinSmallBlockThreads to kBlockThreads threads.
+int SmallBlockThreads(int64_t one_item_threads, const DeviceInfo& dev) {
+  const int64_t per_sm = (one_item_threads + dev.sms - 1) / dev.sms;
+  return static_cast<int>(
+      std::min<int64_t>(kBlockThreads, std::max<int64_t>(kMinSmallBlockThreads, (per_sm + 31) / 32 * 32)));
+}
+
 // Whether RopeSmallKernel can run p (vector variant assumed): no cu_seqlens, no zero slots, every
 // offset it makes fits in 32 bits (non-negative strides).
 bool SmallFits(const RopeParams& p) {
@@ -1053,9 +1095,11 @@ bool SmallFits(const RopeParams& p) {
   return p.B * p.M * p.total_heads() * p.K < (int64_t{1} << 31);
 }
 
-// Launches RopeSmallKernel for p with the geometry of k (LaunchVariant's) in blocks of `threads`.
+// Launches RopeSmallKernel for p (units of geometry k, frequencies `freq` stored as `kind`) in
+// blocks of `threads`.
 template<typename T, typename TT, int V>
-cudaError_t LaunchSmall(const KernelArgs& k, const RopeParams& p, int threads, cudaStream_t stream) {
+cudaError_t LaunchSmall(const UnitGeometry& k, FreqKind kind, const void* freq, const RopeParams& p, int threads,
+                        cudaStream_t stream) {
   SmallArgs a{};
   const int64_t h0 = p.tensors[0].H;
   const int64_t h1 = p.num_tensors > 1 ? p.tensors[1].H : 0;
@@ -1069,7 +1113,7 @@ cudaError_t LaunchSmall(const KernelArgs& k, const RopeParams& p, int threads, c
   a.div_row = FastDiv(static_cast<uint32_t>(row_threads));
   a.div_units = FastDiv(static_cast<uint32_t>(k.units));
   a.div_m = FastDiv(static_cast<uint32_t>(p.M));
-  a.div_upp = k.div_upp;
+  a.div_upp = FastDiv(static_cast<uint32_t>(std::max(1, k.units_per_part)));
   if (p.pos_type != IndexType::kNone) {
     a.idx = p.position_ids;
     a.idx_type = p.pos_type;
@@ -1094,7 +1138,7 @@ cudaError_t LaunchSmall(const KernelArgs& k, const RopeParams& p, int threads, c
   a.K = static_cast<int32_t>(p.K);
   a.interval_halves = k.interval_halves;
   a.inverse = p.inverse;
-  a.freq = k.freq;
+  a.freq = freq;
   a.cos = p.cos;
   a.sin = p.sin;
   a.table_rows = p.table_rows;
@@ -1127,8 +1171,8 @@ cudaError_t LaunchSmall(const KernelArgs& k, const RopeParams& p, int threads, c
   auto dispatch = [&](auto plane_c) -> cudaError_t {
     constexpr bool kP = decltype(plane_c)::value;
     if (p.cos != nullptr) return launch(RopeSmallKernel<T, TT, V, kP, true, kHiLo>);
-    if (k.freq_kind == kF64) return launch(RopeSmallKernel<T, T, V, kP, false, kF64>);
-    if (k.freq_kind == kF32) return launch(RopeSmallKernel<T, T, V, kP, false, kF32>);
+    if (kind == kF64) return launch(RopeSmallKernel<T, T, V, kP, false, kF64>);
+    if (kind == kF32) return launch(RopeSmallKernel<T, T, V, kP, false, kF32>);
     if constexpr (sizeof(T) == 8) {
       return cudaErrorInvalidValue;  // float64 math never takes the (hi, lo) frequencies
     } else {
@@ -1163,14 +1207,13 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
       }
     }
   }
-  const int64_t vectors_per_part = (part + V - 1) / V;
-  a.interval_halves = !plane && (part / 2) % V == 0;
-  a.units_per_part = static_cast<int>(plane || a.interval_halves ? (part / 2) / V : (vectors_per_part + 1) / 2);
-  a.rot_units = p.rotary_dim * a.units_per_part;
-  const int64_t pass_vectors = (p.K - p.rotary_size + V - 1) / V;
-  a.pass_units = static_cast<int32_t>((pass_vectors + 1) / 2);
-  a.units = a.rot_units + a.pass_units;
-  a.part = static_cast<int32_t>(part);
+  const UnitGeometry geo = MakeGeometry(p, V);
+  a.interval_halves = geo.interval_halves;
+  a.units_per_part = geo.units_per_part;
+  a.rot_units = geo.rot_units;
+  a.pass_units = geo.pass_units;
+  a.units = geo.units;
+  a.part = geo.part;
   if (a.units == 0) return cudaSuccess;
   const int64_t rows = p.B * p.M;
   if (rows >= (int64_t{1} << 31)) return cudaErrorInvalidValue;  // 32-bit rows in the kernel
@@ -1194,9 +1237,7 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
                     : pipe ? 4
                     : wanted >= 8 && kMaxItems >= 8 ? 8
                     : wanted >= 4 ? 4 : 2;
-  const int64_t per_sm = (one_item_threads + dev.sms - 1) / dev.sms;
-  const int small_threads = static_cast<int>(
-      std::min<int64_t>(kBlockThreads, std::max<int64_t>(kMinSmallBlockThreads, (per_sm + 31) / 32 * 32)));
+  const int small_threads = SmallBlockThreads(one_item_threads, dev);
   const int threads = std::min(g_override_threads > 0 ? std::min(g_override_threads, kMaxBlockThreads)
                                                       : (items > 1 ? ROPE_LARGE_BLOCK_THREADS : small_threads),
                                BoundThreads(items, table, pipe));
@@ -1226,7 +1267,16 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
 
 #if ROPE_SMALL_KERNEL
   if constexpr (kVec) {
-    if (items == 1 && !pipe && g_override_small != 0 && SmallFits(p)) return LaunchSmall<T, TT, V>(a, p, threads, stream);
+    if (items == 1 && !pipe && g_override_small != 0 && SmallFits(p)) {
+#if ROPE_SMALL_HALF_VECTORS
+      if constexpr (sizeof(T) <= 4) {  // 8-byte vectors: twice the threads, half the work each
+        const UnitGeometry half = MakeGeometry(p, V / 2);
+        const int half_threads = g_override_threads > 0 ? threads : SmallBlockThreads(rows * half.units * p.total_heads(), dev);
+        return LaunchSmall<T, TT, V / 2>(half, a.freq_kind, a.freq, p, half_threads, stream);
+      }
+#endif
+      return LaunchSmall<T, TT, V>(geo, a.freq_kind, a.freq, p, threads, stream);
+    }
   }
 #endif
   auto launch = [&](auto kernel) -> cudaError_t {
