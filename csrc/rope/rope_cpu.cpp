@@ -237,10 +237,13 @@ int64_t RopeForwardCpu(const RopeParams& params) {
     claim_rows = std::max(block_rows, claim_rows / block_rows * block_rows);
   }
   const cpu::ScratchLayout layout = cpu::MakeScratchLayout(p, block_rows);
-  // A call moving well over what the last-level cache holds writes its output with non-temporal
-  // stores where the kernel has them (AVX-512 builds): no read-for-ownership of lines that are
-  // entirely overwritten. (Around the cache's size they neither help nor hurt: measured.)
-  const bool stream_stores = 2 * RowBytes(p) * rows >= 3 * LastLevelCacheBytes();
+  // A call moving at least 3/4 of what the last-level cache holds writes its output with
+  // non-temporal stores where the kernel has them (AVX-512 builds): no read-for-ownership of lines
+  // that are entirely overwritten, and an output that large would not stay cached for the next op
+  // anyway. The threshold was 1.5x the cache until 2026-11-29; 16-bit (1, 2048, 32, 128) calls (32
+  // MiB, the dev machine's L3) then used plain stores, and streaming them measured 1.1-1.4x
+  // faster on BMHK and BM(H3K) in alternating runs (bench/results/cpu_2026-11-29e).
+  const bool stream_stores = 4 * RowBytes(p) * rows >= 3 * LastLevelCacheBytes();
 
   int64_t next = 0;
   std::vector<cpu::RowTask> tasks(threads);
