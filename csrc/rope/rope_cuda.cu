@@ -108,6 +108,13 @@ constexpr int kMaxItems = ROPE_TABLE_ITEMS >= 8 || ROPE_ANGLE_ITEMS >= 8 ? 8 : 4
 // GPU (bench/results/h200_2026-11-29f NOTES: the decode step is a per-thread instruction chain).
 #define ROPE_SMALL_HALF_VECTORS 0
 #endif
+#ifndef ROPE_SMALL_EARLY_POS
+// 1: RopeSmallKernel's position load depends on the token alone when rotary_dim is 1 (every
+// thread loads it, pass-through ones too: a valid entry of the same token), so it can issue before
+// the unit index is decoded; 0: only rotary threads load it, after the unit is known. Untried on a
+// GPU.
+#define ROPE_SMALL_EARLY_POS 0
+#endif
 #ifndef ROPE_MEMORY_ROW_ORDER
 #define ROPE_MEMORY_ROW_ORDER 1  // 0: rows always b-major (row = b * M + m), the order before 2026-11-29
 #endif
@@ -952,7 +959,16 @@ __global__ void __launch_bounds__(kMaxBlockThreads) RopeSmallKernel(const SmallA
   // trip overlaps theirs); the two paths are separate code, so the other never waits on that
   // load's scoreboard.
   if (a.idx != nullptr) {
+#if ROPE_SMALL_EARLY_POS
+    int64_t v = 0;
+    if (a.units_per_part == a.rot_units) {  // rotary_dim 1: one position per token
+      v = LoadIndex(a.idx, a.idx_type, b * a.idx_sb + m * a.idx_sm);
+    } else if (rot) {
+      v = LoadIndex(a.idx, a.idx_type, b * a.idx_sb + UnitPart(a, u) * a.idx_sr + m * a.idx_sm);
+    }
+#else
     const int64_t v = rot ? LoadIndex(a.idx, a.idx_type, b * a.idx_sb + UnitPart(a, u) * a.idx_sr + m * a.idx_sm) : 0;
+#endif
     run([&] { return v + a.m_coef * m + a.pos_add; });
   } else {
     run([&] { return static_cast<int64_t>(m) + a.pos_add; });
