@@ -81,7 +81,7 @@ for step in $STEPS; do
         /tmp/probe_decode 2>&1 | tee "$OUT/probe_decode.txt" || status=1 ;;
     ncudecode)
       # decode under ncu: the stand-alone minimal kernels (bench/probe_decode.cu, once each) and
-      # ours on the sweep's calls (once each; the decode ones are c9-c11, c17, c18), with kernel
+      # ours on the sweep's calls (once each; the decode ones are c9-c11, c17-c20), with kernel
       # duration, instructions and stall reasons side by side
       nvcc -O3 -std=c++17 -arch=sm_$ARCH bench/probe_decode.cu -o /tmp/probe_decode || status=1
       # (ours twice: the built-in rule, then with one-head calls kept off RopeSmallKernel)

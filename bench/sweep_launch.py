@@ -36,6 +36,8 @@ CONFIGS = [  # (shape, dtype, layout, mode, variant)
     ((1, 4096, 32, 128), "bfloat16", "BHMK", "plane", "table+pos"),
     ((16, 1, 32, 128), "bfloat16", "BMHK", "plane", "base+offsets"),
     ((4, 1, 8, 128), "bfloat16", "BMHK", "plane", "table+pos"),
+    ((1, 1, 32, 128), "float32", "BMHK", "plane", "base+offsets"),
+    ((16, 1, 32, 128), "bfloat16", "BM(H3K)", "interval", "table+pos"),
 ]
 # (items, threads[, persistent[, small]]): items 1, 2 or 4 heads per thread, 8 in builds with ROPE_TABLE_ITEMS=8
 # (0: the rule's; the persistent grid takes 1 or 4); persistent 1 the
