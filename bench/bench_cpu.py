@@ -20,7 +20,8 @@ grad op, dy -> dx in x's layout with the zero slots of a packed x), one row:
 Bandwidth = bytes read + bytes written per second: read x (a packed x: the selected slot only) or
 dy, written out or dx. Each call is synchronised (OneFlow's eager Sync) and timed alone, after the
 last-level cache is flushed (a buffer of three times its size is read) when the call moves at least
-a quarter of that cache, as the GPU bench flushes L2: otherwise a 16 MiB tensor read back from the
+a quarter of that cache, as the GPU bench flushes L2 (smaller calls, not flushed, are timed
+--small-reps times): otherwise a 16 MiB tensor read back from the
 last call's cache makes clone look faster than memory (--no-flush: no flush at all). Ours and clone alternate call by call (so that load from
 other processes hits both alike) and the best of --reps calls is kept. OneFlow's intra-op thread
 setting is set with flow.set_num_threads(--threads, default: all cores); the kernel uses it.
@@ -101,6 +102,7 @@ class CacheFlush:
 
 
 FLUSH = CacheFlush(False)  # main() sets it
+SMALL_REPS = 200  # main() sets it (--small-reps)
 
 
 def best_interleaved(fns: List[Callable[[], object]], reps: int, flush: bool = True) -> List[float]:
@@ -237,7 +239,10 @@ def measure(shape, dtype: str, layout: str, mode: str, table: bool, reps: int) -
             fns.append(lambda: x.view(x.shape[0], x.shape[1], H, n, K)[:, :, :, 0].contiguous())
         # tensors of a few MiB and more start from memory; small ones (a decode step) stay warm, as
         # they would be in use (a flush would time OneFlow's own cold code and data, not the copy)
-        times = best_interleaved(fns, reps, flush=nbytes >= last_level_cache_bytes() // 4)
+        # small calls take tens of us and the machine's load moves them by as much: best of more
+        # calls (both ours and clone, interleaved as always)
+        flush = nbytes >= last_level_cache_bytes() // 4
+        times = best_interleaved(fns, reps if flush else max(reps, SMALL_REPS), flush=flush)
         t_ours, t_clone = times[0], times[1]
         rows[direction] = {"ours": nbytes / t_ours / 1e9, "clone": nbytes / t_clone / 1e9,
                            "ours_us": t_ours * 1e6, "clone_us": t_clone * 1e6, "bytes": nbytes,
@@ -253,6 +258,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="flow.set_num_threads (default: all cores)")
     parser.add_argument("--reps", type=int, default=12, help="calls timed per measurement (best kept)")
+    parser.add_argument("--small-reps", type=int, default=200,
+                        help="calls timed per measurement for calls that are not flushed (small ones; best kept)")
     parser.add_argument("--peer-reps", type=int, default=2, help="calls timed for the composite and numpy")
     parser.add_argument("--quick", action="store_true", help="BMHK and BM(H3K) only, no peers")
     parser.add_argument("--shapes", default=None, help="e.g. 1x2048x32x128,8x1x32x128")
@@ -273,12 +280,14 @@ def main() -> int:
     # first, then the setting (measured: set first, a 2-thread call ran single-threaded)
     flow.zeros(1).numpy()
     flow.set_num_threads(args.threads)
+    global SMALL_REPS
+    SMALL_REPS = args.small_reps
 
     print(f"# {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
     print(f"# machine: {machine()}; OneFlow {flow.__version__}, intra-op threads (flow.set_num_threads): "
           f"{args.threads}; kernel instruction set: {oneflow_rope._C.cpu_isa()}")
     print("# GB/s = (bytes read + bytes written) / s, best of "
-          f"{args.reps} calls; clone: OneFlow clone of the same bytes; ratio = ours / clone (bound {BOUND}); "
+          f"{args.reps} calls ({args.small_reps} for calls not flushed); clone: OneFlow clone of the same bytes; ratio = ours / clone (bound {BOUND}); "
           + ("no cache flush" if args.no_flush else
              f"last-level cache ({last_level_cache_bytes() >> 20} MiB) flushed before each timed call "
              "moving >= 1/4 of it"))
