@@ -17,7 +17,8 @@
 // cu_seqlens (and builds with ROPE_PERSISTENT 1 or 2): a persistent grid whose threads load the
 // next piece's position while they process the current one.
 //
-// Two variants: "vector" (16-byte loads and stores; unit-stride K, aligned pointers and sizes)
+// Two variants: "vector" (16-byte loads and stores, 8-byte in RopeSmallKernel built with
+// ROPE_SMALL_HALF_VECTORS; unit-stride K, aligned pointers and sizes)
 // and "elementwise" (any strides and sizes, one element per access; V = 1 for plane, 2 for
 // interval). Both compute the same values. bench/results/h200_2026-11-29b, -29c and -29d NOTES.md
 // have what was measured and tried.
@@ -109,10 +110,10 @@ constexpr int kMaxItems = ROPE_TABLE_ITEMS >= 8 || ROPE_ANGLE_ITEMS >= 8 ? 8 : 4
 #define ROPE_SMALL_HALF_VECTORS 0
 #endif
 #ifndef ROPE_SMALL_EARLY_POS
-// 1: RopeSmallKernel's position load depends on the token alone when rotary_dim is 1 (every
-// thread loads it, pass-through ones too: a valid entry of the same token), so it can issue before
-// the unit index is decoded; 0: only rotary threads load it, after the unit is known. Untried on a
-// GPU.
+// 1: RopeSmallKernel's position load depends on the token alone when the call has one rotary part
+// (rotary_dim 1, or no rotary dims): every thread loads it, pass-through ones too (a valid entry of
+// the same token), and the compiler may issue it before the unit index is decoded; 0: only rotary
+// threads load it, after the unit is known. Untried on a GPU.
 #define ROPE_SMALL_EARLY_POS 0
 #endif
 #ifndef ROPE_MEMORY_ROW_ORDER
@@ -310,7 +311,7 @@ struct KernelArgs {
 };
 
 // Arguments of RopeSmallKernel: what a thread of a small call reads, ~260 bytes (KernelArgs holds
-// the whole RopeParams, 592 bytes). Threads are numbered (row, tensor, head,
+// the whole RopeParams, 600 bytes). Threads are numbered (row, tensor, head,
 // unit), unit fastest, rows b-major: the q and k heads of a token are neighbours. Offsets fit in
 // 32 bits (SmallFits). Positions: idx[b * idx_sb + r * idx_sr + m * idx_sm] (position_ids, or
 // seqlen_offsets with idx_sr = idx_sm = 0; none: nullptr) + m_coef * m + pos_add.
@@ -342,7 +343,8 @@ struct SmallArgs {
   int32_t os0_b, os0_m, os0_h, os1_b, os1_m, os1_h;
 };
 
-// Vector of V elements, aligned to its size (16 bytes in the vector variant).
+// Vector of V elements, aligned to its size (16 bytes in the vector variant, 8 in RopeSmallKernel's
+// half vectors).
 template<typename T, int V>
 struct alignas(sizeof(T) * V) Pack {
   T v[V];
@@ -425,7 +427,7 @@ __device__ __forceinline__ void SinCos(int64_t pos, double theta, double, double
   sincos(static_cast<double>(pos) * theta, s, c);
 }
 
-// Loads V consecutive (kVec) or strided elements; elements at or past `limit` are not read.
+// Loads V consecutive (kVec) or strided elements; elements at or past `count` are not read.
 template<typename T, int V, bool kVec>
 __device__ __forceinline__ Pack<T, V> LoadVec(const T* ptr, int64_t stride, int count) {
   Pack<T, V> out;
@@ -466,7 +468,8 @@ __device__ __forceinline__ void StoreVec(T* ptr, int64_t stride, int count, cons
 }
 
 // V table entries, kept in the table's own type until they are used (16-bit tables take half
-// the registers of converted ones); 16-byte loads in the vector variant.
+// the registers of converted ones); 16-byte loads in the vector variant (one 8-byte load for a
+// half vector of a 16-bit table).
 template<typename TT, int V, bool kVec>
 __device__ __forceinline__ Pack<TT, V> LoadTable(const TT* ptr, int64_t stride) {
   Pack<TT, V> out;
@@ -573,7 +576,7 @@ __device__ __forceinline__ void LoadUnitFreqs(FreqKind kind, const void* freq, c
 }
 
 // cos/sin of one rotary unit and the rotation of one head's unit with them. Tables give one value
-// per element of each vector (c0, s0 for the first, c1, s1 for the second), kept in the table's
+// per element of each vector (tc0, ts0 for the first, tc1, ts1 for the second), kept in the table's
 // type until used (16-bit tables take half the registers of converted ones; sin negated on its
 // bits for the backward; the scaling applied to the rotated values). Computed angles give V
 // values (scaled): plane, angle e for element e of both vectors; interval, angle e / 2 for the

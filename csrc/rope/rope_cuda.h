@@ -15,7 +15,8 @@ int RopeForwardCuda(const RopeParams& p, void* stream);
 const char* RopeCudaErrorString(int status);
 
 // Which kernel variant RopeForwardCuda would launch for `p`: "vector<N>" (16-byte accesses of N
-// elements) or "elementwise" (any strides and sizes). For tests and benchmarks.
+// elements; small calls in builds with ROPE_SMALL_HALF_VECTORS move N/2 per access) or
+// "elementwise" (any strides and sizes). For tests and benchmarks.
 const char* RopeCudaKernelName(const RopeParams& p);
 
 // Forces the launch shape for benchmark sweeps: items (heads) per thread and row, threads per
