@@ -561,8 +561,7 @@ struct Avx512<float> {
   static V Rotate(V x, V c, V partner, V s) { return _mm512_add_ps(_mm512_mul_ps(x, c), _mm512_mul_ps(partner, s)); }
   static V RotateSub(V x, V c, V partner, V s) { return _mm512_sub_ps(_mm512_mul_ps(x, c), _mm512_mul_ps(partner, s)); }
   static V SwapPairs(V v) { return _mm512_permute_ps(v, 0xb1); }
-  static void StorePair(float* pa, float* pb, V a, V b) { Store(pa, a); Store(pb, b); }
-  static void StreamPair(float* pa, float* pb, V a, V b) { Stream(pa, a); Stream(pb, b); }
+  static constexpr bool kPairNarrow = false;
 };
 
 template<>
@@ -581,8 +580,7 @@ struct Avx512<double> {
   static V Rotate(V x, V c, V partner, V s) { return _mm512_add_pd(_mm512_mul_pd(x, c), _mm512_mul_pd(partner, s)); }
   static V RotateSub(V x, V c, V partner, V s) { return _mm512_sub_pd(_mm512_mul_pd(x, c), _mm512_mul_pd(partner, s)); }
   static V SwapPairs(V v) { return _mm512_permute_pd(v, 0x55); }
-  static void StorePair(double* pa, double* pb, V a, V b) { Store(pa, a); Store(pb, b); }
-  static void StreamPair(double* pa, double* pb, V a, V b) { Stream(pa, a); Stream(pb, b); }
+  static constexpr bool kPairNarrow = false;
 };
 
 // 16-bit types: 16 values widened to float (Ops::Widen), narrowed back when stored.
@@ -603,26 +601,19 @@ struct Avx512Half {
   static V RotateSub(V x, V c, V partner, V s) { return _mm512_sub_ps(_mm512_mul_ps(x, c), _mm512_mul_ps(partner, s)); }
   static V SwapPairs(V v) { return _mm512_permute_ps(v, 0xb1); }
   // two vectors narrowed together where that is one instruction (bfloat16 on CPUs with
-  // AVX512_BF16: Ops::kPairNarrow), else each on its own (no insert into and extract from a
-  // 512-bit register)
-  static void StorePair(T* pa, T* pb, V a, V b) {
-    if constexpr (Ops::kPairNarrow) {
-      const __m512i n = Ops::Narrow2(a, b);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pa), _mm512_castsi512_si256(n));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb), _mm512_extracti64x4_epi64(n, 1));
+  // AVX512_BF16: Ops::kPairNarrow; PutPair), else each on its own (no insert into and extract from
+  // a 512-bit register)
+  static constexpr bool kPairNarrow = Ops::kPairNarrow;
+  template<bool kStream>
+  static void PutNarrowPair(T* pa, T* pb, V a, V b) {
+    const __m512i n = Ops::Narrow2(a, b);
+    const __m256i lo = _mm512_castsi512_si256(n), hi = _mm512_extracti64x4_epi64(n, 1);
+    if constexpr (kStream) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(pa), lo);
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(pb), hi);
     } else {
-      Store(pa, a);
-      Store(pb, b);
-    }
-  }
-  static void StreamPair(T* pa, T* pb, V a, V b) {
-    if constexpr (Ops::kPairNarrow) {
-      const __m512i n = Ops::Narrow2(a, b);
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(pa), _mm512_castsi512_si256(n));
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(pb), _mm512_extracti64x4_epi64(n, 1));
-    } else {
-      Stream(pa, a);
-      Stream(pb, b);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pa), lo);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb), hi);
     }
   }
 };
@@ -691,6 +682,21 @@ inline typename A::M TailMask(int64_t remaining) {  // the first `remaining` (<=
   return static_cast<typename A::M>((1u << remaining) - 1u);
 }
 
+// Stores (or streams: kStream) two rotated vectors, narrowed together where Avx512<T> can.
+template<typename T, bool kStream>
+inline void PutPair(T* pa, T* pb, typename Avx512<T>::V a, typename Avx512<T>::V b) {
+  using A = Avx512<T>;
+  if constexpr (A::kPairNarrow) {
+    A::template PutNarrowPair<kStream>(pa, pb, a, b);
+  } else if constexpr (kStream) {
+    A::Stream(pa, a);
+    A::Stream(pb, b);
+  } else {
+    A::Store(pa, a);
+    A::Store(pb, b);
+  }
+}
+
 // kPaired (cos[j + half] == cos[j], sin[j + half] == -sin[j], as for every row of computed angles):
 // PlaneDirect's paired arithmetic (cos[j] for both dims, sin[j + half]), the same bits as the
 // portable build; half the cos/sin loads, which for 16-bit types are as many bytes as x, and with
@@ -718,11 +724,7 @@ inline void PlaneAvx512(const T* x, T* out, const Compute<T>* c, const Compute<T
         oa = A::Rotate(a, A::LoadC(c + ja), b, A::LoadC(s + ja));
         ob = A::Rotate(b, A::LoadC(c + jb), a, A::LoadC(s + jb));
       }
-      if (kStream) {
-        A::StreamPair(out + ja, out + jb, oa, ob);
-      } else {
-        A::StorePair(out + ja, out + jb, oa, ob);
-      }
+      PutPair<T, kStream>(out + ja, out + jb, oa, ob);
     }
     if (j < half) {
       const auto m = TailMask<A>(half - j);
@@ -746,11 +748,7 @@ inline void IntervalAvx512(const T* x, T* out, const Compute<T>* c, const Comput
     const auto w = A::Load(x + k + N);
     const auto ov = A::Rotate(v, A::LoadC(c + k), A::SwapPairs(v), A::LoadC(s + k));
     const auto ow = A::Rotate(w, A::LoadC(c + k + N), A::SwapPairs(w), A::LoadC(s + k + N));
-    if (kStream) {
-      A::StreamPair(out + k, out + k + N, ov, ow);
-    } else {
-      A::StorePair(out + k, out + k + N, ov, ow);
-    }
+    PutPair<T, kStream>(out + k, out + k + N, ov, ow);
   }
   for (; k < rotary; k += N) {  // the last one or two vectors of the head
     const auto m = TailMask<A>(rotary - k < N ? rotary - k : N);
@@ -770,16 +768,6 @@ enum RowKind { kRowPaired = 0, kRowPlane = 1, kRowInterval = 2 };
 template<typename T, int64_t kHalf, int kKind>
 constexpr int64_t RowTableVectors() {  // cos/sin vectors held for a row
   return (kKind == kRowPaired ? 2 : 4) * kHalf / Avx512<T>::kLanes;
-}
-
-// Stores (or streams) two rotated vectors.
-template<typename T, bool kStream>
-inline void PutPair(T* pa, T* pb, typename Avx512<T>::V a, typename Avx512<T>::V b) {
-  if (kStream) {
-    Avx512<T>::StreamPair(pa, pb, a, b);
-  } else {
-    Avx512<T>::StorePair(pa, pb, a, b);
-  }
 }
 
 template<typename T, bool kStream, int64_t kHalf, int kKind, typename Before, typename After>
