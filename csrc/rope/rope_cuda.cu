@@ -281,17 +281,22 @@ struct FastDiv {
 
 enum class FreqKind : int32_t { kHiLo = 0, kFloat32 = 1, kFloat64 = 2 };
 
+// How a head splits into units of V-element vectors (MakeGeometry; computed on the host: no 64-bit
+// division at the start of every thread).
+struct UnitGeometry {
+  int32_t units = 0;           // units per head
+  int32_t part = 0;            // A = rotary_size / rotary_dim
+  int32_t rot_units = 0;       // rotary units per head (the first ones)
+  int32_t units_per_part = 0;  // rotary units per rotary part
+  int32_t pass_units = 0;      // pass-through units; unit c moves vectors c and c + pass_units
+  bool interval_halves = false;  // interval units pair vector c with the one A/2 further (else c + 1)
+};
+
 // Work of one launch: for tensor t, threads (row, item lane, unit) in that order, unit fastest;
 // rows are the tokens (b, m), m fastest. Blocks [0, blocks0) hold tensor 0's threads, the rest
 // tensor 1's. An item lane takes heads lane, lane + lanes, ... (kItems of them).
 struct KernelArgs {
-  int32_t units;          // units per head
-  int32_t part;           // A = rotary_size / rotary_dim (computed on the host: no 64-bit division
-                          // at the start of every thread)
-  int32_t rot_units;      // rotary units per head (the first ones)
-  int32_t units_per_part; // rotary units per rotary part
-  int32_t pass_units;     // pass-through units; unit c moves vectors c and c + pass_units
-  bool interval_halves;   // interval units pair vector c with the one A/2 further (else c + 1)
+  UnitGeometry geo;
   FreqKind freq_kind;
   const void* freq;       // frequencies for computed angles (FreqKind says how they are stored)
   int32_t rows;           // B * M
@@ -326,9 +331,9 @@ struct SmallArgs {
   int32_t m_coef;
   int64_t pos_add;
   IndexType idx_type;
-  bool interval_halves, inverse;
-  // unit geometry, as in KernelArgs
-  int32_t units, part, rot_units, units_per_part, pass_units, rotary, K;
+  bool inverse;
+  UnitGeometry geo;
+  int32_t rotary, K;
   const void* freq;
   const void* cos;
   const void* sin;
@@ -518,19 +523,19 @@ struct Unit {
 // Rotary part of rotary unit u (Args: KernelArgs or SmallArgs).
 template<typename Args>
 __device__ __forceinline__ int UnitPart(const Args& a, int u) {
-  return a.units_per_part == a.rot_units ? 0 : static_cast<int>(a.div_upp.Div(static_cast<uint32_t>(u)));
+  return a.geo.units_per_part == a.geo.rot_units ? 0 : static_cast<int>(a.div_upp.Div(static_cast<uint32_t>(u)));
 }
 
 template<int V, bool kPlane, typename Args>
 __device__ __forceinline__ Unit UnitAt(const Args& a, int u, int part, int rotary, int K) {
   Unit g;
-  g.rot = u < a.rot_units;
+  g.rot = u < a.geo.rot_units;
   g.r = 0;
   g.count0 = g.count1 = V;
   if (g.rot) {
     g.r = UnitPart(a, u);
-    const int c = u - g.r * a.units_per_part;
-    if (kPlane || a.interval_halves) {
+    const int c = u - g.r * a.geo.units_per_part;
+    if (kPlane || a.geo.interval_halves) {
       // a vector and the one A/2 further: plane partners; for interval both hold whole pairs,
       // and a warp's loads stay contiguous
       g.k0 = g.r * part + c * V;
@@ -540,9 +545,9 @@ __device__ __forceinline__ Unit UnitAt(const Args& a, int u, int part, int rotar
       g.k1 = (2 * c + 1) * V < part ? g.k0 + V : -1;
     }
   } else {
-    const int c = u - a.rot_units;
+    const int c = u - a.geo.rot_units;
     g.k0 = rotary + c * V;
-    g.k1 = rotary + (c + a.pass_units) * V;
+    g.k1 = rotary + (c + a.geo.pass_units) * V;
     if (g.k1 >= K) g.k1 = -1;
     g.count0 = min(V, K - g.k0);
     g.count1 = g.k1 >= 0 ? min(V, K - g.k1) : 0;
@@ -689,7 +694,7 @@ __device__ __forceinline__ Piece PieceAt(const KernelArgs& a, int blk) {
   w.second = blk >= a.blocks0;
   const uint32_t gid = static_cast<uint32_t>(w.second ? blk - a.blocks0 : blk) * blockDim.x + threadIdx.x;
   const uint32_t lane_row = a.div_units.Div(gid);
-  w.u = static_cast<int>(gid - lane_row * static_cast<uint32_t>(a.units));
+  w.u = static_cast<int>(gid - lane_row * static_cast<uint32_t>(a.geo.units));
   w.lanes = w.second ? a.lanes[1] : a.lanes[0];
   const uint32_t row = (w.second ? a.div_lanes[1] : a.div_lanes[0]).Div(lane_row);
   w.lane = static_cast<int>(lane_row - row * static_cast<uint32_t>(w.lanes));
@@ -718,7 +723,7 @@ struct PendingPosition {
 __device__ __forceinline__ PendingPosition StartPosition(const KernelArgs& a, const Piece& w,
                                                          bool cu_seqlens_decreasing) {
   PendingPosition s;
-  if (!w.live || w.u >= a.rot_units) return s;
+  if (!w.live || w.u >= a.geo.rot_units) return s;
   const RopeParams& p = a.p;
   const int r = UnitPart(a, w.u);
   if (p.pos_type != IndexType::kNone) {
@@ -754,7 +759,7 @@ __global__ void __launch_bounds__(BoundThreads(kItems, kTable, kPipe), BoundMinB
   using P = Pack<T, V>;
   constexpr bool kFast = sizeof(T) == 2;
   const RopeParams& p = a.p;
-  const int part = a.part;
+  const int part = a.geo.part;
 
   // A decreasing cu_seqlens places no token (every row NaN): the block checks its S + 1 entries
   // once, each thread a share, and agrees through the barrier's predicate (every thread of the
@@ -914,14 +919,14 @@ __global__ void __launch_bounds__(kMaxBlockThreads) RopeSmallKernel(const SmallA
   const bool second = j >= a.first_threads;
   const int jt = second ? j - a.first_threads : j;
   const int h = static_cast<int>(a.div_units.Div(static_cast<uint32_t>(jt)));
-  const int u = jt - h * a.units;
+  const int u = jt - h * a.geo.units;
   const int b = static_cast<int>(a.div_m.Div(static_cast<uint32_t>(row)));
   const int m = row - b * a.M;
-  const bool rot = u < a.rot_units;
+  const bool rot = u < a.geo.rot_units;
 
   // position() gives the token's position; asked for after the x loads are issued
   auto run = [&](auto position) {
-    const Unit g = UnitAt<V, kPlane>(a, u, a.part, a.rotary, a.K);
+    const Unit g = UnitAt<V, kPlane>(a, u, a.geo.part, a.rotary, a.K);
     const int xo = b * (second ? a.xs1_b : a.xs0_b) + m * (second ? a.xs1_m : a.xs0_m)
                    + h * (second ? a.xs1_h : a.xs0_h);
     const T* x = static_cast<const T*>(second ? a.x1 : a.x0) + xo;
@@ -930,7 +935,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads) RopeSmallKernel(const SmallA
     if (g.k1 >= 0) hi = LoadVec<T, V, true>(x + g.k1, 1, V);
     [[maybe_unused]] C hi_f[kTable ? 1 : V], lo_f[kTable ? 1 : V];
     if constexpr (!kTable) {
-      if (rot) LoadUnitFreqsOf<kKind, V, kPlane>(a.freq, g, a.part, hi_f, lo_f);
+      if (rot) LoadUnitFreqsOf<kKind, V, kPlane>(a.freq, g, a.geo.part, hi_f, lo_f);
     }
     const int64_t pos = position();
     UnitTrig<T, TT, V, kPlane, kTable> trig;
@@ -944,8 +949,8 @@ __global__ void __launch_bounds__(kMaxBlockThreads) RopeSmallKernel(const SmallA
         } else {
           const int64_t row_offset = pos * a.table_row_stride;
           trig.template LoadTables<true>(static_cast<const TT*>(a.cos) + row_offset,
-                                         static_cast<const TT*>(a.sin) + row_offset, 1, g.k0 - g.r * a.part,
-                                         g.k1 >= 0 ? g.k1 - g.r * a.part : -1, a.inverse);
+                                         static_cast<const TT*>(a.sin) + row_offset, 1, g.k0 - g.r * a.geo.part,
+                                         g.k1 >= 0 ? g.k1 - g.r * a.geo.part : -1, a.inverse);
         }
       } else {
         trig.template MakeAngles<kFast>(pos, hi_f, lo_f, scale, a.inverse ? -scale : scale);
@@ -964,7 +969,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads) RopeSmallKernel(const SmallA
   if (a.idx != nullptr) {
 #if ROPE_SMALL_EARLY_POS
     int64_t v = 0;
-    if (a.units_per_part == a.rot_units) {  // rotary_dim 1: one position per token
+    if (a.geo.units_per_part == a.geo.rot_units) {  // rotary_dim 1: one position per token
       v = LoadIndex(a.idx, a.idx_type, b * a.idx_sb + m * a.idx_sm);
     } else if (rot) {
       v = LoadIndex(a.idx, a.idx_type, b * a.idx_sb + UnitPart(a, u) * a.idx_sr + m * a.idx_sm);
@@ -1055,12 +1060,6 @@ int g_override_threads = 0;
 int g_override_persistent = -1;
 int g_override_small = -1;  // 0: never RopeSmallKernel
 
-// How a head splits into units of V-element vectors (see KernelArgs).
-struct UnitGeometry {
-  int32_t units = 0, part = 0, rot_units = 0, units_per_part = 0, pass_units = 0;
-  bool interval_halves = false;
-};
-
 UnitGeometry MakeGeometry(const RopeParams& p, int V) {
   UnitGeometry g;
   const int64_t part = p.rotary_part();
@@ -1148,14 +1147,9 @@ cudaError_t LaunchSmall(const UnitGeometry& k, FreqKind kind, const void* freq, 
     a.m_coef = 1;
     a.pos_add = p.seqlen_offset;
   }
-  a.units = k.units;
-  a.part = k.part;
-  a.rot_units = k.rot_units;
-  a.units_per_part = k.units_per_part;
-  a.pass_units = k.pass_units;
+  a.geo = k;
   a.rotary = static_cast<int32_t>(p.rotary_size);
   a.K = static_cast<int32_t>(p.K);
-  a.interval_halves = k.interval_halves;
   a.inverse = p.inverse;
   a.freq = freq;
   a.cos = p.cos;
@@ -1226,21 +1220,15 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
       }
     }
   }
-  const UnitGeometry geo = MakeGeometry(p, V);
-  a.interval_halves = geo.interval_halves;
-  a.units_per_part = geo.units_per_part;
-  a.rot_units = geo.rot_units;
-  a.pass_units = geo.pass_units;
-  a.units = geo.units;
-  a.part = geo.part;
-  if (a.units == 0) return cudaSuccess;
+  a.geo = MakeGeometry(p, V);
+  if (a.geo.units == 0) return cudaSuccess;
   const int64_t rows = p.B * p.M;
   if (rows >= (int64_t{1} << 31)) return cudaErrorInvalidValue;  // 32-bit rows in the kernel
 
   // Heads per thread: ROPE_ANGLE_ITEMS / ROPE_TABLE_ITEMS when one head per thread would give more than
   // ROPE_ITEMS_WAVES waves of the device's resident threads, else 1 (the elementwise variant, a
   // fallback for strided or misaligned tensors, always 1).
-  const int64_t one_item_threads = rows * a.units * p.total_heads();
+  const int64_t one_item_threads = rows * a.geo.units * p.total_heads();
   const int64_t wave = static_cast<int64_t>(dev.sms) * dev.threads_per_sm;
   const int large_items = table ? ROPE_TABLE_ITEMS : ROPE_ANGLE_ITEMS;
   const int wanted = g_override_items > 0 ? g_override_items
@@ -1263,7 +1251,7 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
   int64_t blocks = 0;
   for (int t = 0; t < p.num_tensors; ++t) {
     const int64_t lanes = std::max<int64_t>(1, (p.tensors[t].H + items - 1) / items);
-    const int64_t tensor_blocks = p.tensors[t].H > 0 ? (rows * lanes * a.units + threads - 1) / threads : 0;
+    const int64_t tensor_blocks = p.tensors[t].H > 0 ? (rows * lanes * a.geo.units + threads - 1) / threads : 0;
     // 32-bit thread indices (and FastDiv numerators below 2^31) inside the kernel
     if (tensor_blocks * threads >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
     a.lanes[t] = static_cast<int32_t>(lanes);
@@ -1275,8 +1263,8 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
   if (blocks >= (int64_t{1} << 31)) return cudaErrorInvalidValue;
   a.blocks = static_cast<int32_t>(blocks);
   a.rows = static_cast<int32_t>(rows);
-  a.div_units = FastDiv(static_cast<uint32_t>(a.units));
-  a.div_upp = FastDiv(static_cast<uint32_t>(std::max(1, a.units_per_part)));
+  a.div_units = FastDiv(static_cast<uint32_t>(a.geo.units));
+  a.div_upp = FastDiv(static_cast<uint32_t>(std::max(1, a.geo.units_per_part)));
   {
     const RopeTensor& t0 = p.tensors[0];
     a.m_outer = ROPE_MEMORY_ROW_ORDER && p.B > 1 && p.M > 1 && std::abs(t0.x_stride_m) > std::abs(t0.x_stride_b);  // x's order
@@ -1294,7 +1282,7 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
         return LaunchSmall<T, TT, V / 2>(half, a.freq_kind, a.freq, p, half_threads, stream);
       }
 #endif
-      return LaunchSmall<T, TT, V>(geo, a.freq_kind, a.freq, p, threads, stream);
+      return LaunchSmall<T, TT, V>(a.geo, a.freq_kind, a.freq, p, threads, stream);
     }
   }
 #endif
