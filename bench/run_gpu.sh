@@ -4,7 +4,7 @@
 # launch sweep and the benchmark. Results go to $OUT (default bench/results/latest). Used through
 # the device tool as
 #   bash bench/run_gpu.sh            (carry .whl for liger-kernel / torchtune wheels, if present)
-# Steps can be chosen: STEPS="check memcheck racecheck sweep variants probe probedecode ncudecode ncu profile flushab sass bench"
+# Steps can be chosen: STEPS="check memcheck racecheck sweep variants pdl probe probetable probedecode ncudecode ncu profile flushab sass bench"
 # (default: check
 # memcheck racecheck bench); BENCH_ARGS passes options to bench_gpu.py. VARIANTS="name=-DFLAG=1 ..."
 # builds alternatives of the kernel (its compile-time knobs) next to the main build; the step
@@ -75,6 +75,13 @@ for step in $STEPS; do
       # stand-alone thread-mapping probe (no oneflow_rope code): what a plain kernel reaches here
       nvcc -O3 -std=c++17 -arch=sm_$ARCH bench/probe_mapping.cu -o /tmp/probe_mapping &&
         { /tmp/probe_mapping 4 4096 32 128; /tmp/probe_mapping 2 8192 8 128; } 2>&1 | tee "$OUT/probe_mapping.txt" || status=1 ;;
+    pdl)
+      # programmatic dependent launch of decode steps on and off (bench/pdl_decode.py)
+      python3 -m bench.pdl_decode --build build-gpu 2>&1 | tee "$OUT/pdl_decode.txt" || status=1 ;;
+    probetable)
+      # stand-alone table + position_ids floors (bench/probe_table.cu)
+      nvcc -O3 -std=c++17 -arch=sm_$ARCH bench/probe_table.cu -o /tmp/probe_table &&
+        for s in "4 4096 32 128" "2 8192 8 128" "16 4096 4 128" "1 4096 32 128"; do /tmp/probe_table $s; done 2>&1 | tee "$OUT/probe_table.txt" || status=1 ;;
     probedecode)
       # stand-alone decode-step floors (copy, position_ids + table, offsets + angles)
       nvcc -O3 -std=c++17 -arch=sm_$ARCH bench/probe_decode.cu -o /tmp/probe_decode &&

@@ -17,8 +17,7 @@
 // cu_seqlens (and builds with ROPE_PERSISTENT 1 or 2): a persistent grid whose threads load the
 // next piece's position while they process the current one.
 //
-// Two variants: "vector" (16-byte loads and stores, 8-byte in RopeSmallKernel built with
-// ROPE_SMALL_HALF_VECTORS; unit-stride K, aligned pointers and sizes)
+// Two variants: "vector" (16-byte loads and stores; unit-stride K, aligned pointers and sizes)
 // and "elementwise" (any strides and sizes, one element per access; V = 1 for plane, 2 for
 // interval). Both compute the same values. bench/results/h200_2026-11-29b, -29c and -29d NOTES.md
 // have what was measured and tried.
@@ -92,10 +91,13 @@ constexpr int kMaxItems = ROPE_TABLE_ITEMS >= 8 || ROPE_ANGLE_ITEMS >= 8 ? 8 : 4
 #define ROPE_ANGLE_MIN_BLOCKS 0
 #endif
 #ifndef ROPE_TABLE_MIN_BLOCKS
-// > 0: the same for the 4-head instances of calls with tables (block per piece). 5 (96 registers,
-// from 104-120): 3-5% faster on three sweep calls with position_ids, the same over the bench's 504
-// table calls (median 1.001, 0.95-1.03).
-#define ROPE_TABLE_MIN_BLOCKS 0
+// > 0: the same for the 4-head instances of calls with tables (block per piece). 5 caps them at 96
+// registers, without spills (ptxas, sm_90): it changes the bfloat16 instances (101-104 registers:
+// 4 blocks per SM) and those of 16-bit x with float32 tables (104-112); float16, float32 and
+// float64 ones already fit 5 blocks. On the H200's bench of 2026-11-29 (h200_2026-11-29d) a build
+// with it ran bfloat16 tables with position_ids 2.5-4% faster (median per row) and the other
+// dtypes the same; bench/results/h200_2026-11-29g has the A/B of the present code.
+#define ROPE_TABLE_MIN_BLOCKS 5
 #endif
 #ifndef ROPE_SMALL_KERNEL
 // 1: calls with one head per thread (decode and other small calls) of the vector variant take
@@ -103,18 +105,19 @@ constexpr int kMaxItems = ROPE_TABLE_ITEMS >= 8 || ROPE_ANGLE_ITEMS >= 8 ? 8 : 4
 // fit it; 0: always RopeKernel
 #define ROPE_SMALL_KERNEL 1
 #endif
-#ifndef ROPE_SMALL_HALF_VECTORS
-// 1: RopeSmallKernel moves 8-byte vectors (half the elements, angles and rotations per thread,
-// twice the threads) for 16-bit and float32 x; 0: 16-byte vectors like RopeKernel. Untried on a
-// GPU (bench/results/h200_2026-11-29f NOTES: the decode step is a per-thread instruction chain).
-#define ROPE_SMALL_HALF_VECTORS 0
+#ifndef ROPE_PDL
+// 1: small calls (RopeSmallKernel) are launched with programmatic dependent launch where the
+// toolkit (CUDA >= 12.3, which also captures such launches into CUDA graphs), the device (compute
+// capability >= 9.0) and the kernel's code (compiled for compute_90 or later, so that it waits for
+// the previous kernel itself) allow it: the launch and the argument work before the first memory
+// access overlap the previous kernel's tail, and the next kernel may be scheduled while this one
+// runs. 0: plain launches everywhere.
+#define ROPE_PDL 1
 #endif
-#ifndef ROPE_SMALL_EARLY_POS
-// 1: RopeSmallKernel's position load depends on the token alone when the call has one rotary part
-// (rotary_dim 1, or no rotary dims): every thread loads it, pass-through ones too (a valid entry of
-// the same token), and the compiler may issue it before the unit index is decoded; 0: only rotary
-// threads load it, after the unit is known. Untried on a GPU.
-#define ROPE_SMALL_EARLY_POS 0
+#if ROPE_PDL && defined(CUDART_VERSION) && CUDART_VERSION >= 12030
+#define ROPE_HAVE_PDL 1
+#else
+#define ROPE_HAVE_PDL 0
 #endif
 #ifndef ROPE_MEMORY_ROW_ORDER
 #define ROPE_MEMORY_ROW_ORDER 1  // 0: rows always b-major (row = b * M + m), the order before 2026-11-29
@@ -348,8 +351,7 @@ struct SmallArgs {
   int32_t os0_b, os0_m, os0_h, os1_b, os1_m, os1_h;
 };
 
-// Vector of V elements, aligned to its size (16 bytes in the vector variant, 8 in RopeSmallKernel's
-// half vectors).
+// Vector of V elements, aligned to its size (16 bytes in the vector variant).
 template<typename T, int V>
 struct alignas(sizeof(T) * V) Pack {
   T v[V];
@@ -436,11 +438,8 @@ __device__ __forceinline__ void SinCos(int64_t pos, double theta, double, double
 template<typename T, int V, bool kVec>
 __device__ __forceinline__ Pack<T, V> LoadVec(const T* ptr, int64_t stride, int count) {
   Pack<T, V> out;
-  if constexpr (kVec && sizeof(Pack<T, V>) == 8) {  // RopeSmallKernel's half vectors
-    const uint2 raw = *reinterpret_cast<const uint2*>(ptr);
-    out = *reinterpret_cast<const Pack<T, V>*>(&raw);
-  } else if constexpr (kVec) {
-    static_assert(sizeof(Pack<T, V>) == 16, "vector variant moves 16 (or 8) bytes per access");
+  if constexpr (kVec) {
+    static_assert(sizeof(Pack<T, V>) == 16, "vector variant moves 16 bytes per access");
 #if ROPE_STREAM_HINTS
     const uint4 raw = __ldcs(reinterpret_cast<const uint4*>(ptr));
 #else
@@ -456,9 +455,7 @@ __device__ __forceinline__ Pack<T, V> LoadVec(const T* ptr, int64_t stride, int 
 
 template<typename T, int V, bool kVec>
 __device__ __forceinline__ void StoreVec(T* ptr, int64_t stride, int count, const Pack<T, V>& in) {
-  if constexpr (kVec && sizeof(Pack<T, V>) == 8) {
-    *reinterpret_cast<uint2*>(ptr) = *reinterpret_cast<const uint2*>(&in);
-  } else if constexpr (kVec) {
+  if constexpr (kVec) {
 #if ROPE_STREAM_HINTS
     __stcs(reinterpret_cast<uint4*>(ptr), *reinterpret_cast<const uint4*>(&in));
 #else
@@ -473,16 +470,13 @@ __device__ __forceinline__ void StoreVec(T* ptr, int64_t stride, int count, cons
 }
 
 // V table entries, kept in the table's own type until they are used (16-bit tables take half
-// the registers of converted ones); 16-byte loads in the vector variant (one 8-byte load for a
-// half vector of a 16-bit table).
+// the registers of converted ones); 16-byte loads in the vector variant.
 template<typename TT, int V, bool kVec>
 __device__ __forceinline__ Pack<TT, V> LoadTable(const TT* ptr, int64_t stride) {
   Pack<TT, V> out;
-  if constexpr (kVec && V * sizeof(TT) == 8) {  // RopeSmallKernel's half vectors of a 16-bit table
-    *reinterpret_cast<uint2*>(out.v) = __ldg(reinterpret_cast<const uint2*>(ptr));
-  } else if constexpr (kVec) {
+  if constexpr (kVec) {
     constexpr int kChunks = V * static_cast<int>(sizeof(TT)) / 16;
-    static_assert(kChunks >= 1, "a table vector is at least 16 (or 8) bytes");
+    static_assert(kChunks >= 1, "a table vector is at least 16 bytes");
 #pragma unroll
     for (int q = 0; q < kChunks; ++q) {
       reinterpret_cast<uint4*>(out.v)[q] = __ldg(reinterpret_cast<const uint4*>(ptr) + q);
@@ -963,20 +957,19 @@ __global__ void __launch_bounds__(kMaxBlockThreads) RopeSmallKernel(const SmallA
     StoreVec<T, V, true>(out + g.k0, 1, V, o0);
     if (g.k1 >= 0) StoreVec<T, V, true>(out + g.k1, 1, V, o1);
   };
+#if ROPE_HAVE_PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Programmatic dependent launch (LaunchSmall): the next kernel may be scheduled now (it waits
+  // for this grid's completion itself); this one waits for the previous kernel's completion and
+  // memory here, after its index work and before its first global access (a no-op when launched
+  // without the attribute).
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
   // A position read from memory is loaded before the x loads and used after them (its DRAM round
   // trip overlaps theirs); the two paths are separate code, so the other never waits on that
   // load's scoreboard.
   if (a.idx != nullptr) {
-#if ROPE_SMALL_EARLY_POS
-    int64_t v = 0;
-    if (a.geo.units_per_part == a.geo.rot_units) {  // rotary_dim 1: one position per token
-      v = LoadIndex(a.idx, a.idx_type, b * a.idx_sb + m * a.idx_sm);
-    } else if (rot) {
-      v = LoadIndex(a.idx, a.idx_type, b * a.idx_sb + UnitPart(a, u) * a.idx_sr + m * a.idx_sm);
-    }
-#else
     const int64_t v = rot ? LoadIndex(a.idx, a.idx_type, b * a.idx_sb + UnitPart(a, u) * a.idx_sr + m * a.idx_sm) : 0;
-#endif
     run([&] { return v + a.m_coef * m + a.pos_add; });
   } else {
     run([&] { return static_cast<int64_t>(m) + a.pos_add; });
@@ -988,6 +981,7 @@ __global__ void __launch_bounds__(kMaxBlockThreads) RopeSmallKernel(const SmallA
 struct DeviceInfo {
   int sms = 80;
   int threads_per_sm = 2048;
+  int major = 0;  // compute capability
 };
 
 const DeviceInfo& CurrentDeviceInfo() {
@@ -1001,6 +995,7 @@ const DeviceInfo& CurrentDeviceInfo() {
   DeviceInfo info;
   cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device);
   cudaDeviceGetAttribute(&info.threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device);
+  cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device);
   return infos.emplace(device, info).first->second;
 }
 
@@ -1059,6 +1054,26 @@ int g_override_items = 0;    // RopeCudaSetLaunchOverride: 0 keeps the rule's ch
 int g_override_threads = 0;
 int g_override_persistent = -1;
 int g_override_small = -1;  // 0: never RopeSmallKernel
+bool g_pdl = true;           // RopeCudaSetPdl
+
+// Whether `kernel`'s code was compiled for compute_90 or later (its griddepcontrol.wait is there),
+// cached. PTX of an older target JIT-compiled for a Hopper device lacks it: such a kernel must
+// not be launched with programmatic dependent launch.
+bool CompiledForSm90(const void* kernel) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, const void*>, bool> cache;
+  int device = 0;
+  cudaGetDevice(&device);
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(device, kernel);
+  auto found = cache.find(key);
+  if (found != cache.end()) return found->second;
+  cudaFuncAttributes attr{};
+  bool ok = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90;
+  cudaGetLastError();
+  cache.emplace(key, ok);
+  return ok;
+}
 
 UnitGeometry MakeGeometry(const RopeParams& p, int V) {
   UnitGeometry g;
@@ -1117,7 +1132,7 @@ bool SmallFits(const RopeParams& p) {
 // blocks of `threads`.
 template<typename T, typename TT, int V>
 cudaError_t LaunchSmall(const UnitGeometry& k, FreqKind kind, const void* freq, const RopeParams& p, int threads,
-                        cudaStream_t stream) {
+                        cudaStream_t stream, const DeviceInfo& dev) {
   SmallArgs a{};
   const int64_t h0 = p.tensors[0].H;
   const int64_t h1 = p.num_tensors > 1 ? p.tensors[1].H : 0;
@@ -1177,6 +1192,23 @@ cudaError_t LaunchSmall(const UnitGeometry& k, FreqKind kind, const void* freq, 
   a.os1_h = static_cast<int32_t>(t1.out_stride_h);
   const unsigned blocks = static_cast<unsigned>((total + threads - 1) / threads);
   auto launch = [&](auto kernel) -> cudaError_t {
+#if ROPE_HAVE_PDL
+    if (g_pdl && dev.major >= 9 && CompiledForSm90(reinterpret_cast<const void*>(kernel))) {
+      cudaLaunchConfig_t config{};
+      config.gridDim = dim3(blocks);
+      config.blockDim = dim3(static_cast<unsigned>(threads));
+      config.dynamicSmemBytes = 0;
+      config.stream = stream;
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[0].val.programmaticStreamSerializationAllowed = 1;
+      config.attrs = attr;
+      config.numAttrs = 1;
+      return cudaLaunchKernelEx(&config, kernel, a);
+    }
+#else
+    (void)dev;
+#endif
     kernel<<<blocks, threads, 0, stream>>>(a);
     return cudaGetLastError();
   };
@@ -1275,14 +1307,7 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
 #if ROPE_SMALL_KERNEL
   if constexpr (kVec) {
     if (items == 1 && !pipe && g_override_small != 0 && SmallFits(p)) {
-#if ROPE_SMALL_HALF_VECTORS
-      if constexpr (sizeof(T) <= 4) {  // 8-byte vectors: twice the threads, half the work each
-        const UnitGeometry half = MakeGeometry(p, V / 2);
-        const int half_threads = g_override_threads > 0 ? threads : SmallBlockThreads(rows * half.units * p.total_heads(), dev);
-        return LaunchSmall<T, TT, V / 2>(half, a.freq_kind, a.freq, p, half_threads, stream);
-      }
-#endif
-      return LaunchSmall<T, TT, V>(a.geo, a.freq_kind, a.freq, p, threads, stream);
+      return LaunchSmall<T, TT, V>(a.geo, a.freq_kind, a.freq, p, threads, stream, dev);
     }
   }
 #endif
@@ -1360,6 +1385,8 @@ void RopeCudaSetLaunchOverride(int items_per_thread, int block_threads, int pers
   g_override_threads = block_threads;
   g_override_persistent = persistent;
 }
+
+void RopeCudaSetPdl(bool enabled) { g_pdl = enabled; }
 
 const char* RopeCudaErrorString(int status) {
   return cudaGetErrorString(static_cast<cudaError_t>(status));

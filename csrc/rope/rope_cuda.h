@@ -15,8 +15,7 @@ int RopeForwardCuda(const RopeParams& p, void* stream);
 const char* RopeCudaErrorString(int status);
 
 // Which kernel variant RopeForwardCuda would launch for `p`: "vector<N>" (16-byte accesses of N
-// elements; small calls in builds with ROPE_SMALL_HALF_VECTORS move N/2 per access) or
-// "elementwise" (any strides and sizes). For tests and benchmarks.
+// elements) or "elementwise" (any strides and sizes). For tests and benchmarks.
 const char* RopeCudaKernelName(const RopeParams& p);
 
 // Forces the launch shape for benchmark sweeps: items (heads) per thread and row, threads per
@@ -25,6 +24,10 @@ const char* RopeCudaKernelName(const RopeParams& p);
 // always take the persistent grid. small_kernel 0 keeps one-head calls off the small-call kernel
 // (-1: the rule). Not thread-safe; not for production use.
 void RopeCudaSetLaunchOverride(int items_per_thread, int block_threads, int persistent = -1, int small_kernel = -1);
+
+// Turns programmatic dependent launch of small calls off (false) or back on (true, the default;
+// used only where the toolkit, device and kernel code allow it). For benchmarks; not thread-safe.
+void RopeCudaSetPdl(bool enabled);
 
 }  // namespace oneflow_rope
 
