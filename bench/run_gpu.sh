@@ -4,7 +4,7 @@
 # launch sweep and the benchmark. Results go to $OUT (default bench/results/latest). Used through
 # the device tool as
 #   bash bench/run_gpu.sh            (carry .whl for liger-kernel / torchtune wheels, if present)
-# Steps can be chosen: STEPS="check memcheck racecheck sweep variants pdl probe probetable probedecode ncudecode ncu profile flushab sass bench"
+# Steps can be chosen: STEPS="check memcheck racecheck sweep variants pdl ncuheads probe probetable probedecode ncudecode ncu profile flushab sass bench"
 # (default: check
 # memcheck racecheck bench); BENCH_ARGS passes options to bench_gpu.py. VARIANTS="name=-DFLAG=1 ..."
 # builds alternatives of the kernel (its compile-time knobs) next to the main build; the step
@@ -122,6 +122,21 @@ for step in $STEPS; do
       cuobjdump -sass build-gpu/_rope_raw*.so | awk -v pat="${SASS_FILTER:-RopeKernelI13__nv_bfloat16(S[0-9]*_|f)Li8ELb1}" \
         '/Function :/ {keep = ($0 ~ pat)} keep' | gzip >"$OUT/sass.txt.gz" || status=1
       ls -la "$OUT/sass.txt.gz" ;;
+    ncuheads)
+      # 8 heads against 32 (sweep calls c5 and c0, bf16 base) under ncu, ours and the stand-alone
+      # probe's first variant (2 heads per thread, exact angle) on the same shapes
+      nvcc -O3 -std=c++17 -arch=sm_$ARCH bench/probe_mapping.cu -o /tmp/probe_mapping || status=1
+      for prog in "python3 -m bench.sweep_launch --build build-gpu --once --configs 0,5" "/tmp/probe_mapping 4 4096 32 128" "/tmp/probe_mapping 2 8192 8 128"; do
+        ncu --clock-control none --kernel-name regex:"RopeKernel|RopeProbe" --launch-count 1 --section SpeedOfLight --section Occupancy \
+          --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+          --metrics smsp__inst_executed.sum,dram__bytes_read.sum,dram__bytes_write.sum $prog
+        if [ "${prog#python3}" != "$prog" ]; then  # ours: the second call (c5) too
+          ncu --clock-control none --kernel-name regex:"RopeKernel" --launch-skip 1 --launch-count 1 \
+            --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
+            --section MemoryWorkloadAnalysis --metrics smsp__inst_executed.sum,dram__bytes_read.sum,dram__bytes_write.sum $prog
+        fi
+      done >"$OUT/ncu_heads.txt" 2>&1 || status=1
+      grep -E "^  [A-Za-z].*\(|Duration|DRAM Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|No Eligible|Block Size|Grid Size|inst_executed|dram__bytes|Waves Per SM" "$OUT/ncu_heads.txt" | head -120 ;;
     ncu)
       ncu --clock-control none --kernel-name regex:RopeKernel --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \

@@ -78,15 +78,17 @@ def main() -> int:
     ap.add_argument("--build", default="build-gpu")
     ap.add_argument("--settings", help="'items,threads[,persistent];...' (default: a built-in list; '0,0' is the rule)")
     ap.add_argument("--once", action="store_true", help="launch each config once, no timing (for ncu)")
+    ap.add_argument("--configs", help="indices of CONFIGS to run, e.g. '0,5' (default: all)")
     args = ap.parse_args()
     settings = SETTINGS if not args.settings else [tuple(int(v) for v in t.split(",")) for t in args.settings.split(";")]
     raw = load_raw(args.build)
+    configs = CONFIGS if not args.configs else [CONFIGS[int(i)] for i in args.configs.split(",")]
 
     timer = Timer(reps=20, b2b_reps=20)
     stream = torch.cuda.current_stream().cuda_stream
     plans, copies = [], []
     keep = []
-    for config in CONFIGS:
+    for config in configs:
         plan, tensors = make_plan(raw, *config)
         plans.append(plan)
         keep += tensors
@@ -102,9 +104,10 @@ def main() -> int:
         torch.cuda.synchronize()
         return 0
     print(f"# {torch.cuda.get_device_name()}: python {' '.join(sys.argv)}")
-    for i, c in enumerate(CONFIGS):
-        print(f"# c{i}: {c}  copy {copies[i]:.2f} us")
-    print("setting    " + " ".join(f"{'c' + str(i):>14s}" for i in range(len(CONFIGS))))
+    names = [f"c{i}" for i in (range(len(CONFIGS)) if not args.configs else args.configs.split(","))]
+    for name, c, copy in zip(names, configs, copies):
+        print(f"# {name}: {c}  copy {copy:.2f} us")
+    print("setting    " + " ".join(f"{name:>14s}" for name in names))
     for setting in settings:
         ipt, threads, persistent, small = override(setting)
         raw.set_launch_override(ipt, threads, persistent, small)
