@@ -85,11 +85,12 @@ class Prefixed:
         self.res.worst(self.prefix + group, ratio)
 
 
-# (items per thread, threads per block, persistent grid) forced by check_launch_shapes: every
-# vector-kernel instance family the built-in rule uses for large calls
-# (items, threads, persistent, small kernel): the last one keeps one-head calls on RopeKernel's
-# one-head instance (the built-in rule gives them RopeSmallKernel where it fits)
-LAUNCH_SHAPES = [(2, 128, 0, -1), (4, 128, 0, -1), (4, 128, 1, -1), (1, 256, 1, -1), (1, 0, 0, 0)]
+# (items per thread, threads per block, persistent grid, small kernel) forced by
+# check_launch_shapes: every vector-kernel instance family the built-in rule uses for large calls.
+# 2 heads per thread (computed angles: RopeSmallKernel's 2-head instance; tables: RopeKernel's),
+# 4, the persistent grid, and RopeKernel's 1- and 2-head instances kept off RopeSmallKernel
+# (small 0; the built-in rule gives such calls RopeSmallKernel where they fit it)
+LAUNCH_SHAPES = [(2, 128, 0, -1), (4, 128, 0, -1), (4, 128, 1, -1), (1, 256, 1, -1), (1, 0, 0, 0), (2, 128, 0, 0)]
 
 
 def run_case(raw, res, group, case: Case, M=5, K=16, max_pos=4096, backward=True):

@@ -8,9 +8,10 @@
 // is flat over (tensor, token, item lane, unit), unit fastest, so a warp reads whole head vectors;
 // tokens are numbered in x's memory order (m-major for MB layouts). Large calls give a thread 2
 // heads (computed angles) or 4 (tables), small ones (decode) one, in blocks just small enough
-// (64..256 threads) to reach every SM. Small calls run RopeSmallKernel where they fit it: the
-// same unit code with compact arguments and 32-bit offsets, threads numbered (token, tensor, head,
-// unit), for a shorter instruction chain per thread.
+// (64..256 threads) to reach every SM. Small calls, and large ones with computed angles, run
+// RopeSmallKernel where they fit it: the same unit code with compact arguments and 32-bit offsets,
+// threads numbered (token, tensor, item lane, unit), for a shorter instruction chain per thread;
+// large calls with tables run RopeKernel's 4-head instances.
 // A thread issues its heads' loads first, then makes its unit's cos/sin (computed while the loads
 // fly, or loaded from the tables), then rotates and stores; no shared memory, no barrier (one,
 // with cu_seqlens, at the start). Calls get a block per piece of work, except those with
@@ -104,6 +105,13 @@ constexpr int kMaxItems = ROPE_TABLE_ITEMS >= 8 || ROPE_ANGLE_ITEMS >= 8 ? 8 : 4
 // RopeSmallKernel (compact arguments, tensors interleaved per token, 32-bit offsets) when they
 // fit it; 0: always RopeKernel
 #define ROPE_SMALL_KERNEL 1
+#endif
+#ifndef ROPE_SMALL_ITEMS2
+// 1: large calls with computed angles (2 heads per thread) that fit RopeSmallKernel (one tensor or
+// q and k, no zero slots, 32-bit offsets) run its 2-head instance instead of RopeKernel's: the
+// same work per thread with RopeSmallKernel's shorter instruction path (RopeKernel issued ~45%
+// more instructions than a minimal kernel on them: bench/results/h200_2026-11-29g). 0: RopeKernel.
+#define ROPE_SMALL_ITEMS2 1
 #endif
 #ifndef ROPE_PDL
 // 1: small calls (RopeSmallKernel) are launched with programmatic dependent launch where the
@@ -318,17 +326,23 @@ struct KernelArgs {
   RopeParams p;
 };
 
-// Arguments of RopeSmallKernel: what a thread of a small call reads, ~260 bytes (KernelArgs holds
-// the whole RopeParams, 600 bytes). Threads are numbered (row, tensor, head,
-// unit), unit fastest, rows b-major: the q and k heads of a token are neighbours. Offsets fit in
+// Arguments of RopeSmallKernel: what a thread of a small call reads, ~280 bytes (KernelArgs holds
+// the whole RopeParams, 600 bytes). Threads are numbered (row, tensor, item lane,
+// unit), unit fastest: the q and k heads of a token are neighbours. Offsets fit in
 // 32 bits (SmallFits). Positions: idx[b * idx_sb + r * idx_sr + m * idx_sm] (position_ids, or
 // seqlen_offsets with idx_sr = idx_sm = 0; none: nullptr) + m_coef * m + pos_add.
 struct SmallArgs {
   int32_t threads;        // rows * row_threads
-  int32_t row_threads;    // threads per token, (H0 + H1) * units
-  int32_t first_threads;  // those of tensor 0, H0 * units
-  int32_t M;
-  FastDiv div_row, div_units, div_m, div_upp;
+  int32_t row_threads;    // threads per token, (lanes0 + lanes1) * units
+  int32_t first_threads;  // those of tensor 0, lanes0 * units
+  int32_t lanes0, lanes1;  // item lanes of each tensor (heads / kItems, rounded up): lane l takes
+                           // heads l, l + lanes, ...
+  int32_t H0, H1;
+  // rows in memory order as in KernelArgs: row = m * B + b when m_outer, else b * M + m; inner_n
+  // is B or M
+  bool m_outer;
+  int32_t inner_n;
+  FastDiv div_row, div_units, div_inner, div_upp;
   const void* idx;
   int32_t idx_sb, idx_sr, idx_sm;
   int32_t m_coef;
@@ -893,15 +907,16 @@ __global__ void __launch_bounds__(BoundThreads(kItems, kTable, kPipe), BoundMinB
   }
 }
 
-// Small calls (one head per thread: decode steps, short prompts): one unit of one head of one
-// token per thread, as RopeKernel's one-head instance computes it, with less work between the
-// start and the position's load and between its arrival and the stores. A
+// Small calls (one head per thread: decode steps, short prompts), and with kItems = 2 the large
+// calls with computed angles: one unit of kItems heads (item lane, lane + lanes) of one token per
+// thread, as RopeKernel's instances compute it, with less work between the start and the position's
+// load and between its arrival and the stores. A
 // decode step is a latency chain of a few warps per SM (position load, sin/cos, rotation,
 // stores), so each instruction on it counts: RopeKernel's one-head instance issued ~2x the
 // instructions per warp of a minimal kernel, and waited longer on instruction fetch (the code
 // comes from DRAM after L2 is emptied; bench/results/h200_2026-11-29f).
 // kKind: how the frequencies of computed angles are stored (one instance per kind).
-template<typename T, typename TT, int V, bool kPlane, bool kTable, FreqKind kKind>
+template<typename T, typename TT, int V, bool kPlane, bool kTable, FreqKind kKind, int kItems>
 __global__ void __launch_bounds__(kMaxBlockThreads) RopeSmallKernel(const SmallArgs a) {
   using C = typename Compute<T>::type;
   using P = Pack<T, V>;
@@ -912,21 +927,31 @@ __global__ void __launch_bounds__(kMaxBlockThreads) RopeSmallKernel(const SmallA
   const int j = gid - row * a.row_threads;
   const bool second = j >= a.first_threads;
   const int jt = second ? j - a.first_threads : j;
-  const int h = static_cast<int>(a.div_units.Div(static_cast<uint32_t>(jt)));
-  const int u = jt - h * a.geo.units;
-  const int b = static_cast<int>(a.div_m.Div(static_cast<uint32_t>(row)));
-  const int m = row - b * a.M;
+  const int lane = static_cast<int>(a.div_units.Div(static_cast<uint32_t>(jt)));
+  const int u = jt - lane * a.geo.units;
+  const int outer = static_cast<int>(a.div_inner.Div(static_cast<uint32_t>(row)));
+  const int inner = row - outer * a.inner_n;
+  const int b = a.m_outer ? inner : outer;
+  const int m = a.m_outer ? outer : inner;
   const bool rot = u < a.geo.rot_units;
 
   // position() gives the token's position; asked for after the x loads are issued
   auto run = [&](auto position) {
     const Unit g = UnitAt<V, kPlane>(a, u, a.geo.part, a.rotary, a.K);
-    const int xo = b * (second ? a.xs1_b : a.xs0_b) + m * (second ? a.xs1_m : a.xs0_m)
-                   + h * (second ? a.xs1_h : a.xs0_h);
+    const int lanes = second ? a.lanes1 : a.lanes0;
+    const int H = second ? a.H1 : a.H0;
+    const int xs_h = second ? a.xs1_h : a.xs0_h;
+    const int xo = b * (second ? a.xs1_b : a.xs0_b) + m * (second ? a.xs1_m : a.xs0_m) + lane * xs_h;
     const T* x = static_cast<const T*>(second ? a.x1 : a.x0) + xo;
-    const P lo = LoadVec<T, V, true>(x + g.k0, 1, V);
-    P hi;
-    if (g.k1 >= 0) hi = LoadVec<T, V, true>(x + g.k1, 1, V);
+    P lo[kItems], hi[kItems];
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      if (kItems == 1 || lane + i * lanes < H) {
+        const T* xi = x + i * lanes * xs_h;
+        lo[i] = LoadVec<T, V, true>(xi + g.k0, 1, V);
+        if (g.k1 >= 0) hi[i] = LoadVec<T, V, true>(xi + g.k1, 1, V);
+      }
+    }
     [[maybe_unused]] C hi_f[kTable ? 1 : V], lo_f[kTable ? 1 : V];
     if constexpr (!kTable) {
       if (rot) LoadUnitFreqsOf<kKind, V, kPlane>(a.freq, g, a.geo.part, hi_f, lo_f);
@@ -935,7 +960,6 @@ __global__ void __launch_bounds__(kMaxBlockThreads) RopeSmallKernel(const SmallA
     UnitTrig<T, TT, V, kPlane, kTable> trig;
     const C scale = static_cast<C>(a.attention_scaling);
     const bool scaled = kTable && a.attention_scaling != 1.0;
-    P o0 = lo, o1 = hi;
     if (rot) {
       if constexpr (kTable) {
         if (pos < 0 || pos >= a.table_rows) {
@@ -949,13 +973,20 @@ __global__ void __launch_bounds__(kMaxBlockThreads) RopeSmallKernel(const SmallA
       } else {
         trig.template MakeAngles<kFast>(pos, hi_f, lo_f, scale, a.inverse ? -scale : scale);
       }
-      trig.Rotate(lo, hi, g.k1 >= 0, scaled, scale, &o0, &o1);
     }
-    const int oo = b * (second ? a.os1_b : a.os0_b) + m * (second ? a.os1_m : a.os0_m)
-                   + h * (second ? a.os1_h : a.os0_h);
+    const int os_h = second ? a.os1_h : a.os0_h;
+    const int oo = b * (second ? a.os1_b : a.os0_b) + m * (second ? a.os1_m : a.os0_m) + lane * os_h;
     T* out = static_cast<T*>(second ? a.out1 : a.out0) + oo;
-    StoreVec<T, V, true>(out + g.k0, 1, V, o0);
-    if (g.k1 >= 0) StoreVec<T, V, true>(out + g.k1, 1, V, o1);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      if (kItems == 1 || lane + i * lanes < H) {
+        P o0 = lo[i], o1 = hi[i];
+        if (rot) trig.Rotate(lo[i], hi[i], g.k1 >= 0, scaled, scale, &o0, &o1);
+        T* oi = out + i * lanes * os_h;
+        StoreVec<T, V, true>(oi + g.k0, 1, V, o0);
+        if (g.k1 >= 0) StoreVec<T, V, true>(oi + g.k1, 1, V, o1);
+      }
+    }
   };
 #if ROPE_HAVE_PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Programmatic dependent launch (LaunchSmall): the next kernel may be scheduled now (it waits
@@ -1129,23 +1160,31 @@ bool SmallFits(const RopeParams& p) {
 }
 
 // Launches RopeSmallKernel for p (units of geometry k, frequencies `freq` stored as `kind`) in
-// blocks of `threads`.
-template<typename T, typename TT, int V>
+// blocks of `threads`, kItems heads per thread (1; or 2 for computed angles), rows in x's memory
+// order (m_outer: m-major).
+template<typename T, typename TT, int V, int kItems = 1>
 cudaError_t LaunchSmall(const UnitGeometry& k, FreqKind kind, const void* freq, const RopeParams& p, int threads,
-                        cudaStream_t stream, const DeviceInfo& dev) {
+                        bool m_outer, cudaStream_t stream, const DeviceInfo& dev) {
   SmallArgs a{};
   const int64_t h0 = p.tensors[0].H;
   const int64_t h1 = p.num_tensors > 1 ? p.tensors[1].H : 0;
-  const int64_t row_threads = (h0 + h1) * k.units;
+  const int64_t lanes0 = (h0 + kItems - 1) / kItems;
+  const int64_t lanes1 = (h1 + kItems - 1) / kItems;
+  const int64_t row_threads = (lanes0 + lanes1) * k.units;
   const int64_t total = p.B * p.M * row_threads;  // < 2^31: SmallFits
   if (total == 0) return cudaSuccess;
   a.threads = static_cast<int32_t>(total);
   a.row_threads = static_cast<int32_t>(row_threads);
-  a.first_threads = static_cast<int32_t>(h0 * k.units);
-  a.M = static_cast<int32_t>(p.M);
+  a.first_threads = static_cast<int32_t>(lanes0 * k.units);
+  a.lanes0 = static_cast<int32_t>(lanes0);
+  a.lanes1 = static_cast<int32_t>(lanes1);
+  a.H0 = static_cast<int32_t>(h0);
+  a.H1 = static_cast<int32_t>(h1);
+  a.m_outer = m_outer;
+  a.inner_n = static_cast<int32_t>(std::max<int64_t>(1, m_outer ? p.B : p.M));
   a.div_row = FastDiv(static_cast<uint32_t>(row_threads));
   a.div_units = FastDiv(static_cast<uint32_t>(k.units));
-  a.div_m = FastDiv(static_cast<uint32_t>(p.M));
+  a.div_inner = FastDiv(static_cast<uint32_t>(a.inner_n));
   a.div_upp = FastDiv(static_cast<uint32_t>(std::max(1, k.units_per_part)));
   if (p.pos_type != IndexType::kNone) {
     a.idx = p.position_ids;
@@ -1215,13 +1254,17 @@ cudaError_t LaunchSmall(const UnitGeometry& k, FreqKind kind, const void* freq, 
   constexpr FreqKind kHiLo = FreqKind::kHiLo, kF32 = FreqKind::kFloat32, kF64 = FreqKind::kFloat64;
   auto dispatch = [&](auto plane_c) -> cudaError_t {
     constexpr bool kP = decltype(plane_c)::value;
-    if (p.cos != nullptr) return launch(RopeSmallKernel<T, TT, V, kP, true, kHiLo>);
-    if (kind == kF64) return launch(RopeSmallKernel<T, T, V, kP, false, kF64>);
-    if (kind == kF32) return launch(RopeSmallKernel<T, T, V, kP, false, kF32>);
+    if constexpr (kItems == 1) {  // the 2-head instances exist for computed angles only
+      if (p.cos != nullptr) return launch(RopeSmallKernel<T, TT, V, kP, true, kHiLo, 1>);
+    } else {
+      if (p.cos != nullptr) return cudaErrorInvalidValue;
+    }
+    if (kind == kF64) return launch(RopeSmallKernel<T, T, V, kP, false, kF64, kItems>);
+    if (kind == kF32) return launch(RopeSmallKernel<T, T, V, kP, false, kF32, kItems>);
     if constexpr (sizeof(T) == 8) {
       return cudaErrorInvalidValue;  // float64 math never takes the (hi, lo) frequencies
     } else {
-      return launch(RopeSmallKernel<T, T, V, kP, false, kHiLo>);
+      return launch(RopeSmallKernel<T, T, V, kP, false, kHiLo, kItems>);
     }
   };
   return p.mode == Mode::kPlane ? dispatch(std::true_type{}) : dispatch(std::false_type{});
@@ -1307,8 +1350,13 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
 #if ROPE_SMALL_KERNEL
   if constexpr (kVec) {
     if (items == 1 && !pipe && g_override_small != 0 && SmallFits(p)) {
-      return LaunchSmall<T, TT, V>(a.geo, a.freq_kind, a.freq, p, threads, stream, dev);
+      return LaunchSmall<T, TT, V, 1>(a.geo, a.freq_kind, a.freq, p, threads, a.m_outer, stream, dev);
     }
+#if ROPE_SMALL_ITEMS2
+    if (items == 2 && !table && !pipe && g_override_small != 0 && SmallFits(p)) {
+      return LaunchSmall<T, TT, V, 2>(a.geo, a.freq_kind, a.freq, p, threads, a.m_outer, stream, dev);
+    }
+#endif
   }
 #endif
   auto launch = [&](auto kernel) -> cudaError_t {
