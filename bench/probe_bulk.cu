@@ -126,33 +126,18 @@ __global__ void __launch_bounds__(256) BulkRope(const Args a) {
       const int k0 = u * 8, k1 = k0 + half;
       const uint4 va = *reinterpret_cast<const uint4*>(xs + static_cast<size_t>(th) * sh.K + k0);
       const uint4 vz = *reinterpret_cast<const uint4*>(xs + static_cast<size_t>(th) * sh.K + k1);
-      float ca[8], sa[8], cz[8], sz[8];
+      uint4 oa, oz;
       if (a.table) {
         const __nv_bfloat16* c = tab + static_cast<size_t>(t) * 2 * sh.K;
         const __nv_bfloat16* sn = c + sh.K;
-        const uint4 c0 = *reinterpret_cast<const uint4*>(c + k0), c1 = *reinterpret_cast<const uint4*>(c + k1);
-        const uint4 s0 = *reinterpret_cast<const uint4*>(sn + k0), s1 = *reinterpret_cast<const uint4*>(sn + k1);
-        const __nv_bfloat162* pc0 = reinterpret_cast<const __nv_bfloat162*>(&c0);
-        const __nv_bfloat162* pc1 = reinterpret_cast<const __nv_bfloat162*>(&c1);
-        const __nv_bfloat162* ps0 = reinterpret_cast<const __nv_bfloat162*>(&s0);
-        const __nv_bfloat162* ps1 = reinterpret_cast<const __nv_bfloat162*>(&s1);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float2 f = __bfloat1622float2(pc0[e]);
-          ca[2 * e] = f.x, ca[2 * e + 1] = f.y;
-          f = __bfloat1622float2(ps0[e]);
-          sa[2 * e] = f.x, sa[2 * e + 1] = f.y;
-          f = __bfloat1622float2(pc1[e]);
-          cz[2 * e] = f.x, cz[2 * e + 1] = f.y;
-          f = __bfloat1622float2(ps1[e]);
-          sz[2 * e] = f.x, sz[2 * e + 1] = f.y;
-        }
+        TableRot(va, vz, *reinterpret_cast<const uint4*>(c + k0), *reinterpret_cast<const uint4*>(sn + k0),
+                 *reinterpret_cast<const uint4*>(c + k1), *reinterpret_cast<const uint4*>(sn + k1), &oa, &oz);
       } else {
+        float one[8], zero[8];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) ca[e] = cz[e] = 1.f, sa[e] = sz[e] = 0.f;
+        for (int e = 0; e < 8; ++e) one[e] = 1.f, zero[e] = 0.f;
+        Rot(va, vz, one, zero, one, zero, &oa, &oz);
       }
-      uint4 oa, oz;
-      Rot(va, vz, ca, sa, cz, sz, &oa, &oz);
       __nv_bfloat16* y = a.y + static_cast<size_t>(first) * token_elems + static_cast<size_t>(th) * sh.K;
       *reinterpret_cast<uint4*>(y + k0) = oa;
       *reinterpret_cast<uint4*>(y + k1) = oz;

@@ -33,27 +33,6 @@
 
 struct Shape { int B, M, H, K; };
 
-__device__ __forceinline__ void TableRot(const uint4& a, const uint4& z, const uint4& c0, const uint4& s0,
-                                         const uint4& c1, const uint4& s1, uint4* oa, uint4* oz) {
-  float ca[8], sa[8], cz[8], sz[8];
-  const __nv_bfloat162* pc0 = reinterpret_cast<const __nv_bfloat162*>(&c0);
-  const __nv_bfloat162* ps0 = reinterpret_cast<const __nv_bfloat162*>(&s0);
-  const __nv_bfloat162* pc1 = reinterpret_cast<const __nv_bfloat162*>(&c1);
-  const __nv_bfloat162* ps1 = reinterpret_cast<const __nv_bfloat162*>(&s1);
-#pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    float2 f = __bfloat1622float2(pc0[e]);
-    ca[2 * e] = f.x, ca[2 * e + 1] = f.y;
-    f = __bfloat1622float2(ps0[e]);
-    sa[2 * e] = f.x, sa[2 * e + 1] = f.y;
-    f = __bfloat1622float2(pc1[e]);
-    cz[2 * e] = f.x, cz[2 * e + 1] = f.y;
-    f = __bfloat1622float2(ps1[e]);
-    sz[2 * e] = f.x, sz[2 * e + 1] = f.y;
-  }
-  Rot(a, z, ca, sa, cz, sz, oa, oz);
-}
-
 struct Args {
   const __nv_bfloat16* x;
   __nv_bfloat16* y;
