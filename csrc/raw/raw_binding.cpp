@@ -179,9 +179,9 @@ PYBIND11_MODULE(_rope_raw, m) {
   m.def("kernel_name", &KernelName);
   m.def("set_launch_override", &RopeCudaSetLaunchOverride, py::arg("items_per_thread"),
         py::arg("block_threads"), py::arg("persistent") = -1, py::arg("small_kernel") = -1,
-        "Forces the CUDA launch shape (0, 0, -1, -1: the built-in rule; small_kernel 0: never the small-call kernel).");
+        "Forces the CUDA launch shape (0, 0, -1, -1: the built-in rule; small_kernel 0: never the compact kernel).");
   m.def("set_pdl", &RopeCudaSetPdl, py::arg("enabled"),
-        "Programmatic dependent launch of small calls on (default, where supported) or off.");
+        "Programmatic dependent launch of the compact kernel (small calls, large computed-angle calls) on (default, where supported) or off.");
   m.attr("with_cuda") = true;
 #else
   m.attr("with_cuda") = false;

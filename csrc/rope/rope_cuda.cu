@@ -87,7 +87,8 @@ constexpr int kMaxItems = ROPE_TABLE_ITEMS >= 8 || ROPE_ANGLE_ITEMS >= 8 ? 8 : 4
 #endif
 #ifndef ROPE_ANGLE_MIN_BLOCKS
 // > 0: blocks of ROPE_LARGE_BLOCK_THREADS threads that must fit per SM in the 2-head instances
-// (caps their registers; such calls then take blocks of ROPE_LARGE_BLOCK_THREADS at most).
+// (RopeKernel's and RopeSmallKernel's; caps their registers; such calls then take blocks of
+// ROPE_LARGE_BLOCK_THREADS at most).
 // 8 (64 registers, from 72) measured 0.6-1.1% slower on the H200's bench (h200_2026-11-29d).
 #define ROPE_ANGLE_MIN_BLOCKS 0
 #endif
@@ -114,12 +115,12 @@ constexpr int kMaxItems = ROPE_TABLE_ITEMS >= 8 || ROPE_ANGLE_ITEMS >= 8 ? 8 : 4
 #define ROPE_SMALL_ITEMS2 1
 #endif
 #ifndef ROPE_PDL
-// 1: small calls (RopeSmallKernel) are launched with programmatic dependent launch where the
-// toolkit (CUDA >= 12.3, which also captures such launches into CUDA graphs), the device (compute
-// capability >= 9.0) and the kernel's code (compiled for compute_90 or later, so that it waits for
-// the previous kernel itself) allow it: the launch and the argument work before the first memory
-// access overlap the previous kernel's tail, and the next kernel may be scheduled while this one
-// runs. 0: plain launches everywhere.
+// 1: RopeSmallKernel (small calls, and large calls with computed angles) is launched with
+// programmatic dependent launch where the toolkit (CUDA >= 12.3, which also captures such launches
+// into CUDA graphs), the device (compute capability >= 9.0) and the kernel's code (compiled for
+// compute_90 or later, so that it waits for the previous kernel itself) allow it: the launch and
+// the argument work before the first memory access overlap the previous kernel's tail, and the
+// next kernel may be scheduled while this one runs. 0: plain launches everywhere.
 #define ROPE_PDL 1
 #endif
 #if ROPE_PDL && defined(CUDART_VERSION) && CUDART_VERSION >= 12030
@@ -907,6 +908,16 @@ __global__ void __launch_bounds__(BoundThreads(kItems, kTable, kPipe), BoundMinB
   }
 }
 
+// RopeSmallKernel's launch bounds: the 2-head instances capped like RopeKernel's when
+// ROPE_ANGLE_MIN_BLOCKS is set, else (and the 1-head ones always) the block size alone.
+#if ROPE_ANGLE_MIN_BLOCKS > 0
+#define ROPE_SMALL_BOUNDS(items) \
+  __launch_bounds__((items) == 2 ? BoundThreads(2, false, false) : kMaxBlockThreads, \
+                    (items) == 2 ? BoundMinBlocks(2, false, false) : 1)
+#else
+#define ROPE_SMALL_BOUNDS(items) __launch_bounds__(kMaxBlockThreads)
+#endif
+
 // Small calls (one head per thread: decode steps, short prompts), and with kItems = 2 the large
 // calls with computed angles: one unit of kItems heads (item lane, lane + lanes) of one token per
 // thread, as RopeKernel's instances compute it, with less work between the start and the position's
@@ -917,7 +928,7 @@ __global__ void __launch_bounds__(BoundThreads(kItems, kTable, kPipe), BoundMinB
 // comes from DRAM after L2 is emptied; bench/results/h200_2026-11-29f).
 // kKind: how the frequencies of computed angles are stored (one instance per kind).
 template<typename T, typename TT, int V, bool kPlane, bool kTable, FreqKind kKind, int kItems>
-__global__ void __launch_bounds__(kMaxBlockThreads) RopeSmallKernel(const SmallArgs a) {
+__global__ void ROPE_SMALL_BOUNDS(kItems) RopeSmallKernel(const SmallArgs a) {
   using C = typename Compute<T>::type;
   using P = Pack<T, V>;
   constexpr bool kFast = sizeof(T) == 2;
@@ -1087,6 +1098,7 @@ int g_override_persistent = -1;
 int g_override_small = -1;  // 0: never RopeSmallKernel
 bool g_pdl = true;           // RopeCudaSetPdl
 
+#if ROPE_HAVE_PDL
 // Whether `kernel`'s code was compiled for compute_90 or later (its griddepcontrol.wait is there),
 // cached. PTX of an older target JIT-compiled for a Hopper device lacks it: such a kernel must
 // not be launched with programmatic dependent launch.
@@ -1100,11 +1112,13 @@ bool CompiledForSm90(const void* kernel) {
   auto found = cache.find(key);
   if (found != cache.end()) return found->second;
   cudaFuncAttributes attr{};
-  bool ok = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90;
-  cudaGetLastError();
+  const cudaError_t status = cudaFuncGetAttributes(&attr, kernel);
+  if (status != cudaSuccess) cudaGetLastError();  // this call's error only
+  const bool ok = status == cudaSuccess && attr.ptxVersion >= 90;
   cache.emplace(key, ok);
   return ok;
 }
+#endif
 
 UnitGeometry MakeGeometry(const RopeParams& p, int V) {
   UnitGeometry g;
@@ -1243,7 +1257,9 @@ cudaError_t LaunchSmall(const UnitGeometry& k, FreqKind kind, const void* freq, 
       attr[0].val.programmaticStreamSerializationAllowed = 1;
       config.attrs = attr;
       config.numAttrs = 1;
-      return cudaLaunchKernelEx(&config, kernel, a);
+      const cudaError_t status = cudaLaunchKernelEx(&config, kernel, a);
+      if (status != cudaErrorNotSupported) return status;
+      cudaGetLastError();  // the attribute refused: a plain launch below
     }
 #else
     (void)dev;

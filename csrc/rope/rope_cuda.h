@@ -21,12 +21,14 @@ const char* RopeCudaKernelName(const RopeParams& p);
 // Forces the launch shape for benchmark sweeps: items (heads) per thread and row, threads per
 // block (up to 512), and the persistent grid (1) or a block per piece (0); 0, 0, -1 keep the
 // built-in rule (from the device's SM count and the kernel's occupancy). Calls with cu_seqlens
-// always take the persistent grid. small_kernel 0 keeps one-head calls off the small-call kernel
-// (-1: the rule). Not thread-safe; not for production use.
+// always take the persistent grid. small_kernel 0 keeps calls off the compact kernel
+// (RopeSmallKernel: one-head calls, and two-head calls with computed angles; -1: the rule).
+// Not thread-safe; not for production use.
 void RopeCudaSetLaunchOverride(int items_per_thread, int block_threads, int persistent = -1, int small_kernel = -1);
 
-// Turns programmatic dependent launch of small calls off (false) or back on (true, the default;
-// used only where the toolkit, device and kernel code allow it). For benchmarks; not thread-safe.
+// Turns programmatic dependent launch of RopeSmallKernel (small calls, and large calls with
+// computed angles) off (false) or back on (true, the default; used only where the toolkit, device
+// and kernel code allow it). For benchmarks; not thread-safe.
 void RopeCudaSetPdl(bool enabled);
 
 }  // namespace oneflow_rope
