@@ -21,8 +21,6 @@
 
 #include "probe_common.cuh"
 
-struct Shape { int B, M, H, K; };
-
 struct Args {
   const __nv_bfloat16* x;
   __nv_bfloat16* y;

@@ -13,6 +13,9 @@
 
 #define CHECK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { std::printf("%s: %s\n", #x, cudaGetErrorString(e_)); std::exit(1); } } while (0)
 
+// A bf16 BMHK tensor's shape (probe_mapping.cu, probe_table.cu, probe_bulk.cu).
+struct Shape { int B, M, H, K; };
+
 // The angle as oneflow_rope computes it: int64 position times theta as a float (hi, lo) pair in
 // float-float, reduced by 2*pi with a three-part constant, then the hardware sincos.
 __device__ __forceinline__ void ExactSinCos(long long pos, float hi, float lo, float* s, float* c) {

@@ -13,8 +13,6 @@
 
 #include "probe_common.cuh"
 
-struct Shape { int B, M, H, K; };
-
 __global__ void CopyKernel(const uint4* __restrict__ x, uint4* __restrict__ y, long long n) {
   for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) y[i] = x[i];
 }

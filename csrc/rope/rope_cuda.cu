@@ -1365,14 +1365,12 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
 
 #if ROPE_SMALL_KERNEL
   if constexpr (kVec) {
-    if (items == 1 && !pipe && g_override_small != 0 && SmallFits(p)) {
-      return LaunchSmall<T, TT, V, 1>(a.geo, a.freq_kind, a.freq, p, threads, a.m_outer, stream, dev);
+    // one head per thread, or two with computed angles (ROPE_SMALL_ITEMS2)
+    const bool small_items = items == 1 || (ROPE_SMALL_ITEMS2 && items == 2 && !table);
+    if (small_items && !pipe && g_override_small != 0 && SmallFits(p)) {
+      return items == 1 ? LaunchSmall<T, TT, V, 1>(a.geo, a.freq_kind, a.freq, p, threads, a.m_outer, stream, dev)
+                        : LaunchSmall<T, TT, V, 2>(a.geo, a.freq_kind, a.freq, p, threads, a.m_outer, stream, dev);
     }
-#if ROPE_SMALL_ITEMS2
-    if (items == 2 && !table && !pipe && g_override_small != 0 && SmallFits(p)) {
-      return LaunchSmall<T, TT, V, 2>(a.geo, a.freq_kind, a.freq, p, threads, a.m_outer, stream, dev);
-    }
-#endif
   }
 #endif
   auto launch = [&](auto kernel) -> cudaError_t {
