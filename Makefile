@@ -31,7 +31,7 @@ example: setup
 	$(PY) examples/llama_attention.py
 
 test: setup
-	$(PY) -m pytest tests -q
+	$(PY) -m tests.run_suite
 
 clean:
 	rm -rf build $(VENV) oneflow_rope/*.so
