@@ -491,9 +491,7 @@ class Bench:
     def varlen(self):
         H, K, S = 32, 128, 64
         T = 128 * 1024 if DEVICE == "cuda" else 2048  # the dry run keeps it small
-        gen = torch.Generator().manual_seed(0)
-        cuts = torch.sort(torch.randperm(T - 1, generator=gen)[: S - 1] + 1).values
-        cu = torch.cat((torch.tensor([0]), cuts, torch.tensor([T]))).to(DEVICE)
+        cu = varlen_cu_seqlens(T, S).to(DEVICE)
         max_len = int((cu[1:] - cu[:-1]).max())  # positions run 0 .. max_len - 1: the table rows read
         for dname in ("bfloat16", "float16"):
             dtype = DTYPES[dname]
@@ -514,6 +512,13 @@ class Bench:
                                     nbytes, self.timer.gpu_us(fn), 0.0, copy, None, kname, bound_kind="copy",
                                     extra_bytes=extra)
             del x, out
+
+
+def varlen_cu_seqlens(T: int, S: int) -> torch.Tensor:
+    """cu_seqlens (int64, on the host) of S sequences of random lengths, T tokens in all (seed 0)."""
+    gen = torch.Generator().manual_seed(0)
+    cuts = torch.sort(torch.randperm(T - 1, generator=gen)[: S - 1] + 1).values
+    return torch.cat((torch.tensor([0]), cuts, torch.tensor([T])))
 
 
 def summarize(rows: List[Dict]) -> None:

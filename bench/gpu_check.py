@@ -93,8 +93,8 @@ class Prefixed:
 LAUNCH_SHAPES = [(2, 128, 0, -1), (4, 128, 0, -1), (4, 128, 1, -1), (1, 256, 1, -1), (1, 0, 0, 0), (2, 128, 0, 0)]
 
 
-def run_case(raw, res, group, case: Case, M=5, K=16, max_pos=4096, backward=True):
-    arrays, kwargs = make_inputs(case, M=M, K=K, max_position=max_pos)
+def run_case(raw, res, group, case: Case, M=5, K=16, max_pos=4096, backward=True, H=3):
+    arrays, kwargs = make_inputs(case, M=M, K=K, H=H, max_position=max_pos)
     t = {n: to_torch(arrays[n], case.dtype if n != "position_ids" else None) for n in arrays}
     out = rope(raw, t["x"], t["cos"], t["sin"], t["position_ids"], **kwargs)
     sync()
@@ -226,6 +226,50 @@ def _run_extended(raw, res, group, name, dtype, outs_expected, params, x_for_dev
             err = float(np.max(np.abs(got - expected))) if expected.size else 0.0
         res.check(group, f"{name}[{i}]", err <= tol, f"err={err:.3g} tol={tol}")
         res.worst(group, err / tol)
+
+
+def check_heads8(raw, res, subset=1):
+    """Computed angles with 8 heads of K = 64, 128 or 256 (a token's threads fill whole warps, as in
+    the bench's large shapes; the other cases use 3 heads): every layout, mode, rotary dim,
+    full/partial and position kind of the computed-angle cases, forward and backward, one head per
+    thread (the rule's choice at this size) and two (forced); then q and k of GQA head counts
+    (8 + 4, 32 + 8) in one launch, with inv_freq, attention_scaling, offsets up to 60000, forward
+    and inverse."""
+    cases = [c for c in forward_cases() if not c.table][:: max(1, 2 * subset)]
+    for i, case in enumerate(cases):
+        K = (64, 128, 256)[i % 3]
+        for items in (0, 2):
+            raw.set_launch_override(items, 128 if items else 0, 0 if items else -1, -1)
+            try:
+                run_case(raw, res, f"heads8{'-2x128' if items else ''}", case, M=9, K=K, H=8)
+            except Exception:  # noqa: BLE001
+                res.check("heads8", case.id, False, traceback.format_exc(limit=2))
+            finally:
+                raw.set_launch_override(0, 0, -1, -1)
+    rng = np.random.default_rng(32)
+    B, M, K = 2, 7, 128
+    for dtype in ("float16", "bfloat16", "float32", "float64"):
+        for mode in ("plane", "interval"):
+            for Hq, Hk in ((8, 4), (32, 8)):
+                q = round_to_dtype(rng.uniform(-1, 1, (B, M, Hq, K)), dtype)
+                k = round_to_dtype(rng.uniform(-1, 1, (B, M, Hk, K)), dtype)
+                tq, tk = to_torch(q, dtype), to_torch(k, dtype)
+                oq, ok_ = torch.full_like(tq, float("nan")), torch.full_like(tk, float("nan"))
+                tensors = [tensor_entry(raw, tq, oq, "BMHK", "BMHK", K=K, H=Hq),
+                           tensor_entry(raw, tk, ok_, "BMHK", "BMHK", K=K, H=Hk)]
+                inv = (1.0 / (50000.0 ** (np.arange(0, K, 2) / K))).astype(np.float32)
+                offs = rng.integers(0, 60000, (B,)).astype(np.int64)
+                t_inv, t_offs = to_torch(inv), to_torch(offs)
+                for inverse in (False, True):
+                    params = extended_params(raw, tensors, dtype=dtype, B=B, M=M, K=K, mode=mode, inv_freq=t_inv,
+                                             attention_scaling=1.25, seqlen_offsets=t_offs, inverse=inverse)
+                    exp = [rope_reference(a, mode=mode, seqlen_offsets=offs, inv_freq=inv.astype(np.float64),
+                                          attention_scaling=1.25) if not inverse else
+                           rope_reference_backward(a, mode=mode, seqlen_offsets=offs, inv_freq=inv.astype(np.float64),
+                                                   attention_scaling=1.25, x_shape=a.shape)
+                           for a in (q, k)]
+                    _run_extended(raw, res, "heads8-qk", f"{dtype}-{mode}-{Hq}+{Hk}{'-inverse' if inverse else ''}",
+                                  dtype, list(zip((oq, ok_), exp)), params, tq, tolerance(dtype, 60000 + M))
 
 
 def check_extensions(raw, res, K=128):
@@ -391,7 +435,7 @@ def main() -> int:
     ap.add_argument("--no-large", action="store_true", help="skip the >2^31-element tensors")
     ap.add_argument("--json", help="write a summary here")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu to run the checks through the CPU kernel")
-    ap.add_argument("--only", help="comma-separated groups to run: cases,precision,long,views,extensions,launch,large")
+    ap.add_argument("--only", help="comma-separated groups to run: cases,precision,long,views,heads8,extensions,launch,large")
     args = ap.parse_args()
     global DEVICE
     DEVICE = args.device
@@ -429,6 +473,8 @@ def main() -> int:
         check_long_context(raw, res)
     if wanted("views"):
         check_views_and_odd_tensors(raw, res)
+    if wanted("heads8") and DEVICE == "cuda":
+        check_heads8(raw, res, args.subset)
     if wanted("extensions"):
         try:
             check_extensions(raw, res)

@@ -127,11 +127,11 @@ for step in $STEPS; do
       # probe's first variant (2 heads per thread, exact angle) on the same shapes
       nvcc -O3 -std=c++17 -arch=sm_$ARCH bench/probe_mapping.cu -o /tmp/probe_mapping || status=1
       for prog in "python3 -m bench.sweep_launch --build build-gpu --once --configs 0,5" "/tmp/probe_mapping 4 4096 32 128" "/tmp/probe_mapping 2 8192 8 128"; do
-        ncu --clock-control none --kernel-name regex:"RopeKernel|RopeProbe" --launch-count 1 --section SpeedOfLight --section Occupancy \
+        ncu --clock-control none --kernel-name regex:"RopeKernel|RopeSmallKernel|RopeProbe" --launch-count 1 --section SpeedOfLight --section Occupancy \
           --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
           --metrics smsp__inst_executed.sum,dram__bytes_read.sum,dram__bytes_write.sum $prog
         if [ "${prog#python3}" != "$prog" ]; then  # ours: the second call (c5) too
-          ncu --clock-control none --kernel-name regex:"RopeKernel" --launch-skip 1 --launch-count 1 \
+          ncu --clock-control none --kernel-name regex:"RopeKernel|RopeSmallKernel" --launch-skip 1 --launch-count 1 \
             --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
             --section MemoryWorkloadAnalysis --metrics smsp__inst_executed.sum,dram__bytes_read.sum,dram__bytes_write.sum $prog
         fi

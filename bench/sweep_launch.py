@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from bench.bench_gpu import Timer, alloc, rope_tables
+from bench.bench_gpu import Timer, alloc, rope_tables, varlen_cu_seqlens
 from tests.raw_driver import load_raw, rope
 
 CONFIGS = [  # (shape, dtype, layout, mode, variant)
@@ -38,6 +38,8 @@ CONFIGS = [  # (shape, dtype, layout, mode, variant)
     ((4, 1, 8, 128), "bfloat16", "BMHK", "plane", "table+pos"),
     ((1, 1, 32, 128), "float32", "BMHK", "plane", "base+offsets"),
     ((16, 1, 32, 128), "bfloat16", "BM(H3K)", "interval", "table+pos"),
+    ((1, 131072, 32, 128), "bfloat16", "BMHK", "plane", "base+cu"),  # varlen: the bench's 64 sequences
+    ((1, 131072, 32, 128), "bfloat16", "BMHK", "plane", "table+cu"),
 ]
 # (items, threads[, persistent[, small]]): items 1, 2 or 4 heads per thread, 8 in builds with ROPE_TABLE_ITEMS=8
 # (0: the rule's; the persistent grid takes 1 or 4); persistent 1 the
@@ -70,6 +72,9 @@ def make_plan(raw, shape, dname: str, layout: str, mode: str, variant: str):
     if variant.endswith("offsets"):  # KV-cache lengths as seqlen_offsets
         offsets = torch.randint(0, 8192, (B,), device="cuda")
         params.update(seqlen_offsets=offsets.data_ptr(), offsets_dtype="int64")
+    if variant.endswith("cu"):  # varlen (T, H, K) as B = 1, M = T: the bench's 64 sequences
+        offsets = varlen_cu_seqlens(M, 64).to(device="cuda", dtype=torch.int32)
+        params.update(cu_seqlens=offsets.data_ptr(), cu_seqlens_dtype="int32", num_seqs=64, cu_seqlens_total=M)
     return raw.Plan(params), [x, out, cos, sin, pos, offsets]
 
 
@@ -79,9 +84,13 @@ def main() -> int:
     ap.add_argument("--settings", help="'items,threads[,persistent];...' (default: a built-in list; '0,0' is the rule)")
     ap.add_argument("--once", action="store_true", help="launch each config once, no timing (for ncu)")
     ap.add_argument("--configs", help="indices of CONFIGS to run, e.g. '0,5' (default: all)")
+    ap.add_argument("--pdl", type=int, choices=(0, 1), default=1,
+                    help="0: programmatic dependent launch off (raw set_pdl) for the whole sweep")
     args = ap.parse_args()
     settings = SETTINGS if not args.settings else [tuple(int(v) for v in t.split(",")) for t in args.settings.split(";")]
     raw = load_raw(args.build)
+    if hasattr(raw, "set_pdl"):
+        raw.set_pdl(bool(args.pdl))
     configs = CONFIGS if not args.configs else [CONFIGS[int(i)] for i in args.configs.split(",")]
 
     timer = Timer(reps=20, b2b_reps=20)
@@ -103,7 +112,7 @@ def main() -> int:
         raw.set_launch_override(0, 0, -1, -1)
         torch.cuda.synchronize()
         return 0
-    print(f"# {torch.cuda.get_device_name()}: python {' '.join(sys.argv)}")
+    print(f"# {torch.cuda.get_device_name()}: python {' '.join(sys.argv)}  (PDL {'on' if args.pdl else 'off'})")
     names = [f"c{i}" for i in (range(len(CONFIGS)) if not args.configs else args.configs.split(","))]
     for name, c, copy in zip(names, configs, copies):
         print(f"# {name}: {c}  copy {copy:.2f} us")
