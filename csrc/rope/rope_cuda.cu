@@ -383,11 +383,28 @@ __device__ __forceinline__ int64_t LoadIndex(const void* data, IndexType type, i
                                    : static_cast<int64_t>(__ldg(static_cast<const long long*>(data) + offset));
 }
 
-// Position of token g of a varlen call (cu_seqlens): g - cu_seqlens[s] for the sequence s that
-// holds it; false when there is none (an empty array, or one the block found malformed: `bad`).
-__device__ __forceinline__ bool CuSeqlensPosition(const RopeParams& p, int64_t g, bool bad, int64_t* pos) {
+// Position of token m of sequence b for rotary part r (see RopeParams); false when cu_seqlens
+// gives none.
+__device__ __forceinline__ bool RowPosition(const RopeParams& p, int64_t b, int r, int64_t m,
+                                            bool cu_seqlens_decreasing, int64_t* pos) {
+  if (p.pos_type != IndexType::kNone) {
+    *pos = LoadIndex(p.position_ids, p.pos_type,
+                           b * p.pos_stride_b + r * p.pos_stride_r + m * p.pos_stride_m);
+    return true;
+  }
+  int64_t g = m + p.seqlen_offset;
+  if (p.offsets_type != IndexType::kNone) {
+    g += LoadIndex(p.seqlen_offsets, p.offsets_type, b * p.offsets_stride);
+  }
+  if (p.cu_seqlens_type == IndexType::kNone) {
+    *pos = g;
+    return true;
+  }
   const int64_t S = p.num_seqs;
-  if (S <= 0 || bad) return false;
+  if (S <= 0 || cu_seqlens_decreasing || LoadIndex(p.cu_seqlens, p.cu_seqlens_type, 0) != 0
+      || LoadIndex(p.cu_seqlens, p.cu_seqlens_type, S) != p.cu_seqlens_total) {
+    return false;
+  }
   int64_t lo = 0, hi = S;  // last s in [0, S) with cu_seqlens[s] <= g
   while (hi - lo > 1) {
     const int64_t mid = lo + (hi - lo) / 2;
@@ -719,7 +736,7 @@ struct PendingPosition {
 };
 
 __device__ __forceinline__ PendingPosition StartPosition(const KernelArgs& a, const Piece& w,
-                                                         bool cu_seqlens_bad) {
+                                                         bool cu_seqlens_decreasing) {
   PendingPosition s;
   if (!w.live || w.u >= a.geo.rot_units) return s;
   const RopeParams& p = a.p;
@@ -731,9 +748,7 @@ __device__ __forceinline__ PendingPosition StartPosition(const KernelArgs& a, co
     s.kind = 2;
     if (p.offsets_type != IndexType::kNone) s.v = LoadIndex(p.seqlen_offsets, p.offsets_type, w.b * p.offsets_stride);
   } else {
-    int64_t g = w.m + p.seqlen_offset;
-    if (p.offsets_type != IndexType::kNone) g += LoadIndex(p.seqlen_offsets, p.offsets_type, w.b * p.offsets_stride);
-    s.found = CuSeqlensPosition(p, g, cu_seqlens_bad, &s.v);
+    s.found = RowPosition(p, w.b, r, w.m, cu_seqlens_decreasing, &s.v);
   }
   return s;
 }
@@ -761,20 +776,17 @@ __global__ void __launch_bounds__(BoundThreads(kItems, kTable, kPipe), BoundMinB
   const RopeParams& p = a.p;
   const int part = a.geo.part;
 
-  // A malformed cu_seqlens (a first entry other than 0, a last other than the total, a decreasing
-  // entry) places no token (every row NaN): the block checks its S + 1 entries once, each thread a
-  // share, and agrees through the barrier's predicate (every thread of the block reaches it: the
-  // condition is the same for all).
-  bool cu_seqlens_bad = false;
+  // A decreasing cu_seqlens places no token (every row NaN): the block checks its S + 1 entries
+  // once, each thread a share, and agrees through the barrier's predicate (every thread of the
+  // block reaches it: the condition is the same for all).
+  bool cu_seqlens_decreasing = false;
   if (p.cu_seqlens_type != IndexType::kNone) {
     for (int64_t s = threadIdx.x; s < p.num_seqs; s += blockDim.x) {
-      const int64_t v = LoadIndex(p.cu_seqlens, p.cu_seqlens_type, s);
-      const int64_t next = LoadIndex(p.cu_seqlens, p.cu_seqlens_type, s + 1);
-      if (next < v || (s == 0 && v != 0) || (s + 1 == p.num_seqs && next != p.cu_seqlens_total)) {
-        cu_seqlens_bad = true;
+      if (LoadIndex(p.cu_seqlens, p.cu_seqlens_type, s + 1) < LoadIndex(p.cu_seqlens, p.cu_seqlens_type, s)) {
+        cu_seqlens_decreasing = true;
       }
     }
-    cu_seqlens_bad = __syncthreads_or(cu_seqlens_bad) != 0;
+    cu_seqlens_decreasing = __syncthreads_or(cu_seqlens_decreasing) != 0;
   }
 
   // One piece of work: the rotation of the thread's heads at token (cur.b, cur.m).
@@ -867,7 +879,7 @@ __global__ void __launch_bounds__(BoundThreads(kItems, kTable, kPipe), BoundMinB
     // bench/results/h200_2026-11-29e).
     const Piece w = PieceAt(a, blockIdx.x);
     if (!w.live) return;
-    const PendingPosition start = StartPosition(a, w, cu_seqlens_bad);
+    const PendingPosition start = StartPosition(a, w, cu_seqlens_decreasing);
     if (kItems == 1 && (p.pos_type != IndexType::kNone || p.offsets_type != IndexType::kNone)) {
       run_piece(w, [&](int64_t* pos) { return FinishPosition<kTable>(a, w, start, pos); });
     } else {
@@ -884,14 +896,14 @@ __global__ void __launch_bounds__(BoundThreads(kItems, kTable, kPipe), BoundMinB
     // a piece's x and table loads go out together instead of waiting on its position.
     int blk = blockIdx.x;  // < a.blocks: the grid is at most a.blocks
     Piece w = PieceAt(a, blk);
-    PendingPosition pending = StartPosition(a, w, cu_seqlens_bad);
+    PendingPosition pending = StartPosition(a, w, cu_seqlens_decreasing);
     while (true) {
       const Piece cur = w;
       const PendingPosition cur_pending = pending;
       const bool more = static_cast<int>(gridDim.x) < a.blocks - blk;  // no overflow near 2^31
       if (more) {
         w = PieceAt(a, blk + static_cast<int>(gridDim.x));
-        pending = StartPosition(a, w, cu_seqlens_bad);
+        pending = StartPosition(a, w, cu_seqlens_decreasing);
       }
       if (cur.live) {
         run_piece(cur, [&](int64_t* p) { return FinishPosition<kTable>(a, cur, cur_pending, p); });
@@ -1364,7 +1376,7 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
     if (small_items && !pipe && g_override_small != 0 && SmallFits(p)) {
       return items == 1 ? LaunchSmall<T, TT, V, 1>(a.geo, a.freq_kind, a.freq, p, threads, a.m_outer, stream, dev)
                         : LaunchSmall<T, TT, V, 2>(a.geo, a.freq_kind, a.freq, p,
-                                                   g_override_threads > 0 ? threads : ROPE_SMALL_ITEMS2_THREADS,
+                                                   g_override_threads > 0 ? threads : std::min(ROPE_SMALL_ITEMS2_THREADS, kMaxBlockThreads),
                                                    a.m_outer, stream, dev);
     }
   }
