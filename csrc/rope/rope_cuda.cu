@@ -120,13 +120,6 @@ constexpr int kMaxItems = ROPE_TABLE_ITEMS >= 8 || ROPE_ANGLE_ITEMS >= 8 ? 8 : 4
 // on the H200 (bench/results/h200_2026-11-29h, call3): kept at the large calls' 128.
 #define ROPE_SMALL_ITEMS2_THREADS ROPE_LARGE_BLOCK_THREADS
 #endif
-#ifndef ROPE_SMALL_ITEMS2_BLOCKS_PER_SM
-// > 0: RopeSmallKernel's 2-head calls take this many blocks per SM at most, by asking each block
-// for an unused share of the SM's shared memory (the register count allows 8 of 128 threads);
-// fewer, the question being whether fewer concurrent blocks (fewer streams of addresses at once)
-// serve DRAM better, as the stand-alone probe with 29% occupancy beat ours with 41%. 0: no limit.
-#define ROPE_SMALL_ITEMS2_BLOCKS_PER_SM 0
-#endif
 #ifndef ROPE_PDL
 // 1: RopeSmallKernel (small calls, and large calls with computed angles) is launched with
 // programmatic dependent launch where the toolkit (CUDA >= 12.3, which also captures such launches
@@ -1037,7 +1030,6 @@ struct DeviceInfo {
   int sms = 80;
   int threads_per_sm = 2048;
   int major = 0;  // compute capability
-  int smem_per_sm = 0;  // shared memory per SM, bytes
 };
 
 const DeviceInfo& CurrentDeviceInfo() {
@@ -1052,7 +1044,6 @@ const DeviceInfo& CurrentDeviceInfo() {
   cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device);
   cudaDeviceGetAttribute(&info.threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device);
   cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device);
-  cudaDeviceGetAttribute(&info.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device);
   return infos.emplace(device, info).first->second;
 }
 
@@ -1259,24 +1250,13 @@ cudaError_t LaunchSmall(const UnitGeometry& k, FreqKind kind, const void* freq, 
   a.os1_m = static_cast<int32_t>(t1.out_stride_m);
   a.os1_h = static_cast<int32_t>(t1.out_stride_h);
   const unsigned blocks = static_cast<unsigned>((total + threads - 1) / threads);
-  // ROPE_SMALL_ITEMS2_BLOCKS_PER_SM: unused dynamic shared memory that lets only that many blocks
-  // share an SM (1 KiB of each block's share is the system's)
-  size_t smem = 0;
-  if (kItems == 2 && ROPE_SMALL_ITEMS2_BLOCKS_PER_SM > 0 && dev.smem_per_sm > 0) {
-    smem = static_cast<size_t>(std::max(0, dev.smem_per_sm / ROPE_SMALL_ITEMS2_BLOCKS_PER_SM - 1024));
-  }
   auto launch = [&](auto kernel) -> cudaError_t {
-    if (smem > 48 * 1024) {
-      const cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                      static_cast<int>(smem));
-      if (status != cudaSuccess) return status;
-    }
 #if ROPE_HAVE_PDL
     if (g_pdl && dev.major >= 9 && CompiledForSm90(reinterpret_cast<const void*>(kernel))) {
       cudaLaunchConfig_t config{};
       config.gridDim = dim3(blocks);
       config.blockDim = dim3(static_cast<unsigned>(threads));
-      config.dynamicSmemBytes = smem;
+      config.dynamicSmemBytes = 0;
       config.stream = stream;
       cudaLaunchAttribute attr[1];
       attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -1290,7 +1270,7 @@ cudaError_t LaunchSmall(const UnitGeometry& k, FreqKind kind, const void* freq, 
 #else
     (void)dev;
 #endif
-    kernel<<<blocks, threads, smem, stream>>>(a);
+    kernel<<<blocks, threads, 0, stream>>>(a);
     return cudaGetLastError();
   };
   constexpr FreqKind kHiLo = FreqKind::kHiLo, kF32 = FreqKind::kFloat32, kF64 = FreqKind::kFloat64;
