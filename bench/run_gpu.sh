@@ -4,7 +4,7 @@
 # launch sweep and the benchmark. Results go to $OUT (default bench/results/latest). Used through
 # the device tool as
 #   bash bench/run_gpu.sh            (carry .whl for liger-kernel / torchtune wheels, if present)
-# Steps can be chosen: STEPS="check memcheck racecheck sweep variants pdl ncuheads probe probetable probedecode ncudecode ncu profile flushab sass bench"
+# Steps can be chosen: STEPS="check memcheck racecheck sweep variants pdl ncuheads profilesmall probe probetable probedecode ncudecode ncu profile flushab sass bench"
 # (default: check
 # memcheck racecheck bench); BENCH_ARGS passes options to bench_gpu.py. VARIANTS="name=-DFLAG=1 ..."
 # builds alternatives of the kernel (its compile-time knobs) next to the main build; the step
@@ -122,6 +122,21 @@ for step in $STEPS; do
       cuobjdump -sass build-gpu/_rope_raw*.so | awk -v pat="${SASS_FILTER:-RopeKernelI13__nv_bfloat16(S[0-9]*_|f)Li8ELb1}" \
         '/Function :/ {keep = ($0 ~ pat)} keep' | gzip >"$OUT/sass.txt.gz" || status=1
       ls -la "$OUT/sass.txt.gz" ;;
+    profilesmall)
+      # per-instruction stall samples (ncu source page, SASS) of RopeSmallKernel's 2-head instance on
+      # sweep calls c0 (4, 4096, 32, 128) and c5 (2, 8192, 8, 128), and of the stand-alone probe's
+      # first kernel (2 heads per thread, exact angle) on the same shapes: where each warp waits
+      nvcc -O3 -std=c++17 -arch=sm_$ARCH -lineinfo bench/probe_mapping.cu -o /tmp/probe_mapping || status=1
+      i=0
+      for prog in "python3 -m bench.sweep_launch --build build-gpu --once --configs 0,5" "/tmp/probe_mapping 4 4096 32 128" "/tmp/probe_mapping 2 8192 8 128"; do
+        i=$((i + 1))
+        ncu --clock-control none --kernel-name regex:"RopeSmallKernel|RopeProbe" --launch-count 2 --section SpeedOfLight \
+          --section WarpStateStats --section SourceCounters --warp-sampling-interval 0 --import-source no \
+          -f -o /tmp/profile_small_$i $prog >>"$OUT/profile_small_run.txt" 2>&1 || status=1
+        ncu -i /tmp/profile_small_$i.ncu-rep --page details >>"$OUT/profile_small_details.txt" 2>&1
+        ncu -i /tmp/profile_small_$i.ncu-rep --page source --csv --print-source sass 2>&1 | gzip >"$OUT/profile_small_source_$i.csv.gz"
+      done
+      grep -E "^  [a-zA-Z_].*\(|Duration|Warp Cycles Per Issued|Stall" "$OUT/profile_small_details.txt" | head -60 ;;
     ncuheads)
       # 8 heads against 32 (sweep calls c5 and c0, bf16 base) under ncu, ours and the stand-alone
       # probe's first variant (2 heads per thread, exact angle) on the same shapes
