@@ -634,7 +634,12 @@ struct BFloat16Ops {
 #else
   static constexpr bool kPairNarrow = false;
 #endif
-  static __m512 Widen(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+  // value i's bits into the high half of lane i (one word permute, the low halves zeroed)
+  static __m512 Widen(__m256i h) {
+    const __m512i idx = _mm512_set_epi16(15, 0, 14, 0, 13, 0, 12, 0, 11, 0, 10, 0, 9, 0, 8, 0, 7, 0, 6, 0, 5, 0, 4, 0,
+                                         3, 0, 2, 0, 1, 0, 0, 0);
+    return _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16(0xAAAAAAAAu, idx, _mm512_castsi256_si512(h)));
+  }
   // as Storage<HostBFloat16>::Store, 16 values at a time
   static __m256i Round(__m512 v) {
     const __m512i u = _mm512_castps_si512(v);
@@ -649,22 +654,25 @@ struct BFloat16Ops {
   __attribute__((noinline, cold)) static __m512i Round2(__m512 a, __m512 b) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(Round(a)), Round(b), 1);
   }
+  // vcvtneps2bf16 / vcvtne2ps2bf16 round the same way but read subnormal inputs as zero. A
+  // subnormal float rounds to a subnormal or zero bfloat16 and a normal one to a normal one, so
+  // only an input whose result is +-0 can be subnormal: one test of the result's words (instead of
+  // classifying every input) sends those (rare) vectors to the check, and the subnormal ones to
+  // the integer rounding.
   __attribute__((always_inline)) static inline __m256i Narrow(__m512 v) {
 #if defined(__AVX512BF16__)
-    // vcvtneps2bf16 rounds the same way but reads subnormal inputs as zero: those (rare) vectors
-    // take the integer rounding
-    if (__builtin_expect(_mm512_fpclass_ps_mask(v, 0x20) == 0, 1)) {
-      return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
-    }
+    const __m256i r = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+    if (__builtin_expect(_mm256_testn_epi16_mask(r, _mm256_set1_epi16(0x7fff)) == 0, 1)) return r;
+    if (_mm512_fpclass_ps_mask(v, 0x20) == 0) return r;
 #endif
     return Round(v);
   }
   // a in the low half, b in the high half
   __attribute__((always_inline)) static inline __m512i Narrow2(__m512 a, __m512 b) {
 #if defined(__AVX512BF16__)
-    if (__builtin_expect(_mm512_kor(_mm512_fpclass_ps_mask(a, 0x20), _mm512_fpclass_ps_mask(b, 0x20)) == 0, 1)) {
-      return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));
-    }
+    const __m512i r = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));
+    if (__builtin_expect(_mm512_testn_epi16_mask(r, _mm512_set1_epi16(0x7fff)) == 0, 1)) return r;
+    if (_mm512_kor(_mm512_fpclass_ps_mask(a, 0x20), _mm512_fpclass_ps_mask(b, 0x20)) == 0) return r;
     return Round2(a, b);
 #else
     return _mm512_inserti64x4(_mm512_castsi256_si512(Round(a)), Round(b), 1);
