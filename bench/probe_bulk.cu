@@ -174,22 +174,18 @@ __global__ void RefRope(const Args a) {
 }
 
 int main(int argc, char** argv) {
-  Shape sh{4, 4096, 32, 128};
-  if (argc == 5) sh = {atoi(argv[1]), atoi(argv[2]), atoi(argv[3]), atoi(argv[4])};
+  const Shape sh = ShapeFromArgs(argc, argv);
   const int P = 8192;
   const long long n = (long long)sh.B * sh.M * sh.H * sh.K;
   const size_t bytes = n * 2;
   Args a{};
   a.sh = sh;
   a.tokens = sh.B * sh.M;
-  __nv_bfloat16 *x, *y, *yref, *cs, *sn;
-  long long* pos;
+  __nv_bfloat16 *x, *y, *yref;
   CHECK(cudaMalloc(&x, bytes));
   CHECK(cudaMalloc(&y, bytes));
   CHECK(cudaMalloc(&yref, bytes));
-  CHECK(cudaMalloc(&cs, (size_t)P * sh.K * 2));
-  CHECK(cudaMalloc(&sn, (size_t)P * sh.K * 2));
-  CHECK(cudaMalloc(&pos, (size_t)a.tokens * 8));
+  const TableInputs tables = MakeTableInputs(sh, P, a.tokens);
   std::mt19937 rng(1);
   {
     std::vector<uint16_t> h(n);
@@ -197,20 +193,17 @@ int main(int argc, char** argv) {
     CHECK(cudaMemcpy(x, h.data(), bytes, cudaMemcpyHostToDevice));
     std::vector<uint16_t> t((size_t)P * sh.K);
     for (auto& v : t) v = 0x3e00 + (rng() & 0xff);
-    CHECK(cudaMemcpy(cs, t.data(), t.size() * 2, cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(tables.cos, t.data(), t.size() * 2, cudaMemcpyHostToDevice));
     for (auto& v : t) v = 0x3d00 + (rng() & 0xff);
-    CHECK(cudaMemcpy(sn, t.data(), t.size() * 2, cudaMemcpyHostToDevice));
+    CHECK(cudaMemcpy(tables.sin, t.data(), t.size() * 2, cudaMemcpyHostToDevice));
   }
-  std::vector<long long> hp(a.tokens);
-  for (auto& v : hp) v = rng() % P;
-  CHECK(cudaMemcpy(pos, hp.data(), hp.size() * 8, cudaMemcpyHostToDevice));
-  a.x = x, a.y = y, a.cos = cs, a.sin = sn, a.pos = pos;
+  FillPositions(tables.pos, a.tokens, P, rng);
+  a.x = x, a.y = y, a.cos = tables.cos, a.sin = tables.sin, a.pos = tables.pos;
   int sms = 0;
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   FlushedTimer time(5, 40);
   const float memcpy_us = time([&] { cudaMemcpyAsync(y, x, bytes, cudaMemcpyDeviceToDevice); });
-  std::printf("# shape (%d,%d,%d,%d) bf16, %.1f MiB, tables (%d, %d) bf16, int64 position_ids; cudaMemcpy %.2f us\n",
-              sh.B, sh.M, sh.H, sh.K, bytes / 1048576.0, P, sh.K, memcpy_us);
+  PrintTableHeader(sh, bytes, P, memcpy_us);
   std::vector<uint16_t> got(n), want(n);
   auto run = [&](auto kernel, int stages, int tile_kib, bool table) {
     a.table = table;

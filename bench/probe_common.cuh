@@ -9,12 +9,47 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <random>
 #include <vector>
 
 #define CHECK(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { std::printf("%s: %s\n", #x, cudaGetErrorString(e_)); std::exit(1); } } while (0)
 
 // A bf16 BMHK tensor's shape (probe_mapping.cu, probe_table.cu, probe_bulk.cu).
 struct Shape { int B, M, H, K; };
+
+// The probe's shape: B M H K from the command line, else (4, 4096, 32, 128).
+inline Shape ShapeFromArgs(int argc, char** argv) {
+  if (argc == 5) return {atoi(argv[1]), atoi(argv[2]), atoi(argv[3]), atoi(argv[4])};
+  return {4, 4096, 32, 128};
+}
+
+// The cos/sin tables and position_ids of the table probes (probe_table.cu, probe_bulk.cu) on the
+// device: two bf16 tables of (P, K) and `tokens` int64 positions, unfilled (FillPositions; each
+// probe fills the tables its own way).
+struct TableInputs {
+  __nv_bfloat16* cos = nullptr;
+  __nv_bfloat16* sin = nullptr;
+  long long* pos = nullptr;
+};
+inline TableInputs MakeTableInputs(const Shape& sh, int P, long long tokens) {
+  TableInputs t;
+  CHECK(cudaMalloc(&t.cos, (size_t)P * sh.K * 2));
+  CHECK(cudaMalloc(&t.sin, (size_t)P * sh.K * 2));
+  CHECK(cudaMalloc(&t.pos, (size_t)tokens * 8));
+  return t;
+}
+// `tokens` positions drawn from rng in [0, P), copied to pos.
+inline void FillPositions(long long* pos, long long tokens, int P, std::mt19937& rng) {
+  std::vector<long long> hp(tokens);
+  for (auto& v : hp) v = rng() % P;
+  CHECK(cudaMemcpy(pos, hp.data(), hp.size() * 8, cudaMemcpyHostToDevice));
+}
+
+// The first line of a table probe's output.
+inline void PrintTableHeader(const Shape& sh, size_t bytes, int P, float memcpy_us) {
+  std::printf("# shape (%d,%d,%d,%d) bf16, %.1f MiB, tables (%d, %d) bf16, int64 position_ids; cudaMemcpy %.2f us\n",
+              sh.B, sh.M, sh.H, sh.K, bytes / 1048576.0, P, sh.K, memcpy_us);
+}
 
 // The angle as oneflow_rope computes it: int64 position times theta as a float (hi, lo) pair in
 // float-float, reduced by 2*pi with a three-part constant, then the hardware sincos.

@@ -92,8 +92,7 @@ __global__ void __launch_bounds__(256) RopeProbe(const __nv_bfloat16* __restrict
 }
 
 int main(int argc, char** argv) {
-  Shape sh{4, 4096, 32, 128};
-  if (argc == 5) sh = {atoi(argv[1]), atoi(argv[2]), atoi(argv[3]), atoi(argv[4])};
+  const Shape sh = ShapeFromArgs(argc, argv);
   const long long n = (long long)sh.B * sh.M * sh.H * sh.K;
   const size_t bytes = n * 2;
   __nv_bfloat16 *x, *y;

@@ -120,35 +120,28 @@ __global__ void __launch_bounds__(256) TableProbe(const Args a) {
 }
 
 int main(int argc, char** argv) {
-  Shape sh{4, 4096, 32, 128};
-  if (argc == 5) sh = {atoi(argv[1]), atoi(argv[2]), atoi(argv[3]), atoi(argv[4])};
+  const Shape sh = ShapeFromArgs(argc, argv);
   const int P = 8192;
   const long long n = (long long)sh.B * sh.M * sh.H * sh.K;
   const size_t bytes = n * 2;
   Args a{};
   a.sh = sh;
   a.rows_total = sh.B * sh.M;
-  __nv_bfloat16 *x, *y, *cs, *sn;
-  long long* pos;
+  __nv_bfloat16 *x, *y;
   CHECK(cudaMalloc(&x, bytes));
   CHECK(cudaMalloc(&y, bytes));
-  CHECK(cudaMalloc(&cs, (size_t)P * sh.K * 2));
-  CHECK(cudaMalloc(&sn, (size_t)P * sh.K * 2));
-  CHECK(cudaMalloc(&pos, (size_t)a.rows_total * 8));
+  const TableInputs t = MakeTableInputs(sh, P, a.rows_total);
   CHECK(cudaMemset(x, 0x3c, bytes));
-  CHECK(cudaMemset(cs, 0x3c, (size_t)P * sh.K * 2));
-  CHECK(cudaMemset(sn, 0x3c, (size_t)P * sh.K * 2));
-  std::vector<long long> hp(a.rows_total);
+  CHECK(cudaMemset(t.cos, 0x3c, (size_t)P * sh.K * 2));
+  CHECK(cudaMemset(t.sin, 0x3c, (size_t)P * sh.K * 2));
   std::mt19937 rng(1);
-  for (auto& v : hp) v = rng() % P;
-  CHECK(cudaMemcpy(pos, hp.data(), hp.size() * 8, cudaMemcpyHostToDevice));
-  a.x = x, a.y = y, a.cos = cs, a.sin = sn, a.pos = pos;
+  FillPositions(t.pos, a.rows_total, P, rng);
+  a.x = x, a.y = y, a.cos = t.cos, a.sin = t.sin, a.pos = t.pos;
   int sms = 0;
   CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   FlushedTimer time(5, 40);
   const float memcpy_us = time([&] { cudaMemcpyAsync(y, x, bytes, cudaMemcpyDeviceToDevice); });
-  std::printf("# shape (%d,%d,%d,%d) bf16, %.1f MiB, tables (%d, %d) bf16, int64 position_ids; cudaMemcpy %.2f us\n",
-              sh.B, sh.M, sh.H, sh.K, bytes / 1048576.0, P, sh.K, memcpy_us);
+  PrintTableHeader(sh, bytes, P, memcpy_us);
   const int units = sh.K / 16;
   auto run = [&](const char* name, auto kernel, int heads, int lanes_wanted) {
     const int lanes = std::max(1, std::min(lanes_wanted, (sh.H + heads - 1) / heads));
