@@ -114,12 +114,6 @@ constexpr int kMaxItems = ROPE_TABLE_ITEMS >= 8 || ROPE_ANGLE_ITEMS >= 8 ? 8 : 4
 // more instructions than a minimal kernel on them: bench/results/h200_2026-11-29g). 0: RopeKernel.
 #define ROPE_SMALL_ITEMS2 1
 #endif
-#ifndef ROPE_SMALL_ITEMS2_THREADS
-// threads per block of RopeSmallKernel's 2-head calls (large calls with computed angles). 512
-// measured 1-1.8% faster on 128 MiB BMHK / MBHK and 0.6-1.6% slower on BHMK and on 32 MiB shapes
-// on the H200 (bench/results/h200_2026-11-29h, call3): kept at the large calls' 128.
-#define ROPE_SMALL_ITEMS2_THREADS ROPE_LARGE_BLOCK_THREADS
-#endif
 #ifndef ROPE_PDL
 // 1: RopeSmallKernel (small calls, and large calls with computed angles) is launched with
 // programmatic dependent launch where the toolkit (CUDA >= 12.3, which also captures such launches
@@ -1375,9 +1369,7 @@ cudaError_t LaunchVariant(const RopeParams& p, cudaStream_t stream, const Device
     const bool small_items = items == 1 || (ROPE_SMALL_ITEMS2 && items == 2 && !table);
     if (small_items && !pipe && g_override_small != 0 && SmallFits(p)) {
       return items == 1 ? LaunchSmall<T, TT, V, 1>(a.geo, a.freq_kind, a.freq, p, threads, a.m_outer, stream, dev)
-                        : LaunchSmall<T, TT, V, 2>(a.geo, a.freq_kind, a.freq, p,
-                                                   g_override_threads > 0 ? threads : std::min(ROPE_SMALL_ITEMS2_THREADS, kMaxBlockThreads),
-                                                   a.m_outer, stream, dev);
+                        : LaunchSmall<T, TT, V, 2>(a.geo, a.freq_kind, a.freq, p, threads, a.m_outer, stream, dev);
     }
   }
 #endif
