@@ -21,8 +21,8 @@ __global__ void CopyKernel(const uint4* __restrict__ x, uint4* __restrict__ y, l
 // st.cs (streaming); 2: plain ld.global. kBatchLoop: the thread also loops over b
 // (angles computed once for all b) in batches of kHeads items. kExact: angles as ExactSinCos
 // (theta_lo from theta + K). Block (units, head lanes, rows).
-template<int kHeads, int kMode, bool kBatchLoop, bool kExact = false>
-__global__ void __launch_bounds__(256) RopeProbe(const __nv_bfloat16* __restrict__ x, __nv_bfloat16* __restrict__ y,
+template<int kHeads, int kMode, bool kBatchLoop, bool kExact = false, int kMinBlocks = 1>
+__global__ void __launch_bounds__(256, kMinBlocks) RopeProbe(const __nv_bfloat16* __restrict__ x, __nv_bfloat16* __restrict__ y,
                                                  Shape sh, const float* __restrict__ theta, int rows_total) {
   const int units = sh.K / 16;  // 8 bf16 per vector, plane pairs -> K/16 units
   const int u = threadIdx.x;
@@ -91,6 +91,30 @@ __global__ void __launch_bounds__(256) RopeProbe(const __nv_bfloat16* __restrict
   }
 }
 
+#ifdef PROBE_LIB
+// Entry for bench/probe_torch.py (nvcc -DPROBE_LIB -shared): the exact-angle 2-head kernel (plain
+// ld.global) on caller-owned x, y and theta (2K floats: hi then lo), blocks of (K/16) units x
+// min(16, H/2) head lanes x as many rows as fit in block_threads, on the given stream; min_blocks
+// 4 takes the instance whose launch bounds cap it at 64 registers (else 79: 24 warps per SM).
+extern "C" int LaunchProbe(const void* x, void* y, int B, int M, int H, int K, const float* theta, int block_threads,
+                           int min_blocks, cudaStream_t stream) {
+  const Shape sh{B, M, H, K};
+  const int units = K / 16;
+  const int head_lanes = std::max(1, std::min(16, H / 2));
+  const int rows_total = B * M;
+  const int rows_per_block = std::max(1, block_threads / (units * head_lanes));
+  dim3 block(units, head_lanes, rows_per_block);
+  const int blocks = (rows_total + rows_per_block - 1) / rows_per_block;
+  const auto* xb = static_cast<const __nv_bfloat16*>(x);
+  auto* yb = static_cast<__nv_bfloat16*>(y);
+  if (min_blocks >= 4) {  // launch bounds (256, 4): at most 64 registers, 32 warps per SM
+    RopeProbe<2, 2, false, true, 4><<<blocks, block, 0, stream>>>(xb, yb, sh, theta, rows_total);
+  } else {
+    RopeProbe<2, 2, false, true><<<blocks, block, 0, stream>>>(xb, yb, sh, theta, rows_total);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+#else
 int main(int argc, char** argv) {
   const Shape sh = ShapeFromArgs(argc, argv);
   const long long n = (long long)sh.B * sh.M * sh.H * sh.K;
@@ -162,3 +186,4 @@ int main(int argc, char** argv) {
   RUN(4, 1, true, 8);
   return 0;
 }
+#endif  // PROBE_LIB
