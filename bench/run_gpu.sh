@@ -4,7 +4,7 @@
 # launch sweep and the benchmark. Results go to $OUT (default bench/results/latest). Used through
 # the device tool as
 #   bash bench/run_gpu.sh            (carry .whl for liger-kernel / torchtune wheels, if present)
-# Steps can be chosen: STEPS="check memcheck racecheck sweep variants pdl ncuheads profilesmall probe probetable probedecode ncudecode ncu profile flushab sass bench"
+# Steps can be chosen: STEPS="check memcheck racecheck sweep variants pdl ncuheads profilesmall morph probe probetable probedecode ncudecode ncu profile flushab sass bench"
 # (default: check
 # memcheck racecheck bench); BENCH_ARGS passes options to bench_gpu.py. VARIANTS="name=-DFLAG=1 ..."
 # builds alternatives of the kernel (its compile-time knobs) next to the main build; the step
@@ -137,6 +137,11 @@ for step in $STEPS; do
         ncu -i /tmp/profile_small_$i.ncu-rep --page source --csv --print-source sass 2>&1 | gzip >"$OUT/profile_small_source_$i.csv.gz"
       done
       grep -E "^  [a-zA-Z_].*\(|Duration|Warp Cycles Per Issued|Stall" "$OUT/profile_small_details.txt" | head -60 ;;
+    morph)
+      # the mapping probe morphed one RopeSmallKernel trait at a time (bench/probe_morph.cu), timed in
+      # the bench's harness against torch's copy and ours on the same tensors
+      nvcc -O3 -std=c++17 -arch=sm_$ARCH -shared -Xcompiler -fPIC bench/probe_morph.cu -o /tmp/libmorph.so &&
+        python3 -m bench.probe_morph --lib /tmp/libmorph.so --build build-gpu 2>&1 | tee "$OUT/probe_morph.txt" || status=1 ;;
     ncuheads)
       # 8 heads against 32 (sweep calls c5 and c0, bf16 base) under ncu, ours and the stand-alone
       # probe's first variant (2 heads per thread, exact angle) on the same shapes
