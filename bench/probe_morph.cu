@@ -15,6 +15,14 @@
 //   4 kPairs:   frequencies as 8 (hi, lo) float2 loads (RopeSmallKernel's table) against 16 floats
 //   8 kPdl:     griddepcontrol.launch_dependents + wait at the start (RopeSmallKernel's PDL
 //               instructions; no-ops without the launch attribute, which is not set here)
+//  16 kGeometry: the unit's offsets and frequency index from run-time geometry (rotary part r by
+//               FastDiv when there are several, pass-through units, the frequency index clamped),
+//               as UnitAt / LoadUnitFreqsOf compute them
+//  32 kPos64:   the position an int64 (m plus a run-time offset) handed over by a lambda, as
+//               RopeSmallKernel's position()
+//  64 kScale:   cos and sin multiplied by run-time scales (attention_scaling, the backward's sign)
+// 128 kTwo:     x, out and their strides picked from two tensors' fields by a run-time test (q and
+//               k of one launch)
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -40,9 +48,16 @@ struct Div {  // n / d for n < 2^31 by multiply-high (as RopeSmallKernel's FastD
   }
 };
 
-struct Flat {  // kFlat's decode
+struct Flat {  // the run-time values of the traits
   int threads_total, row_threads, units, rot_units, k1_add;
   Div div_row, div_units;
+  int units_per_part, part, pass_units, rotary, first_threads;  // kGeometry, kTwo
+  Div div_upp;
+  long long pos_add;      // kPos64
+  float scale, sin_scale;  // kScale
+  const __nv_bfloat16* x1;  // kTwo: the second tensor (unused: every thread takes the first)
+  __nv_bfloat16* y1;
+  long long sm1, sb1;
 };
 
 __device__ __forceinline__ uint4 LoadX(const __nv_bfloat16* p) {  // RopeProbe's kMode 2
@@ -51,20 +66,28 @@ __device__ __forceinline__ uint4 LoadX(const __nv_bfloat16* p) {  // RopeProbe's
   return v;
 }
 
-template<bool kFlat, bool kBranchy, bool kPairs, bool kPdl>
-__global__ void __launch_bounds__(256) MorphKernel(const __nv_bfloat16* __restrict__ x, __nv_bfloat16* __restrict__ y,
-                                                   Shape sh, const float* __restrict__ theta,
+template<int kTraits>
+__global__ void __launch_bounds__(256) MorphKernel(const __nv_bfloat16* __restrict__ x_arg,
+                                                   __nv_bfloat16* __restrict__ y_arg, Shape sh,
+                                                   const float* __restrict__ theta,
                                                    const float2* __restrict__ pairs, int rows_total, Flat f) {
+  constexpr bool kFlat = kTraits & 1, kBranchy = kTraits & 2, kPairs = kTraits & 4, kPdl = kTraits & 8;
+  constexpr bool kGeometry = kTraits & 16, kPos64 = kTraits & 32, kScale = kTraits & 64, kTwo = kTraits & 128;
   if (kPdl) {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     asm volatile("griddepcontrol.wait;" ::: "memory");
   }
   int u, lane, row, lanes;
+  bool second = false;
   if (kFlat) {
     const int gid = blockIdx.x * blockDim.x + threadIdx.x;
     if (gid >= f.threads_total) return;
     row = static_cast<int>(f.div_row(static_cast<uint32_t>(gid)));
-    const int j = gid - row * f.row_threads;
+    int j = gid - row * f.row_threads;
+    if (kTwo) {
+      second = j >= f.first_threads;
+      j = second ? j - f.first_threads : j;
+    }
     lane = static_cast<int>(f.div_units(static_cast<uint32_t>(j)));
     u = j - lane * f.units;
     lanes = f.row_threads / f.units;
@@ -77,24 +100,49 @@ __global__ void __launch_bounds__(256) MorphKernel(const __nv_bfloat16* __restri
   }
   const int b0 = row / sh.M;
   const int m = row - b0 * sh.M;
-  const long long sm = (long long)sh.H * sh.K, sb = (long long)sh.M * sm;
-  const int k0 = u * 8;
-  const int k1 = kBranchy ? k0 + f.k1_add : k0 + sh.K / 2;
-  const bool rot = !kBranchy || u < f.rot_units;
+  const __nv_bfloat16* x = kTwo && second ? f.x1 : x_arg;
+  __nv_bfloat16* y = kTwo && second ? f.y1 : y_arg;
+  const long long sm = kTwo && second ? f.sm1 : (long long)sh.H * sh.K;
+  const long long sb = kTwo && second ? f.sb1 : (long long)sh.M * sm;
+  int k0 = u * 8;
+  int k1 = kBranchy ? k0 + f.k1_add : k0 + sh.K / 2;
+  bool rot = !kBranchy || u < f.rot_units;
+  int fi = k0;  // the unit's first frequency
+  if (kGeometry) {  // UnitAt, plane
+    rot = u < f.rot_units;
+    if (rot) {
+      const int r = f.units_per_part == f.rot_units ? 0 : static_cast<int>(f.div_upp(static_cast<uint32_t>(u)));
+      const int c = u - r * f.units_per_part;
+      k0 = r * f.part + c * 8;
+      k1 = k0 + f.part / 2;
+      fi = k0 - r * f.part;
+    } else {
+      const int c = u - f.rot_units;
+      k0 = f.rotary + c * 8;
+      k1 = f.rotary + (c + f.pass_units) * 8;
+      if (k1 >= sh.K) k1 = -1;
+    }
+  }
+  auto position = [&]() -> long long { return kPos64 ? static_cast<long long>(m) + f.pos_add : m; };
   float c[8], s[8];
   auto make_angles = [&] {
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       float hi, lo;
+      const int i = kGeometry ? min(fi + e, f.part / 2 - 1) : k0 + e;
       if (kPairs) {
-        const float2 q = __ldg(pairs + k0 + e);
+        const float2 q = __ldg(pairs + i);
         hi = q.x;
         lo = q.y;
       } else {
-        hi = __ldg(theta + k0 + e);
-        lo = __ldg(theta + sh.K + k0 + e);
+        hi = __ldg(theta + i);
+        lo = __ldg(theta + sh.K + i);
       }
-      ExactSinCos(m, hi, lo, &s[e], &c[e]);
+      ExactSinCos(position(), hi, lo, &s[e], &c[e]);
+      if (kScale) {
+        c[e] *= f.scale;
+        s[e] *= f.sin_scale;
+      }
     }
   };
   bool have = false;
@@ -105,7 +153,7 @@ __global__ void __launch_bounds__(256) MorphKernel(const __nv_bfloat16* __restri
     for (int i = 0; i < 2; ++i) {
       const int h = h0 + i * lanes;
       off[i] = b0 * sb + m * sm + (long long)h * sh.K;
-      if (kBranchy) {
+      if (kBranchy || kGeometry) {
         if (h < sh.H) {
           va[i] = LoadX(x + off[i] + k0);
           if (k1 >= 0) vz[i] = LoadX(x + off[i] + k1);
@@ -126,7 +174,7 @@ __global__ void __launch_bounds__(256) MorphKernel(const __nv_bfloat16* __restri
         uint4 oa = va[i], oz = vz[i];
         if (rot) Rot(va[i], vz[i], c, s, c, s, &oa, &oz);
         *reinterpret_cast<uint4*>(y + off[i] + k0) = oa;
-        if (!kBranchy || k1 >= 0) *reinterpret_cast<uint4*>(y + off[i] + k1) = oz;
+        if (!(kBranchy || kGeometry) || k1 >= 0) *reinterpret_cast<uint4*>(y + off[i] + k1) = oz;
       }
     }
   }
@@ -134,7 +182,7 @@ __global__ void __launch_bounds__(256) MorphKernel(const __nv_bfloat16* __restri
 
 }  // namespace
 
-// variant: bits as above. theta: 2K floats (hi, then lo); pairs: K/2 (hi, lo) float2. Blocks of
+// variant: bits as above (those listed in the switch). theta: 2K floats (hi, then lo); pairs: K/2 (hi, lo) float2. Blocks of
 // block_threads threads: (K/16) units x min(16, H/2) head lanes x rows (kFlat: the same threads
 // numbered in one dimension).
 extern "C" int LaunchMorph(int variant, const void* x, void* y, int B, int M, int H, int K, const float* theta,
@@ -151,6 +199,18 @@ extern "C" int LaunchMorph(int variant, const void* x, void* y, int B, int M, in
   f.k1_add = K / 2;
   f.div_row = Div(f.row_threads);
   f.div_units = Div(units);
+  f.units_per_part = units;
+  f.part = K;
+  f.pass_units = 0;
+  f.rotary = K;
+  f.first_threads = f.row_threads;
+  f.div_upp = Div(units);
+  f.pos_add = 0;
+  f.scale = f.sin_scale = 1.0f;
+  f.x1 = static_cast<const __nv_bfloat16*>(x);
+  f.y1 = static_cast<__nv_bfloat16*>(y);
+  f.sm1 = (long long)H * K;
+  f.sb1 = (long long)M * H * K;
   const int rows = std::max(1, block_threads / f.row_threads);
   dim3 block(units, lanes, rows), grid((rows_total + rows - 1) / rows);
   if (variant & 1) {
@@ -161,14 +221,13 @@ extern "C" int LaunchMorph(int variant, const void* x, void* y, int B, int M, in
   auto* yb = static_cast<__nv_bfloat16*>(y);
   const auto* pb = static_cast<const float2*>(pairs);
   switch (variant) {
-#define MORPH_CASE(V)                                                                                              \
-  case V:                                                                                                          \
-    MorphKernel<(V & 1) != 0, (V & 2) != 0, (V & 4) != 0, (V & 8) != 0><<<grid, block, 0, stream>>>(xb, yb, sh, theta, \
-                                                                                                    pb, rows_total, f); \
+#define MORPH_CASE(V)                                                                            \
+  case V:                                                                                        \
+    MorphKernel<V><<<grid, block, 0, stream>>>(xb, yb, sh, theta, pb, rows_total, f);            \
     break;
-    MORPH_CASE(0) MORPH_CASE(1) MORPH_CASE(2) MORPH_CASE(3) MORPH_CASE(4) MORPH_CASE(5) MORPH_CASE(6) MORPH_CASE(7)
-    MORPH_CASE(8) MORPH_CASE(9) MORPH_CASE(10) MORPH_CASE(11) MORPH_CASE(12) MORPH_CASE(13) MORPH_CASE(14)
-    MORPH_CASE(15)
+    // the variants bench/probe_morph.py times (each trait alone, and together)
+    MORPH_CASE(0) MORPH_CASE(1) MORPH_CASE(2) MORPH_CASE(4) MORPH_CASE(8) MORPH_CASE(3) MORPH_CASE(15)
+    MORPH_CASE(16) MORPH_CASE(32) MORPH_CASE(64) MORPH_CASE(129) MORPH_CASE(240) MORPH_CASE(241) MORPH_CASE(255)
 #undef MORPH_CASE
     default:
       return -1;

@@ -18,11 +18,15 @@ import torch
 from bench.bench_gpu import Timer
 from bench.probe_torch import SHAPES, theta_hilo
 
-TRAITS = {1: "flat", 2: "branchy", 4: "pairs", 8: "pdl"}
-VARIANTS = [0, 1, 2, 4, 8, 3, 15]
+TRAITS = {1: "flat", 2: "branchy", 4: "pairs", 8: "pdl", 16: "geometry", 32: "pos64", 64: "scale", 128: "two"}
+# each trait alone, the first four together (measured in h200_2026-11-29i), the other four
+# together, with the flat block, and all eight (the instances bench/probe_morph.cu builds)
+VARIANTS = [0, 1, 2, 4, 8, 3, 15, 16, 32, 64, 129, 240, 241, 255]
 
 
 def name_of(variant: int) -> str:
+    if variant == 255:
+        return "all"
     return "+".join(n for bit, n in TRAITS.items() if variant & bit) or "probe"
 
 
