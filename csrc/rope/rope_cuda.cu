@@ -128,6 +128,13 @@ constexpr int kMaxItems = ROPE_TABLE_ITEMS >= 8 || ROPE_ANGLE_ITEMS >= 8 ? 8 : 4
 #else
 #define ROPE_HAVE_PDL 0
 #endif
+#ifndef ROPE_SMALL_PAD_REGS
+// > 0 (an experiment, not for use): RopeSmallKernel's computed-angle 2-head instances hold this
+// many extra registers live until their stores (words loaded from the frequency table, chained to
+// x's data at the end), so that fewer warps fit per SM with the same blocks and no shared memory:
+// a clean occupancy test (bench/results/h200_2026-11-29i NOTES, "A register view").
+#define ROPE_SMALL_PAD_REGS 0
+#endif
 #ifndef ROPE_MEMORY_ROW_ORDER
 #define ROPE_MEMORY_ROW_ORDER 1  // 0: rows always b-major (row = b * M + m), the order before 2026-11-29
 #endif
@@ -945,6 +952,16 @@ __global__ void ROPE_SMALL_BOUNDS(kItems) RopeSmallKernel(const SmallArgs a) {
   const int b = a.m_outer ? inner : outer;
   const int m = a.m_outer ? outer : inner;
   const bool rot = u < a.geo.rot_units;
+#if ROPE_SMALL_PAD_REGS > 0
+  [[maybe_unused]] uint32_t pad[ROPE_SMALL_PAD_REGS];
+  if constexpr (kItems == 2 && !kTable) {
+#pragma unroll
+    for (int i = 0; i < ROPE_SMALL_PAD_REGS; ++i) {
+      const uint32_t* w = static_cast<const uint32_t*>(a.freq) + min(i, a.geo.part - 1);
+      asm volatile("ld.global.u32 %0, [%1];" : "=r"(pad[i]) : "l"(w));
+    }
+  }
+#endif
 
   // position() gives the token's position; asked for after the x loads are issued
   auto run = [&](auto position) {
@@ -998,6 +1015,14 @@ __global__ void ROPE_SMALL_BOUNDS(kItems) RopeSmallKernel(const SmallArgs a) {
         if (g.k1 >= 0) StoreVec<T, V, true>(oi + g.k1, 1, V, o1);
       }
     }
+#if ROPE_SMALL_PAD_REGS > 0
+    if constexpr (kItems == 2 && !kTable) {  // the pads chained to x's data (not reassociable)
+      uint32_t acc = *reinterpret_cast<const uint32_t*>(&lo[0]);
+#pragma unroll
+      for (int i = 0; i < ROPE_SMALL_PAD_REGS; ++i) acc = acc * pad[i] + 1u;
+      if (a.threads < 0) *static_cast<uint32_t*>(a.out0) = acc;  // never: a use the compiler must keep
+    }
+#endif
   };
 #if ROPE_HAVE_PDL && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Programmatic dependent launch (LaunchSmall): the next kernel may be scheduled now (it waits
