@@ -953,14 +953,7 @@ __global__ void ROPE_SMALL_BOUNDS(kItems) RopeSmallKernel(const SmallArgs a) {
   const int m = a.m_outer ? outer : inner;
   const bool rot = u < a.geo.rot_units;
 #if ROPE_SMALL_PAD_REGS > 0
-  [[maybe_unused]] uint32_t pad[ROPE_SMALL_PAD_REGS];
-  if constexpr (kItems == 2 && !kTable) {
-#pragma unroll
-    for (int i = 0; i < ROPE_SMALL_PAD_REGS; ++i) {
-      const uint32_t* w = static_cast<const uint32_t*>(a.freq) + min(i, a.geo.part - 1);
-      asm volatile("ld.global.u32 %0, [%1];" : "=r"(pad[i]) : "l"(w));
-    }
-  }
+  [[maybe_unused]] uint32_t pad[ROPE_SMALL_PAD_REGS];  // loaded after the PDL wait, below
 #endif
 
   // position() gives the token's position; asked for after the x loads are issued
@@ -1031,6 +1024,16 @@ __global__ void ROPE_SMALL_BOUNDS(kItems) RopeSmallKernel(const SmallArgs a) {
   // without the attribute).
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
   asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+#if ROPE_SMALL_PAD_REGS > 0
+  if constexpr (kItems == 2 && !kTable) {
+    // words of the frequencies (every kind holds at least part / 2 of them: float32 inv_freq)
+#pragma unroll
+    for (int i = 0; i < ROPE_SMALL_PAD_REGS; ++i) {
+      const uint32_t* w = static_cast<const uint32_t*>(a.freq) + min(i, a.geo.part / 2 - 1);
+      asm volatile("ld.global.u32 %0, [%1];" : "=r"(pad[i]) : "l"(w));
+    }
+  }
 #endif
   // A position read from memory is loaded before the x loads and used after them (its DRAM round
   // trip overlaps theirs); the two paths are separate code, so the other never waits on that
